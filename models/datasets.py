@@ -1,0 +1,233 @@
+"""Datasets: scikit-learn's bundled ones and the user's CSV/Parquet files, split by a seed.
+
+Nothing here knows Keras, Optuna or MLflow; errors name the dataset key at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Task = Literal["binary", "multiclass", "regression"]
+TASKS: tuple[str, ...] = ("binary", "multiclass", "regression")
+MIN_ROWS = 10
+
+
+@dataclass(frozen=True)
+class Bundled:
+    loader: str
+    task: Task
+    image_shape: tuple[int, ...] | None = None
+
+
+# Only `load_*` functions: they ship inside scikit-learn, nothing is downloaded.
+BUNDLED: dict[str, Bundled] = {
+    "breast_cancer": Bundled("load_breast_cancer", "binary"),
+    "wine": Bundled("load_wine", "multiclass"),
+    "iris": Bundled("load_iris", "multiclass"),
+    "digits": Bundled("load_digits", "multiclass", (8, 8, 1)),
+    "diabetes": Bundled("load_diabetes", "regression"),
+}
+FILE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+class DatasetError(ValueError):
+    """A problem with the data, naming the dataset key (`path`, `target`, `features`, ...)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model builder needs to know about the data, and what must travel with the model."""
+
+    task: Task
+    feature_names: tuple[str, ...]
+    class_labels: tuple[str | int | float | bool, ...] | None
+    image_shape: tuple[int, ...] | None
+    feature_mean: tuple[float, ...]
+    feature_var: tuple[float, ...]
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_labels) if self.class_labels is not None else 0
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train, validation and test splits of one dataset, as float32 arrays."""
+
+    spec: DataSpec
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    fingerprint: str = field(default="")
+
+
+def load_dataset(
+    *,
+    name: str | None = None,
+    path: str | Path | None = None,
+    target: str | None = None,
+    features: list[str] | None = None,
+    task: Task | None = None,
+    image_shape: tuple[int, ...] | None = None,
+    validation: float = 0.2,
+    test: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """Load a bundled dataset by name, or a file by path, and split it deterministically."""
+    if name is not None:
+        x, y, names, task, image_shape = _load_bundled(name, task, image_shape)
+    elif path is not None:
+        if task is None:
+            raise DatasetError("task", "is required for a file dataset (binary, multiclass or regression)")
+        x, y, names = _load_file(Path(path), target, features, task)
+    else:
+        raise DatasetError("name", "give either a bundled dataset name or a file path")
+    if image_shape is not None and int(np.prod(image_shape)) != x.shape[1]:
+        raise DatasetError(
+            "image_shape",
+            f"must hold exactly the {x.shape[1]} features (product {int(np.prod(image_shape))}), got {list(image_shape)}",
+        )
+    y, labels = _encode_target(y, task)
+    return _split(x, y, names, labels, task, image_shape, validation, test, seed)
+
+
+def _load_bundled(name: str, task: Task | None, image_shape: tuple[int, ...] | None):
+    if name not in BUNDLED:
+        raise DatasetError("name", f"must be one of {', '.join(sorted(BUNDLED))}, got {name!r}")
+    info = BUNDLED[name]
+    if task is not None and task != info.task:
+        raise DatasetError("task", f"{name!r} is a {info.task} dataset, got {task!r}")
+    import sklearn.datasets
+
+    bunch = getattr(sklearn.datasets, info.loader)()
+    names = [str(n) for n in getattr(bunch, "feature_names", [])] or [f"x{i}" for i in range(bunch.data.shape[1])]
+    y = bunch.target
+    if info.task != "regression" and getattr(bunch, "target_names", None) is not None:
+        y = np.asarray(bunch.target_names)[bunch.target]
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(y), names, info.task, image_shape or info.image_shape
+
+
+def _load_file(path: Path, target: str | None, features: list[str] | None, task: Task):
+    import pandas as pd
+
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise DatasetError("path", f"must be a .csv or .parquet file, got {str(path)!r}")
+    if not path.is_file():
+        raise DatasetError("path", f"file not found, got {str(path)!r}")
+    if target is None:
+        raise DatasetError("target", "is required for a file dataset: the name of the target column")
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except Exception as e:  # pandas raises many types for unreadable files
+        raise DatasetError("path", f"cannot be read as {path.suffix[1:]}: {e}") from e
+    columns = [str(c) for c in frame.columns]
+    frame.columns = columns
+    if target not in columns:
+        raise DatasetError("target", f"must be a column of the file ({_list(columns)}), got {target!r}")
+    if features is None:
+        features = [c for c in columns if c != target]
+    for i, col in enumerate(features):
+        if col not in columns:
+            raise DatasetError(f"features.{i}", f"must be a column of the file ({_list(columns)}), got {col!r}")
+        if col == target:
+            raise DatasetError(f"features.{i}", f"must not be the target column, got {col!r}")
+    if not features:
+        raise DatasetError("features", "the file has no feature column besides the target")
+    x = np.empty((len(frame), len(features)), dtype=np.float64)
+    for j, col in enumerate(features):
+        x[:, j] = _numeric_column(frame[col], "features")
+    _no_missing(frame[target].isna().to_numpy(), "target", f"target column {target!r}")
+    _no_missing(np.isnan(x).any(axis=1), "features", "a feature column")
+    y = _numeric_column(frame[target], "target") if task == "regression" else frame[target].to_numpy()
+    return x, y, features
+
+
+def _numeric_column(series, key: str) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(series):
+        return series.astype("float64").to_numpy()
+    if pd.api.types.is_numeric_dtype(series):
+        return series.astype("float64").to_numpy(na_value=np.nan)
+    raise DatasetError(
+        key, f"column {series.name!r} is not numeric (dtype {series.dtype}); encode it as numbers or booleans first"
+    )
+
+
+def _no_missing(mask: np.ndarray, key: str, what: str) -> None:
+    rows = np.flatnonzero(mask)
+    if rows.size:
+        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if rows.size > 5 else "")
+        raise DatasetError(key, f"{what} has {rows.size} missing value(s) (rows {shown}); fill or drop them first")
+
+
+def _encode_target(y: np.ndarray, task: Task) -> tuple[np.ndarray, tuple | None]:
+    if task == "regression":
+        return y.astype(np.float32), None
+    labels, codes = np.unique(y, return_inverse=True)
+    if task == "binary" and len(labels) != 2:
+        raise DatasetError("task", f"binary needs exactly 2 target classes, got {len(labels)}")
+    if len(labels) < 2:
+        raise DatasetError("target", f"needs at least 2 classes, got {len(labels)}")
+    return codes.astype(np.int32), tuple(label.item() if hasattr(label, "item") else label for label in labels)
+
+
+def _split(x, y, names, labels, task, image_shape, validation, test, seed) -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    n = len(x)
+    if n < MIN_ROWS:
+        raise DatasetError("", f"too few rows to split into train, validation and test: need at least {MIN_ROWS}, got {n}")
+    stratify = y if task != "regression" else None
+    try:
+        idx_rest, idx_test = train_test_split(np.arange(n), test_size=test, random_state=seed, stratify=stratify)
+        rest_strat = y[idx_rest] if stratify is not None else None
+        idx_train, idx_val = train_test_split(
+            idx_rest, test_size=validation / (1 - test), random_state=seed, stratify=rest_strat
+        )
+    except ValueError as e:
+        raise DatasetError("split", f"cannot split {n} rows by class: {e}") from None
+    x = x.astype(np.float32)
+    x_train = x[idx_train]
+    target_mean, target_std = 0.0, 1.0
+    if task == "regression":
+        target_mean, target_std = float(y[idx_train].mean()), float(y[idx_train].std() or 1.0)
+    spec = DataSpec(
+        task=task,
+        feature_names=tuple(names),
+        class_labels=labels,
+        image_shape=tuple(image_shape) if image_shape else None,
+        feature_mean=tuple(float(v) for v in x_train.mean(axis=0)),
+        feature_var=tuple(float(v) for v in x_train.var(axis=0)),
+        target_mean=target_mean,
+        target_std=target_std,
+    )
+    digest = hashlib.sha256()
+    for part in (x, y, idx_train, idx_val, idx_test):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return Dataset(
+        spec, x_train, y[idx_train], x[idx_val], y[idx_val], x[idx_test], y[idx_test], digest.hexdigest()[:16]
+    )
+
+
+def _list(items: list[str]) -> str:
+    return ", ".join(items[:10]) + (", ..." if len(items) > 10 else "")

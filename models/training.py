@@ -1,0 +1,121 @@
+"""The training loop pieces: fit with early stopping, best weights, per-epoch reports.
+
+Pruning reaches this module only as a plain `report(epoch, logs) -> stop?` function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from models.datasets import Dataset
+
+Report = Callable[[int, dict[str, float]], bool]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    """What a fit did: the per-epoch history and why it ended."""
+
+    history: dict[str, list[float]]
+    epochs_run: int
+    stopped_by: str | None  # "report" (pruned), "early_stopping", or None (ran all epochs)
+    best_epoch: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class _EpochReporter(keras.callbacks.Callback):
+    def __init__(self, report: Report) -> None:
+        super().__init__()
+        self._report = report
+        self.stopped = False
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._report(epoch, {k: float(v) for k, v in (logs or {}).items()}):
+            self.stopped = True
+            self.model.stop_training = True
+
+
+class _Guard(keras.callbacks.Callback):
+    """Stops on a non-finite loss, and keeps the weights of the best epoch to restore at the end."""
+
+    def __init__(self, monitor: str, mode: str, patience: int | None) -> None:
+        super().__init__()
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch = -1
+        self.best_weights: list[np.ndarray] | None = None
+        self.non_finite: tuple[int, float] | None = None
+        self.early_stopped = False
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        loss = float(logs.get("loss", 0.0))
+        if not math.isfinite(loss):
+            self.non_finite = (epoch, loss)
+            self.model.stop_training = True
+            return
+        value = float(logs.get(self.monitor, math.nan))
+        better = value < self.best if self.mode == "min" else value > self.best
+        if math.isfinite(value) and (better or self.best_epoch < 0):
+            self.best, self.best_epoch = value, epoch
+            self.best_weights = self.model.get_weights()
+        elif self.patience is not None and epoch - self.best_epoch >= self.patience:
+            self.early_stopped = True
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.best_weights is not None and self.non_finite is None:
+            self.model.set_weights(self.best_weights)
+
+
+def fit(
+    model: keras.Model,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    monitor: str = "val_loss",
+    mode: str = "min",
+    patience: int | None = None,
+    report: Report | None = None,
+) -> FitResult:
+    """Fit on the train split, validate each epoch, end with the best epoch's weights."""
+    guard = _Guard(monitor, mode, patience)
+    callbacks: list[keras.callbacks.Callback] = [guard]
+    reporter = _EpochReporter(report) if report is not None else None
+    if reporter is not None:
+        callbacks.append(reporter)
+    history = model.fit(
+        data.x_train,
+        data.y_train,
+        validation_data=(data.x_val, data.y_val),
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    if guard.non_finite is not None:
+        epoch, value = guard.non_finite
+        raise NonFiniteLossError(f"loss became {value} at epoch {epoch}")
+    logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    stopped_by = "report" if reporter is not None and reporter.stopped else None
+    if stopped_by is None and guard.early_stopped:
+        stopped_by = "early_stopping"
+    return FitResult(logs, len(logs.get("loss", [])), stopped_by, guard.best_epoch)
+
+
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Loss and metrics of the model on one split."""
+    result = model.evaluate(x, y, batch_size=max(256, min(len(x), 4096)), verbose=0, return_dict=True)
+    return {k: float(v) for k, v in result.items()}

@@ -1,0 +1,1 @@
+"""Studies: config loading, the runner CLI, the objective, storage and reporting."""

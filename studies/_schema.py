@@ -1,0 +1,156 @@
+"""Typed schema of a study config file (what to run); infrastructure comes from the environment."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from search_spaces.errors import FieldError
+
+Direction = Literal["minimize", "maximize"]
+SamplerType = Literal["tpe", "random", "cmaes", "gp", "qmc", "grid", "nsga2"]
+PrunerType = Literal["none", "median", "percentile", "successive_halving", "hyperband", "patient", "threshold"]
+
+# Metrics the objective may name, by task; `val_*` are computed each epoch, so they can prune.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("val_loss", "val_accuracy", "val_auc"),
+    "multiclass": ("val_loss", "val_accuracy"),
+    "regression": ("val_loss", "val_mae", "val_rmse"),
+}
+STATIC_METRICS = ("n_params",)  # known after building; cannot prune
+MAXIMIZED = ("val_accuracy", "val_auc")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Section):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    storage: str | None = None
+    seed: int = 0
+
+
+class SplitSection(_Section):
+    validation: float = Field(default=0.2, gt=0, lt=1)
+    test: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitSection:
+        if self.validation + self.test >= 0.9:
+            raise FieldError("test", f"validation + test must be < 0.9 to leave rows to train on, got {self.validation + self.test:g}")
+        return self
+
+
+class DatasetSection(_Section):
+    name: str | None = None
+    path: str | None = None
+    target: str | None = None
+    features: list[str] | None = None
+    image_shape: list[int] | None = None
+    split: SplitSection = SplitSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSection:
+        if (self.name is None) == (self.path is None):
+            raise FieldError("name", "give exactly one of name (a bundled dataset) or path (a CSV/Parquet file)")
+        if self.path is not None and self.target is None:
+            raise FieldError("target", "required key is missing: the target column of the file")
+        if self.image_shape is not None and (not self.image_shape or min(self.image_shape) < 1):
+            raise FieldError("image_shape", f"must be positive sizes like [8, 8, 1], got {self.image_shape}")
+        return self
+
+
+class ModelSection(_Section):
+    family: str
+    task: Literal["binary", "multiclass", "regression"] | None = None
+
+
+class MetricSpec(_Section):
+    name: str
+    direction: Direction | None = None
+
+    def resolved_direction(self) -> Direction:
+        if self.direction is not None:
+            return self.direction
+        return "maximize" if self.name in MAXIMIZED else "minimize"
+
+
+class ObjectiveSection(_Section):
+    metric: str | None = None
+    direction: Direction | None = None
+    metrics: list[MetricSpec] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectiveSection:
+        if (self.metric is None) == (self.metrics is None):
+            raise FieldError("metric", "give exactly one of metric (single objective) or metrics (a list, multi-objective)")
+        if self.metrics is not None:
+            if self.direction is not None:
+                raise FieldError("direction", "goes inside each entry of metrics")
+            if len(self.metrics) < 2:
+                raise FieldError("metrics", f"a multi-objective study needs at least 2 metrics, got {len(self.metrics)}")
+            names = [m.name for m in self.metrics]
+            for i, n in enumerate(names):
+                if n in names[:i]:
+                    raise FieldError(f"metrics.{i}.name", f"must be unique, got a second {n!r}")
+        return self
+
+    def specs(self) -> list[MetricSpec]:
+        """The objective metrics in order, each with its direction."""
+        if self.metrics is not None:
+            return list(self.metrics)
+        return [MetricSpec(name=self.metric or "val_loss", direction=self.direction)]
+
+
+class BudgetSection(_Section):
+    n_trials: int = Field(default=20, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    max_failed: int | None = Field(default=None, ge=1)
+
+
+class SamplerSection(_Section):
+    type: SamplerType = "tpe"
+    options: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+
+
+class PrunerSection(_Section):
+    type: PrunerType = "median"
+    options: dict[str, Any] = Field(default_factory=dict)
+    wrapped: PrunerSection | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PrunerSection:
+        if self.wrapped is not None and self.type != "patient":
+            raise FieldError("wrapped", f"only the patient pruner wraps another pruner, got type {self.type!r}")
+        return self
+
+
+class TrainingSection(_Section):
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1)
+    early_stopping_patience: int | None = Field(default=5, ge=1)
+
+
+class StudyConfig(_Section):
+    """A whole study: data, model, search space, objective, budget, sampler, pruner, training."""
+
+    study: StudySection = StudySection()
+    dataset: DatasetSection
+    model: ModelSection
+    search_space: str
+    objective: ObjectiveSection = ObjectiveSection(metric="val_loss")
+    budget: BudgetSection = BudgetSection()
+    sampler: SamplerSection = SamplerSection()
+    pruner: PrunerSection = PrunerSection()
+    training: TrainingSection = TrainingSection()
+
+    @property
+    def directions(self) -> list[Direction]:
+        return [m.resolved_direction() for m in self.objective.specs()]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective.specs()) > 1

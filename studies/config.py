@@ -1,0 +1,187 @@
+"""Loading a study config: YAML, `${VAR:-default}` interpolation, `--set` overrides, validation.
+
+Every user mistake becomes a ConfigError that names the file and the key path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from search_spaces import ConfigError, SearchSpace, load_space
+from search_spaces._load import read_yaml
+from search_spaces.errors import problems_from_validation
+from studies._schema import STATIC_METRICS, TASK_METRICS, StudyConfig
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config with its search space, resolved paths and hashes."""
+
+    config: StudyConfig
+    space: SearchSpace
+    source: Path
+    space_path: Path
+    data_path: Path | None
+    task: str
+
+    @property
+    def study_name(self) -> str:
+        return self.config.study.name or self.source.stem
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def interpolate(data: Any, path: str = "", *, environ: dict[str, str] | None = None) -> Any:
+    """Replace `${VAR}`, `${VAR:-default}` (unset or empty) and `${VAR-default}` (unset) in strings."""
+    env = os.environ if environ is None else environ
+    if isinstance(data, dict):
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k), environ=env) for k, v in data.items()}
+    if isinstance(data, list):
+        return [interpolate(v, f"{path}.{i}", environ=env) for i, v in enumerate(data)]
+    if not isinstance(data, str):
+        return data
+
+    def replace(match: re.Match[str]) -> str:
+        name, op, default = match.group(1), match.group(2), match.group(3)
+        value = env.get(name)
+        if op == ":-" and not value or op == "-" and value is None:
+            return default or ""
+        if value is None:
+            raise ConfigError.single("", path, f"environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+        return value
+
+    return _VAR.sub(replace, data)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> tuple[str, Any]:
+    """Apply one `key.path=value` override (value parsed as YAML) in place."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError.single("--set", assignment, "must look like key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError.single("--set", ".".join(parts[: i + 1]), f"no such list index, got {part!r}")
+            node = node[int(part)]
+        else:
+            if not isinstance(node.get(part, {}), (dict, list)):
+                raise ConfigError.single("--set", ".".join(parts[: i + 1]), "is not a mapping, cannot set a key inside it")
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError.single("--set", key, f"no such list index, got {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return key, value
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), *, environ: dict[str, str] | None = None) -> LoadedConfig:
+    """Read, interpolate, override and validate a study config and its search space."""
+    source = Path(path)
+    raw = read_yaml(source, what="config file")
+    if not isinstance(raw, dict):
+        raise ConfigError.single(str(source), "", f"must be a mapping of sections, got {type(raw).__name__}")
+    set_keys = [apply_override(raw, a)[0] for a in overrides]
+    try:
+        data = interpolate(raw, environ=environ)
+    except ConfigError as e:
+        raise ConfigError(str(source), e.problems) from None
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as e:
+        problems = [(p, _mark_override(p, m, set_keys)) for p, m in problems_from_validation(e)]
+        raise ConfigError(str(source), problems) from None
+    base = source.parent
+    space_path = _resolve(base, config.search_space)
+    if not space_path.is_file():
+        raise ConfigError.single(str(source), "search_space", f"file not found (relative paths start at {base}/), got {config.search_space!r}")
+    space = load_space(space_path)
+    data_path = _resolve(base, config.dataset.path) if config.dataset.path else None
+    loaded = LoadedConfig(config, space, source, space_path, data_path, _task(config, source))
+    check_consistency(loaded)
+    return loaded
+
+
+def _mark_override(path: str, message: str, set_keys: list[str]) -> str:
+    for key in set_keys:
+        if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+            return f"{message} (from --set {key})"
+    return message
+
+
+def _task(config: StudyConfig, source: Path) -> str:
+    from models.datasets import BUNDLED
+
+    ds = config.dataset
+    if ds.name is not None:
+        if ds.name not in BUNDLED:
+            raise ConfigError.single(str(source), "dataset.name", f"must be one of {', '.join(sorted(BUNDLED))}, got {ds.name!r}")
+        bundled_task = BUNDLED[ds.name].task
+        if config.model.task not in (None, bundled_task):
+            raise ConfigError.single(str(source), "model.task", f"{ds.name!r} is a {bundled_task} dataset, got {config.model.task!r}")
+        return bundled_task
+    if config.model.task is None:
+        raise ConfigError.single(str(source), "model.task", "required for a file dataset: binary, multiclass or regression")
+    return config.model.task
+
+
+def check_consistency(loaded: LoadedConfig) -> None:
+    """Rules that span sections or files: family vs space, metrics vs task, sampler and pruner."""
+    from models import FAMILIES
+
+    cfg, src = loaded.config, str(loaded.source)
+    family = FAMILIES.get(cfg.model.family)
+    if family is None:
+        raise ConfigError.single(src, "model.family", f"must be one of {', '.join(sorted(FAMILIES))}, got {cfg.model.family!r}")
+    if family.needs_image and cfg.dataset.image_shape is None and not _bundled_image(cfg.dataset.name):
+        raise ConfigError.single(src, "model.family", f"{family.name!r} needs image-shaped data: a dataset like digits, or dataset.image_shape")
+    gates = loaded.space.conditioning_params()
+    unknown = [n for n in loaded.space.params if n not in family.accepted and n not in gates]
+    if unknown:
+        allowed = ", ".join(sorted(family.accepted))
+        raise ConfigError(str(loaded.space_path), [(f"params.{n}", f"not a parameter of model family {family.name!r} (accepted: {allowed})") for n in unknown])
+    allowed_metrics = TASK_METRICS[loaded.task] + STATIC_METRICS
+    specs = cfg.objective.specs()
+    for i, spec in enumerate(specs):
+        key = "objective.metric" if cfg.objective.metric is not None else f"objective.metrics.{i}.name"
+        if spec.name not in allowed_metrics:
+            raise ConfigError.single(src, key, f"must be one of {', '.join(allowed_metrics)} for a {loaded.task} task, got {spec.name!r}")
+    if not cfg.multi_objective and specs[0].name in STATIC_METRICS:
+        raise ConfigError.single(src, "objective.metric", f"{specs[0].name!r} alone needs no training; pair it with a val_* metric in metrics")
+    from studies.samplers import check_sampler_and_pruner
+
+    check_sampler_and_pruner(loaded)
+
+
+def _bundled_image(name: str | None) -> bool:
+    from models.datasets import BUNDLED
+
+    return name is not None and name in BUNDLED and BUNDLED[name].image_shape is not None

@@ -1,0 +1,155 @@
+"""`python -m studies.run CONFIG`: create or resume a study and run trials until its budget is met.
+
+Budget on resume: `n_trials` is the number of finished (COMPLETE + PRUNED) trials the study
+should hold in total, so a second run of the same command only does what is still missing.
+Exit codes: 0 done, 1 runtime failure (storage, too many failed trials), 2 user mistake,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m studies.run",
+        description="Run (or resume) an Optuna study that trains one Keras model per trial.",
+        epilog="n_trials counts finished trials (COMPLETE + PRUNED) across runs: re-running resumes.",
+    )
+    p.add_argument("config", help="study config YAML, e.g. configs/breast_cancer.yaml")
+    p.add_argument("--n-trials", type=int, metavar="N", help="finished trials the study should reach (budget.n_trials)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long (budget.timeout)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL; default $OPTUNA_STORAGE, then study.storage, then SQLite in .workbench/")
+    p.add_argument("--study-name", metavar="NAME", help="study name (study.name; default: the config file's name)")
+    p.add_argument("--seed", type=int, help="study seed: data split, sampler, per-trial seeds (study.seed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="overrides",
+                   help="override any config key, e.g. --set training.epochs=5 (repeatable)")
+    p.add_argument("--allow-space-change", action="store_true", help="resume a study even though its search space changed")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    sugar = {"budget.n_trials": args.n_trials, "budget.timeout": args.timeout, "study.name": args.study_name, "study.seed": args.seed}
+    return [*args.overrides, *(f"{k}={v}" for k, v in sugar.items() if v is not None)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from search_spaces import ConfigError, WorkbenchError
+    from studies.config import load_config
+
+    try:
+        loaded = load_config(args.config, _overrides(args))
+        return _run(loaded, args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _load_data(loaded):
+    from models import DatasetError, load_dataset
+    from search_spaces import ConfigError
+
+    ds = loaded.config.dataset
+    try:
+        return load_dataset(
+            name=ds.name, path=loaded.data_path, target=ds.target, features=ds.features, task=loaded.task,
+            image_shape=tuple(ds.image_shape) if ds.image_shape else None,
+            validation=ds.split.validation, test=ds.split.test, seed=loaded.config.study.seed,
+        )
+    except DatasetError as e:
+        raise ConfigError.single(str(loaded.source), f"dataset.{e.key}".rstrip("."), e.message) from None
+
+
+def _quiet_libraries(threads: int | None) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _run(loaded, args: argparse.Namespace) -> int:
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from studies.objective import Objective, TrialFailed
+    from studies.report import Progress, Stopwatch, summary
+    from studies.samplers import build_pruner, build_sampler
+    from studies.settings import Settings
+    from studies.storage import open_storage, redact, resolve_url
+    from studies.study import BUDGET_STATES, derive_seed, open_study, state_counts
+
+    clock = Stopwatch()
+    settings = Settings()
+    cfg = loaded.config
+    data = _load_data(loaded)
+    _quiet_libraries(settings.tf_threads)
+    url = resolve_url(args.storage, settings.optuna_storage, cfg.study.storage, settings.default_storage())
+    storage = open_storage(url, heartbeat_interval=settings.heartbeat_interval)
+    study = open_study(loaded, storage, study_name=loaded.study_name,
+                       allow_space_change=args.allow_space_change, data_hash=data.fingerprint)
+    counts = state_counts(study)
+    done = sum(counts[s] for s in BUDGET_STATES)
+    target = cfg.budget.n_trials
+    names = [m.name for m in cfg.objective.specs()]
+    # Reseed on resume so a seeded sampler does not replay the first run's random draws.
+    base_seed = cfg.sampler.seed if cfg.sampler.seed is not None else cfg.study.seed
+    study.sampler = build_sampler(cfg.sampler, derive_seed(base_seed, len(study.trials)) if study.trials else base_seed, loaded)
+    study.pruner = build_pruner(cfg.pruner)
+    if done >= target:
+        print(f"study {study.study_name!r} already has {done} finished trials (budget {target}); "
+              "raise --n-trials to run more", file=sys.stderr)
+        print(summary(study, storage_url=redact(url), wall_seconds=clock.seconds, metric_names=names))
+        return EXIT_OK
+    max_failed = cfg.budget.max_failed or target
+    progress = Progress(study, target, names)
+
+    def stop_on_failures(study, trial) -> None:
+        if progress.failed_here >= max_failed:
+            study.stop()
+
+    states = tuple(TrialState[s] for s in BUDGET_STATES)
+    interrupted = False
+    try:
+        study.optimize(
+            Objective(loaded, data),
+            n_trials=(target - done) + max_failed,
+            timeout=cfg.budget.timeout,
+            catch=(TrialFailed,),
+            callbacks=[progress, MaxTrialsCallback(target, states=states), stop_on_failures],
+            gc_after_trial=True,
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    print(summary(study, storage_url=redact(url), wall_seconds=clock.seconds, metric_names=names))
+    if interrupted:
+        print("interrupted: the running trial was recorded as FAIL; run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if progress.failed_here >= max_failed:
+        print(f"error: stopped after {progress.failed_here} failed trials (budget.max_failed); see fail_reason above",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

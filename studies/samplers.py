@@ -1,0 +1,128 @@
+"""Samplers and pruners from the config, with options checked against Optuna's own signatures."""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Literal
+
+from search_spaces import ConfigError, grid_values
+from search_spaces.errors import FieldError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from studies._schema import PrunerSection, SamplerSection
+    from studies.config import LoadedConfig
+
+SAMPLERS = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "cmaes": "CmaEsSampler",
+    "gp": "GPSampler",
+    "qmc": "QMCSampler",
+    "grid": "GridSampler",
+    "nsga2": "NSGAIISampler",
+}
+PRUNERS = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+    "patient": "PatientPruner",
+    "threshold": "ThresholdPruner",
+}
+SINGLE_OBJECTIVE_ONLY = {"cmaes"}
+# Options the workbench sets itself; a config may not pass them.
+_RESERVED = {"seed", "search_space", "wrapped_pruner"}
+# Options that take Python callables or objects: not expressible in YAML.
+_CALLABLE = {"gamma", "weights", "constraints_func", "independent_sampler", "mutation", "crossover",
+             "elite_population_selection_strategy", "child_generation_strategy", "after_trial_strategy", "source_trials"}
+
+
+def _construct(cls: type, options: dict[str, Any], path: str, **fixed: Any) -> Any:
+    accepted = [
+        n for n, p in inspect.signature(cls).parameters.items()
+        if n not in _RESERVED and n not in _CALLABLE and p.kind is not p.VAR_KEYWORD
+    ]
+    for key in options:
+        if key not in accepted:
+            raise FieldError(f"{path}.options.{key}", f"not an option of {cls.__name__} (options: {', '.join(accepted) or 'none'})")
+    params = inspect.signature(cls).parameters
+    options = {key: _coerce(cls, key, params[key].annotation, value, path) for key, value in options.items()}
+    try:
+        return cls(**options, **fixed)
+    except (TypeError, ValueError) as e:
+        raise FieldError(f"{path}.options", f"{cls.__name__} rejected these options: {e}") from None
+
+
+def _coerce(cls: type, key: str, annotation: Any, value: Any, path: str) -> Any:
+    """Check an option against its annotation where that is a plain type (int, float | None, ...)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if isinstance(annotation, str):
+        try:
+            annotation = eval(annotation, {"Literal": Literal})  # noqa: S307 - Optuna's own annotations
+        except Exception:
+            return value  # an annotation naming Optuna-internal types: let the constructor judge
+    if annotation is inspect.Parameter.empty:
+        return value
+    try:
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError as e:
+        detail = e.errors()[0]["msg"]
+        wanted = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        raise FieldError(f"{path}.options.{key}", f"{cls.__name__}({key}=...) needs {wanted}: {detail}, got {value!r}") from None
+    except Exception:
+        return value
+
+
+def build_sampler(section: SamplerSection, seed: int, loaded: LoadedConfig) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded; grid search gets its grid from the search space."""
+    import optuna
+
+    if section.type == "gp":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise FieldError("sampler.type", "the gp sampler needs PyTorch: pip install torch") from None
+    if section.type == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise FieldError("sampler.type", "the cmaes sampler needs the cmaes package: pip install cmaes") from None
+    cls = getattr(optuna.samplers, SAMPLERS[section.type])
+    fixed: dict[str, Any] = {"seed": seed}
+    if section.type == "grid":
+        try:
+            fixed["search_space"] = grid_values(loaded.space)
+        except FieldError as e:
+            raise ConfigError.single(str(loaded.space_path), e.field, e.message) from None
+    return _construct(cls, section.options, "sampler", **fixed)
+
+
+def build_pruner(section: PrunerSection, path: str = "pruner") -> optuna.pruners.BasePruner:
+    """The configured pruner; `patient` wraps the pruner given under `wrapped` (or none)."""
+    import optuna
+
+    cls = getattr(optuna.pruners, PRUNERS[section.type])
+    if section.type == "patient":
+        inner = build_pruner(section.wrapped, f"{path}.wrapped") if section.wrapped else None
+        if "patience" not in section.options:
+            raise FieldError(f"{path}.options.patience", "required key is missing: epochs without improvement before pruning")
+        return _construct(cls, section.options, path, wrapped_pruner=inner)
+    return _construct(cls, section.options, path)
+
+
+def check_sampler_and_pruner(loaded: LoadedConfig) -> None:
+    """Build both once at load time so that a bad option fails before any data is read."""
+    cfg, src = loaded.config, str(loaded.source)
+    try:
+        if cfg.multi_objective and cfg.sampler.type in SINGLE_OBJECTIVE_ONLY:
+            raise FieldError("sampler.type", f"{cfg.sampler.type!r} handles a single objective only; use tpe, nsga2, random, gp or qmc")
+        if cfg.multi_objective and cfg.pruner.type != "none":
+            raise FieldError("pruner.type", f"Optuna cannot prune multi-objective studies: use none, got {cfg.pruner.type!r}")
+        build_sampler(cfg.sampler, 0, loaded)
+        build_pruner(cfg.pruner)
+    except FieldError as e:
+        raise ConfigError.single(src, e.field, e.message) from None

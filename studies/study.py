@@ -1,0 +1,79 @@
+"""Creating or resuming a study: its search space is pinned by hash, its budget counts finished trials."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from search_spaces import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from studies.config import LoadedConfig
+
+SPACE_HASH = "workbench:space_hash"
+SPACE = "workbench:space"
+CONFIG = "workbench:config"
+DATA_HASH = "workbench:data_hash"
+# The budget counts these: a failed trial is retried, it does not use up the budget.
+BUDGET_STATES = ("COMPLETE", "PRUNED")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed that depends on every part (e.g. study seed and trial number)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def state_counts(study: optuna.Study) -> Counter[str]:
+    """How many trials are in each state (COMPLETE, PRUNED, FAIL, RUNNING, WAITING)."""
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def open_study(
+    loaded: LoadedConfig,
+    storage: optuna.storages.BaseStorage,
+    *,
+    study_name: str,
+    allow_space_change: bool = False,
+    data_hash: str | None = None,
+) -> optuna.Study:
+    """Create the study, or load it if it exists; refuse a different search space or objective."""
+    import optuna
+
+    cfg = loaded.config
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, directions=cfg.directions, load_if_exists=True
+    )
+    src = str(loaded.source)
+    existing = [d.name.lower() for d in study.directions]
+    if existing != list(cfg.directions):
+        raise ConfigError.single(
+            src, "objective", f"study {study_name!r} was created with directions {existing}, this config asks {list(cfg.directions)}"
+        )
+    attrs = study.user_attrs
+    new_hash = loaded.space.fingerprint()
+    old_hash = attrs.get(SPACE_HASH)
+    if old_hash is not None and old_hash != new_hash and not allow_space_change:
+        raise ConfigError.single(
+            src,
+            "search_space",
+            f"study {study_name!r} was run with another search space (hash {old_hash}, now {new_hash}); "
+            "pass --allow-space-change to continue it anyway, or give a new --study-name",
+        )
+    updates: dict[str, Any] = {
+        SPACE_HASH: new_hash,
+        SPACE: loaded.space.model_dump(mode="json", exclude_none=True),
+        CONFIG: cfg.model_dump(mode="json"),
+    }
+    if data_hash is not None:
+        updates[DATA_HASH] = data_hash
+    for key, value in updates.items():
+        if attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    names = [m.name for m in cfg.objective.specs()]
+    if study.metric_names != names:
+        study.set_metric_names(names)
+    return study

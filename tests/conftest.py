@@ -1,0 +1,62 @@
+"""Shared fixtures: small study configs written into tmp_path, pointing at the shipped spaces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a study config (dict) to a YAML file in tmp_path; returns its path."""
+
+    def write(data: dict, name: str = "study.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_space(tmp_path: Path) -> Path:
+    """A small MLP space that trains in well under a second per epoch."""
+    path = tmp_path / "tiny_space.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "params": {
+                    "n_layers": {"type": "int", "low": 1, "high": 2},
+                    "units": {"type": "int", "low": 4, "high": 16, "log": True, "per_layer": "n_layers"},
+                    "learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                    "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+                    "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": "sgd"}},
+                    "batch_size": {"type": "fixed", "value": 128},
+                }
+            }
+        )
+    )
+    return path
+
+
+def tiny_config(space: Path, **sections) -> dict:
+    """A breast-cancer study config with 2 epochs and 3 trials, sections overridable."""
+    config = {
+        "study": {"name": "tiny", "seed": 1},
+        "dataset": {"name": "breast_cancer"},
+        "model": {"family": "mlp"},
+        "search_space": str(space),
+        "objective": {"metric": "val_loss"},
+        "budget": {"n_trials": 3},
+        "sampler": {"type": "random"},
+        "pruner": {"type": "none"},
+        "training": {"epochs": 2, "batch_size": 128, "early_stopping_patience": None},
+    }
+    config.update(sections)
+    return config

@@ -1,0 +1,80 @@
+"""The runner CLI against the real PostgreSQL: resume, two concurrent processes, errors, URLs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import optuna
+
+from tests.conftest import ROOT, tiny_config
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    full_env.pop("OPTUNA_STORAGE", None)
+    return subprocess.Popen([sys.executable, "-m", "studies.run", *args], cwd=ROOT, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_study_resumed_by_a_second_run(postgres_url, study_name, write_config, tiny_space):
+    path = write_config(tiny_config(tiny_space))
+    code, out, err = finish(run_cli(str(path), "--storage", postgres_url, "--study-name", study_name, "--n-trials", "2"))
+    assert code == 0, err
+    code, out, err = finish(run_cli(str(path), "--storage", postgres_url, "--study-name", study_name, "--n-trials", "3"))
+    assert code == 0, err
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert "COMPLETE 3" in out
+
+
+def test_two_processes_add_trials_to_one_study(postgres_url, study_name, write_config, tiny_space):
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 6}))
+    args = (str(path), "--storage", postgres_url, "--study-name", study_name)
+    procs = [run_cli(*args), run_cli(*args)]
+    results = [finish(p) for p in procs]
+    for code, _out, err in results:
+        assert code == 0, err
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    # The budget holds across processes: overshoot at most one trial per extra process.
+    assert 6 <= len(finished) <= 7
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "FAIL")]
+
+
+def test_bad_config_exits_2_with_the_key_path(postgres_url, write_config, tiny_space):
+    path = write_config(tiny_config(tiny_space, sampler={"type": "tpe", "options": {"n_startup": 1}}))
+    code, out, err = finish(run_cli(str(path), "--storage", postgres_url))
+    assert code == 2
+    assert err.startswith(f"{path}: sampler.options.n_startup: not an option of TPESampler")
+    assert "Traceback" not in err
+
+
+def test_url_query_parameters_reach_the_driver(postgres_url, study_name, write_config, tiny_space):
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 1}))
+    separator = "&" if "?" in postgres_url else "?"
+    # sslmode=disable works against the local server; the same mechanism carries sslmode=require to RDS.
+    code, _, err = finish(run_cli(str(path), "--storage", f"{postgres_url}{separator}sslmode=disable&connect_timeout=5",
+                                  "--study-name", study_name))
+    assert code == 0, err
+    # sslmode=require against a server without TLS: a clear message and exit 1, not a traceback.
+    code, _, err = finish(run_cli(str(path), "--storage", f"{postgres_url}{separator}sslmode=require", "--study-name", study_name))
+    # A server that offers TLS accepts it; one that does not must give a clear message and exit 1.
+    assert code == 0 or (code == 1 and "cannot open storage" in err and "Traceback" not in err), err
+
+
+def test_missing_database_is_reported(postgres_url, write_config, tiny_space):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url).set(database="workbench_no_such_db").render_as_string(hide_password=False)
+    code, _, err = finish(run_cli(str(write_config(tiny_config(tiny_space))), "--storage", url))
+    assert code == 1
+    assert "cannot open storage" in err and "workbench_no_such_db" in err and "Traceback" not in err
