@@ -17,10 +17,11 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m studies.run $(CONFIG)
 
+# Starts PostgreSQL checks, the S3 endpoint and the MLflow server, runs every test, stops what it started.
 test: install
 	scripts/services.sh up
-	WORKBENCH_TEST_POSTGRES_URL=$${WORKBENCH_TEST_POSTGRES_URL:-postgresql+psycopg2://postgres@127.0.0.1:5432/workbench_test} \
-	  $(PY) -m pytest
+	set -a; eval "$$(scripts/services.sh env)"; set +a; \
+	  $(PY) -m pytest; status=$$?; scripts/services.sh down; exit $$status
 
 lint: install
 	$(VENV)/bin/ruff check .

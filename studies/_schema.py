@@ -134,6 +134,13 @@ class TrainingSection(_Section):
     early_stopping_patience: int | None = Field(default=5, ge=1)
 
 
+class TrackingSection(_Section):
+    enabled: bool = True
+    experiment: str | None = Field(default=None, min_length=1)  # default: the study name
+    log_models: Literal["best", "all", "none"] = "best"
+    flush_seconds: float = Field(default=10.0, gt=0)  # how often running trials' epoch metrics are sent
+
+
 class StudyConfig(_Section):
     """A whole study: data, model, search space, objective, budget, sampler, pruner, training."""
 
@@ -146,6 +153,7 @@ class StudyConfig(_Section):
     sampler: SamplerSection = SamplerSection()
     pruner: PrunerSection = PrunerSection()
     training: TrainingSection = TrainingSection()
+    tracking: TrackingSection = TrackingSection()
 
     @property
     def directions(self) -> list[Direction]:

@@ -17,7 +17,19 @@ class Settings(BaseSettings):
     workbench_home: Path = Field(default=Path(".workbench"), description="project data folder (WORKBENCH_HOME)")
     tf_threads: int | None = Field(default=None, ge=1, description="TensorFlow intra/inter-op threads (TF_THREADS)")
     heartbeat_interval: int = Field(default=60, ge=1, description="seconds between trial heartbeats")
+    mlflow_tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (MLFLOW_TRACKING_URI)")
 
     def default_storage(self) -> str:
         """The embedded default: one SQLite file inside the project data folder."""
         return f"sqlite:///{(self.workbench_home / 'optuna.db').resolve()}"
+
+    def tracking_uri(self) -> str:
+        """MLFLOW_TRACKING_URI, else the embedded default: SQLite in the project data folder."""
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.workbench_home / 'mlflow.db').resolve()}"
+
+    def artifact_root(self) -> str | None:
+        """Where a new experiment keeps artifacts: a local folder for the embedded default; the
+        server decides (its --artifacts-destination, e.g. S3) when a tracking server is used."""
+        if self.tracking_uri().startswith(("http://", "https://", "databricks")):
+            return None
+        return (self.workbench_home / "mlartifacts").resolve().as_uri()

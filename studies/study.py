@@ -77,3 +77,25 @@ def open_study(
     if study.metric_names != names:
         study.set_metric_names(names)
     return study
+
+
+def improves(study: optuna.Study, values: float | tuple[float, ...]) -> bool:
+    """Whether these values beat every COMPLETE trial so far (single objective), or are not
+    dominated by any of them (multi-objective): the trials whose model is worth keeping."""
+    vals = (values,) if isinstance(values, (int, float)) else tuple(values)
+    signs = [1.0 if d.name == "MINIMIZE" else -1.0 for d in study.directions]
+    try:
+        front = [t.values for t in study.best_trials]
+    except ValueError:
+        return True
+    if not front:
+        return True
+    mine = [s * v for s, v in zip(signs, vals, strict=True)]
+    for other in front:
+        theirs = [s * v for s, v in zip(signs, other, strict=True)]
+        if len(vals) == 1:
+            if theirs[0] <= mine[0]:
+                return False
+        elif all(t <= m for t, m in zip(theirs, mine, strict=True)) and any(t < m for t, m in zip(theirs, mine, strict=True)):
+            return False
+    return True

@@ -42,3 +42,31 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri() -> str:
+    """URL of the MLflow tracking server (PostgreSQL backend, S3 artifacts) started by scripts/services.sh."""
+    import urllib.request
+
+    uri = os.environ.get("WORKBENCH_TEST_MLFLOW_URI", "http://127.0.0.1:5000")
+    try:
+        urllib.request.urlopen(f"{uri}/health", timeout=5).read()
+    except Exception as e:
+        _unavailable(f"MLflow tracking server is not reachable at {uri}: {e}")
+    return uri
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """(boto3 client, bucket) of the S3 endpoint behind the tracking server's artifacts."""
+    import boto3
+
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    bucket = os.environ.get("MLFLOW_BUCKET", "mlflow")
+    client = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as e:
+        _unavailable(f"S3 bucket {bucket!r} is not reachable at {endpoint}: {e}")
+    return client, bucket

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from studies.run import main
+from studies.run import main as run_main
 from studies.study import SPACE_HASH
 from tests.conftest import tiny_config
 
@@ -16,6 +16,11 @@ def storage(tmp_path, monkeypatch):
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     return url
+
+
+def main(argv):
+    """The runner without MLflow (tracking has its own tests)."""
+    return run_main([*argv, "--no-tracking"])
 
 
 def load(url, name="tiny"):

@@ -1,0 +1,405 @@
+"""MLflow tracking: one parent run per study, one nested child run per trial.
+
+This is the only module that talks to MLflow. To keep logging off the critical path, a trial
+costs one synchronous request (creating its run); epoch metrics are buffered and sent in
+batches, and the end of a trial (final metrics, tags, model upload, status) is sent from a
+background thread while the next trial trains.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search_spaces.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    import keras
+    import optuna
+
+    from models import DataSpec
+    from studies.config import LoadedConfig
+
+# Optuna state -> MLflow run status.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+PARENT_ROLE = "workbench.role"
+STUDY_TAG = "optuna.study_name"
+RUN_ID_ATTR = "mlflow_run_id"
+# Requests to a tracking server fail fast instead of MLflow's default minutes of retrying;
+# our own retry below bounds each logging step.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_BATCH = 900  # below MLflow's 1000-metrics-per-log_batch limit
+
+
+class TrackingError(WorkbenchError):
+    """The tracking server or its artifact store cannot be used."""
+
+
+def _retry(action: Callable[[], Any], what: str, attempts: int = 3, delay: float = 1.0) -> Any:
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as e:  # network, server and S3 errors all look different
+            if attempt == attempts:
+                raise TrackingError(f"{what} failed after {attempts} attempts: {type(e).__name__}: {_first_line(e)}") from e
+            time.sleep(delay * 2 ** (attempt - 1))
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def git_commit(cwd: Path) -> str | None:
+    """The checked-out commit, when the config lives in a git work tree."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Tracker:
+    """Logs one study (this process's share of it) to MLflow."""
+
+    def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None,
+                 log_models: str = "best", flush_seconds: float = 10.0) -> None:
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_name = experiment
+        self.artifact_location = artifact_location
+        self.log_models = log_models
+        self.flush_seconds = flush_seconds
+        self.experiment_id = ""
+        self.parent_run_id = ""
+        self.common_tags: dict[str, str] = {}
+        self._pending: dict[str, list[Any]] = {}
+        self._last_flush: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
+        self._futures: list[Future] = []
+        self.errors: list[str] = []
+
+    # -- the study -----------------------------------------------------------------------
+    def start_study(self, study: optuna.Study, loaded: LoadedConfig, *, data_hash: str, storage_url: str) -> str:
+        """Check the server and the artifact store, then find or create the study's parent run."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            _check_http(self.tracking_uri)
+        self.experiment_id = _retry(self._experiment_id, f"opening MLflow experiment {self.experiment_name!r}")
+        cfg = loaded.config
+        self.common_tags = {
+            STUDY_TAG: study.study_name,
+            "workbench.sampler": cfg.sampler.type,
+            "workbench.pruner": cfg.pruner.type,
+            "workbench.space_hash": loaded.space.fingerprint(),
+            "workbench.config_hash": loaded.config_hash,
+            "workbench.data_hash": data_hash,
+            "workbench.study_seed": str(cfg.study.seed),
+        }
+        commit = git_commit(loaded.source.resolve().parent)
+        if commit:
+            self.common_tags["mlflow.source.git.commit"] = commit
+        parent_tags = {**self.common_tags, PARENT_ROLE: "study", "workbench.storage": storage_url,
+                       "workbench.directions": ",".join(cfg.directions),
+                       "workbench.metrics": ",".join(m.name for m in cfg.objective.specs())}
+        self.parent_run_id = _retry(lambda: self._parent_run(study.study_name, parent_tags), "creating the study's parent run")
+        # Writing the inputs checks the artifact store (S3) before any trial trains.
+        _retry(lambda: self._log_inputs(loaded), "uploading the config to the artifact store")
+        study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
+        study.set_user_attr("mlflow_experiment_id", self.experiment_id)
+        return self.parent_run_id
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+        except Exception:  # another worker created it first
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _parent_runs(self, study_name: str) -> list[Any]:
+        query = f"tags.`{PARENT_ROLE}` = 'study' AND tags.`{STUDY_TAG}` = '{study_name}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=50)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def _parent_run(self, study_name: str, tags: dict[str, str]) -> str:
+        runs = self._parent_runs(study_name)
+        if not runs:
+            self.client.create_run(self.experiment_id, run_name=study_name, tags=tags)
+            # Two workers may both have created one: all agree on the oldest, the rest is removed.
+            runs = self._parent_runs(study_name)
+            for extra in runs[1:]:
+                self.client.delete_run(extra.info.run_id)
+        run_id = runs[0].info.run_id
+        if runs[0].info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        self.client.log_batch(run_id, tags=_tags(tags))
+        return run_id
+
+    def _log_inputs(self, loaded: LoadedConfig) -> None:
+        self.client.log_artifact(self.parent_run_id, str(loaded.source), "inputs")
+        self.client.log_artifact(self.parent_run_id, str(loaded.space_path), "inputs")
+        self.client.log_dict(self.parent_run_id, loaded.config.model_dump(mode="json"), "inputs/resolved_config.json")
+
+    def end_study(self, study: optuna.Study, *, report_html: str | None, status: str = "FINISHED") -> None:
+        """Wait for this process's trial logging, then write the summary and reports to the parent run."""
+        self.wait()
+        from studies.study import state_counts
+
+        counts = state_counts(study)
+        summary: dict[str, Any] = {"study": study.study_name, "counts": dict(counts)}
+        metrics = {f"n_{k.lower()}": float(v) for k, v in counts.items()}
+        if counts["COMPLETE"] and len(study.directions) == 1:
+            best = study.best_trial
+            summary["best_trial"] = {"number": best.number, "value": best.value, "params": best.params,
+                                     "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR)}
+            metrics["best_value"] = float(best.value)
+        elif counts["COMPLETE"]:
+            summary["pareto_front"] = [{"number": t.number, "values": t.values, "mlflow_run_id": t.user_attrs.get(RUN_ID_ATTR)}
+                                       for t in study.best_trials]
+        run_id = self.parent_run_id
+
+        def finish() -> None:
+            self.client.log_dict(run_id, summary, "summary.json")
+            if report_html is not None:
+                self.client.log_text(run_id, report_html, "reports/study_report.html")
+            self.client.log_batch(run_id, metrics=_metrics(metrics, step=sum(counts.values())))
+            self.client.set_terminated(run_id, status=status)
+
+        try:
+            _retry(finish, "writing the study summary")
+        except TrackingError as e:
+            self.errors.append(str(e))
+            print(f"warning: {e}", file=sys.stderr)
+
+    # -- one trial -----------------------------------------------------------------------
+    def start_trial(self, trial: optuna.Trial, params: dict[str, Any]) -> str | None:
+        """Create the trial's child run (the one synchronous request per trial)."""
+        tags = {**self.common_tags, "mlflow.parentRunId": self.parent_run_id, "optuna.trial_number": str(trial.number),
+                "optuna.state": "RUNNING", "workbench.seed": str(trial.user_attrs.get("seed", ""))}
+        try:
+            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags),
+                         f"creating the run of trial {trial.number}")
+        except TrackingError as e:
+            self._warn(str(e))
+            trial.set_user_attr("mlflow_error", str(e))
+            return None
+        run_id = run.info.run_id
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        flat = flatten_params(params)
+        self._submit(run_id, lambda: self._log_batched(run_id, params=flat), "logging params")
+        self._last_flush[run_id] = time.monotonic()
+        return run_id
+
+    def log_epoch(self, run_id: str | None, epoch: int, logs: dict[str, float]) -> None:
+        """Buffer one epoch's metrics (step = epoch); send them every flush_seconds."""
+        if run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._pending.setdefault(run_id, []).extend(
+                Metric(k, float(v), now, epoch) for k, v in logs.items() if _finite(v))
+        if time.monotonic() - self._last_flush.get(run_id, 0.0) >= self.flush_seconds:
+            self._last_flush[run_id] = time.monotonic()
+            self._submit(run_id, lambda: self._flush(run_id), "logging epoch metrics")
+
+    def end_trial(self, run_id: str | None, *, state: str, metrics: dict[str, float], tags: dict[str, str],
+                  model: keras.Model | None = None, spec: DataSpec | None = None, is_best: bool = False) -> None:
+        """Record how the trial ended; its model is saved now and uploaded in the background."""
+        if run_id is None:
+            return
+        model_dir = None
+        if model is not None and spec is not None and state == "COMPLETE" and self._keep_model(is_best):
+            try:
+                model_dir = save_model(model, spec, tags)
+            except Exception as e:
+                tags = {**tags, "workbench.model_error": _first_line(e)}
+        end_tags = {**tags, "optuna.state": state}
+        if state == "PRUNED":
+            end_tags["pruned"] = "true"
+
+        def finish() -> None:
+            self._flush(run_id)
+            self._log_batched(run_id, metrics=_metrics(metrics, step=0), tags=end_tags)
+            if model_dir is not None:
+                self.client.log_artifacts(run_id, str(model_dir), "model")
+                self.client.set_tag(run_id, "workbench.model", "model")
+            self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+
+        def fail(reason: str) -> None:
+            # Logging failed for good: the Optuna trial is recorded anyway; mark the run failed.
+            try:
+                self.client.set_tag(run_id, "workbench.tracking_error", reason[:4000])
+                self.client.set_terminated(run_id, status="FAILED")
+            except Exception:
+                pass
+
+        self._submit(run_id, finish, f"finishing the run of a {state} trial", on_error=fail, cleanup=model_dir)
+
+    def _keep_model(self, is_best: bool) -> bool:
+        return self.log_models == "all" or (self.log_models == "best" and is_best)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _flush(self, run_id: str) -> None:
+        with self._lock:
+            pending = self._pending.pop(run_id, [])
+        if pending:
+            self._log_batched(run_id, metrics=pending)
+
+    def _log_batched(self, run_id: str, *, metrics: list[Any] = (), params: dict[str, Any] | None = None,
+                     tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Param
+
+        metrics = list(metrics)
+        param_list = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        tag_list = _tags(tags or {})
+        first = True
+        while first or metrics:
+            chunk, metrics = metrics[:_BATCH], metrics[_BATCH:]
+            self.client.log_batch(run_id, metrics=chunk, params=param_list if first else [], tags=tag_list if first else [])
+            first = False
+
+    def _submit(self, run_id: str, action: Callable[[], None], what: str, *,
+                on_error: Callable[[str], None] | None = None, cleanup: Path | None = None) -> None:
+        def task() -> None:
+            try:
+                _retry(action, f"{what} (run {run_id})")
+            except TrackingError as e:
+                self._warn(str(e))
+                if on_error is not None:
+                    on_error(str(e))
+            finally:
+                if cleanup is not None:
+                    import shutil
+
+                    shutil.rmtree(cleanup.parent, ignore_errors=True)
+
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(self._executor.submit(task))
+
+    def _warn(self, message: str) -> None:
+        self.errors.append(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+    def wait(self) -> None:
+        """Block until every queued logging step has run."""
+        for future in list(self._futures):
+            future.result()
+        self._futures.clear()
+
+    def close(self) -> None:
+        self.wait()
+        self._executor.shutdown(wait=True)
+
+
+def _check_http(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"MLflow tracking server {uri} does not answer: {reason}") from None
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return abs(float(value)) != float("inf") and float(value) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _metrics(values: dict[str, float], *, step: int) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+
+
+def _tags(tags: dict[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)[:8000]) for k, v in tags.items() if v is not None]
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer lists become name_0, name_1, ... (the names Optuna uses)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, list):
+            flat.update({f"{key}_{i}": v for i, v in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model, given explicitly (inferring them costs ~12 s a model)."""
+    from importlib import metadata
+
+    reqs = []
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "numpy", "mlflow"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+_REQUIREMENTS: list[str] | None = None
+
+
+def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path:
+    """Save the Keras model as an MLflow model (signature + what serving needs) into a temp dir."""
+    global _REQUIREMENTS
+    import mlflow.keras
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    if _REQUIREMENTS is None:
+        _REQUIREMENTS = pip_requirements()
+    outputs = 1 if spec.task != "multiclass" else spec.n_classes
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, spec.n_features), "features")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, outputs))]),
+    )
+    metadata = {
+        "task": spec.task,
+        "feature_names": list(spec.feature_names),
+        "class_labels": None if spec.class_labels is None else [_plain(v) for v in spec.class_labels],
+        "study": tags.get(STUDY_TAG),
+        "trial_number": tags.get("optuna.trial_number"),
+    }
+    path = Path(tempfile.mkdtemp(prefix="workbench-model-")) / "model"
+    mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=_REQUIREMENTS, metadata=metadata)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
