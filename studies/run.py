@@ -73,7 +73,7 @@ def _load_data(loaded):
         raise ConfigError.single(str(loaded.source), f"dataset.{e.key}".rstrip("."), e.message) from None
 
 
-def _quiet_libraries(threads: int | None) -> None:
+def _quiet_libraries() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import warnings
 
@@ -83,14 +83,21 @@ def _quiet_libraries(threads: int | None) -> None:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if threads:
-        import tensorflow as tf
 
+
+def _prepare_tensorflow(threads: int | None) -> None:
+    """Import TensorFlow/Keras (~4 s) and fix its thread pools before the first trial."""
+    import keras  # noqa: F401
+    import tensorflow as tf
+
+    if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def _run(loaded, args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -105,7 +112,7 @@ def _run(loaded, args: argparse.Namespace) -> int:
     settings = Settings()
     cfg = loaded.config
     data = _load_data(loaded)
-    _quiet_libraries(settings.tf_threads)
+    _quiet_libraries()
     url = resolve_url(args.storage, settings.optuna_storage, cfg.study.storage, settings.default_storage())
     storage = open_storage(url, heartbeat_interval=settings.heartbeat_interval)
     study = open_study(loaded, storage, study_name=loaded.study_name,
@@ -124,7 +131,11 @@ def _run(loaded, args: argparse.Namespace) -> int:
         print(summary(study, storage_url=redact(url), wall_seconds=clock.seconds, metric_names=names))
         return EXIT_OK
     max_failed = cfg.budget.max_failed or target
-    tracker = _start_tracking(loaded, settings, study, data.fingerprint, redact(url))
+    # The MLflow set-up (import, server check, parent run) overlaps the TensorFlow import.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking-setup") as pool:
+        pending = pool.submit(_start_tracking, loaded, settings, study, data.fingerprint, redact(url))
+        _prepare_tensorflow(settings.tf_threads)
+        tracker = pending.result()
     progress = Progress(study, target, names)
 
     def stop_on_failures(study, trial) -> None:

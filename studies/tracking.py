@@ -119,6 +119,10 @@ class Tracker:
         self.parent_run_id = _retry(lambda: self._parent_run(study.study_name, parent_tags), "creating the study's parent run")
         # Writing the inputs checks the artifact store (S3) before any trial trains.
         _retry(lambda: self._log_inputs(loaded), "uploading the config to the artifact store")
+        # MLflow maps installed packages to modules on the first model save (~1 s): do it now, in the
+        # background, while the first trial trains.
+        if self.log_models != "none":
+            self._futures.append(self._executor.submit(_warm_requirement_checks))
         study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         study.set_user_attr("mlflow_experiment_id", self.experiment_id)
         return self.parent_run_id
@@ -371,6 +375,14 @@ def pip_requirements() -> list[str]:
 
 
 _REQUIREMENTS: list[str] | None = None
+
+
+def _warm_requirement_checks() -> None:
+    global _REQUIREMENTS
+    from mlflow.utils import requirements_utils
+
+    _REQUIREMENTS = pip_requirements()
+    requirements_utils._init_packages_to_modules_map()
 
 
 def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path:

@@ -68,3 +68,38 @@ def test_two_worker_processes_share_one_parent_run(postgres_url, mlflow_uri, stu
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     study = optuna.load_study(study_name=study_name, storage=postgres_url)
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
+
+
+def test_unreachable_artifact_store_stops_before_training(tmp_path, postgres_url, study_name, write_config, tiny_space):
+    """A tracking server whose S3 endpoint is down: one message, exit 1, no trial trained."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+         "--artifacts-destination", "s3://mlflow/", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--allowed-hosts", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        code, _, err = finish(run_cli(str(write_config(tiny_config(tiny_space))), "--storage", postgres_url,
+                                      "--study-name", study_name, env=stack_env(uri)), timeout=300)
+        assert code == 1, err
+        assert "uploading the config to the artifact store failed" in err and "Traceback" not in err
+        assert optuna.load_study(study_name=study_name, storage=postgres_url).trials == []
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

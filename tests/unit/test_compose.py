@@ -26,6 +26,21 @@ def test_study_and_dashboard_get_the_storage_the_code_reads():
         assert COMPOSE["services"][name]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def test_study_logs_to_the_tracking_server_and_mlflow_writes_to_minio():
+    study, mlflow = COMPOSE["services"]["study"], COMPOSE["services"]["mlflow"]
+    assert study["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert study["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    command = " ".join(mlflow["entrypoint"])
+    assert "--artifacts-destination" in command and "--allowed-hosts" in command
+    assert "--disable-security-middleware" not in command
+    # Same server flags as the native stack script that CI runs.
+    script = (ROOT / "scripts" / "services.sh").read_text()
+    for flag in ("--artifacts-destination", "--workers 2", "--allowed-hosts", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"):
+        assert flag in script and flag.split("=")[0] in command + str(mlflow["environment"])
+    assert COMPOSE["services"]["buckets"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
 def test_postgres_has_a_health_check_and_binds_loopback():
     pg = COMPOSE["services"]["postgres"]
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])

@@ -1,0 +1,17 @@
+"""Benchmark scripts still run (smoke run with --quick; the full runs are not part of CI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_tracking_overhead_quick(mlflow_uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    out = subprocess.run([sys.executable, "benchmarks/tracking_overhead.py", "--quick"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ours/off = " in out.stdout.splitlines()[-1]

@@ -1,0 +1,91 @@
+"""Tracking faults and policies: a logging failure never loses the trial; which models are kept."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from studies import tracking
+from studies.run import main
+from studies.study import improves
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tracking, "_retry", _fast_retry)
+    return tmp_path / "home"
+
+
+def _fast_retry(action, what, attempts=3, delay=0.0):
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as e:
+            if attempt == attempts - 1:
+                raise tracking.TrackingError(f"{what} failed: {e}") from e
+    return None
+
+
+def test_a_failing_log_marks_the_run_failed_and_keeps_the_trial(home, write_config, tiny_space, monkeypatch, capsys):
+    original = MlflowClient.log_batch
+
+    def flaky(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        if any(t.key == "optuna.state" and t.value == "COMPLETE" for t in tags):
+            raise ConnectionError("S3 went away")
+        return original(self, run_id, metrics=metrics, params=params, tags=tags)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 1}))
+    assert main([str(path)]) == 0
+    assert "S3 went away" in capsys.readouterr().err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
+    (trial,) = study.trials
+    assert trial.state.name == "COMPLETE"  # nothing trained is lost
+    run = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "S3 went away" in run.data.tags["workbench.tracking_error"]
+
+
+def test_transient_errors_are_retried(home, write_config, tiny_space, monkeypatch):
+    original = MlflowClient.set_terminated
+    failures = {"left": 2}
+
+    def flaky(self, run_id, status=None, end_time=None):
+        if status == "FINISHED" and failures["left"] and "trial" in self.get_run(run_id).info.run_name:
+            failures["left"] -= 1
+            raise ConnectionError("tracking server restarting")
+        return original(self, run_id, status=status, end_time=end_time)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", flaky)
+    assert main([str(write_config(tiny_config(tiny_space, budget={"n_trials": 1})))]) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
+    run = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert failures["left"] == 0 and run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("directions", "done", "new", "expected"),
+    [
+        (["minimize"], [], 1.0, True),
+        (["minimize"], [0.5, 0.3], 0.2, True),
+        (["minimize"], [0.5, 0.3], 0.3, False),
+        (["maximize"], [0.5, 0.3], 0.6, True),
+        (["minimize", "minimize"], [(1.0, 10.0)], (2.0, 5.0), True),
+        (["minimize", "minimize"], [(1.0, 10.0)], (1.0, 11.0), False),
+        (["minimize", "maximize"], [(1.0, 10.0)], (0.5, 5.0), True),
+    ],
+)
+def test_improves_is_best_so_far_or_pareto(directions, done, new, expected):
+    study = optuna.create_study(directions=directions)
+    for values in done:
+        study.add_trial(optuna.trial.create_trial(values=list(values) if isinstance(values, tuple) else [values],
+                                                  params={}, distributions={}))
+    assert improves(study, new) is expected
+
+
+def test_flatten_params():
+    assert tracking.flatten_params({"units": [8, 4], "lr": 0.1}) == {"units_0": 8, "units_1": 4, "lr": 0.1}
