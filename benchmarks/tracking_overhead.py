@@ -81,7 +81,7 @@ def child(mode: str, config: str, n_trials: int, epochs: int, workdir: str) -> i
     name = f"bench_{mode}_{uuid.uuid4().hex[:8]}"
     argv = [config, "--storage", f"sqlite:///{Path(workdir) / 'optuna.db'}", "--study-name", name,
             "--n-trials", str(n_trials), "--set", f"training.epochs={epochs}", "--set", "pruner={type: none}",
-            "--set", "training.early_stopping_patience=null", "--set", "tracking.log_models=best"]
+            "--set", "training.early_stopping_patience=null", "--set", "tracking.log_models=best", "--no-register"]
     if mode == "off":
         argv.append("--no-tracking")
     if mode == "naive":

@@ -141,6 +141,19 @@ class TrackingSection(_Section):
     flush_seconds: float = Field(default=10.0, gt=0)  # how often running trials' epoch metrics are sent
 
 
+class Limit(_Section):
+    min: float | None = None
+    max: float | None = None
+
+
+class RegistrySection(_Section):
+    model_name: str | None = Field(default=None, min_length=1)  # default: the study name
+    auto: bool = True  # register the winner at the end of studies.run
+    # Multi-objective: the objective that picks the winner among Pareto trials within the limits.
+    primary: str | None = None
+    limits: dict[str, Limit] = Field(default_factory=dict)
+
+
 class StudyConfig(_Section):
     """A whole study: data, model, search space, objective, budget, sampler, pruner, training."""
 
@@ -154,6 +167,17 @@ class StudyConfig(_Section):
     pruner: PrunerSection = PrunerSection()
     training: TrainingSection = TrainingSection()
     tracking: TrackingSection = TrackingSection()
+    registry: RegistrySection = RegistrySection()
+
+    @model_validator(mode="after")
+    def _check_registry(self) -> StudyConfig:
+        names = [m.name for m in self.objective.specs()]
+        if self.registry.primary is not None and self.registry.primary not in names:
+            raise FieldError("registry.primary", f"must be one of the objective metrics ({', '.join(names)}), got {self.registry.primary!r}")
+        for key in self.registry.limits:
+            if key not in names:
+                raise FieldError(f"registry.limits.{key}", f"must be one of the objective metrics ({', '.join(names)})")
+        return self
 
     @property
     def directions(self) -> list[Direction]:

@@ -32,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, e.g. --set training.epochs=5 (repeatable)")
     p.add_argument("--allow-space-change", action="store_true", help="resume a study even though its search space changed")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (tracking.enabled: false)")
+    p.add_argument("--no-register", action="store_true", help="do not register the winner at the end (registry.auto: false)")
     return p
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     sugar = {"budget.n_trials": args.n_trials, "budget.timeout": args.timeout, "study.name": args.study_name,
-             "study.seed": args.seed, "tracking.enabled": False if args.no_tracking else None}
+             "study.seed": args.seed, "tracking.enabled": False if args.no_tracking else None,
+             "registry.auto": False if args.no_register else None}
     return [*args.overrides, *(f"{k}={v}" for k, v in sugar.items() if v is not None)]
 
 
@@ -163,6 +165,10 @@ def _run(loaded, args: argparse.Namespace) -> int:
     if interrupted:
         print("interrupted: the running trial was recorded as FAIL; run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if tracker is not None and cfg.registry.auto and state_counts(study)["COMPLETE"]:
+        from studies.select import select
+
+        print(select(loaded, study, data, settings.tracking_uri()).describe())
     if progress.failed_here >= max_failed:
         print(f"error: stopped after {progress.failed_here} failed trials (budget.max_failed); see fail_reason above",
               file=sys.stderr)

@@ -88,6 +88,7 @@ class Tracker:
         self.parent_run_id = ""
         self.common_tags: dict[str, str] = {}
         self._pending: dict[str, list[Any]] = {}
+        self._params: dict[str, dict[str, Any]] = {}
         self._last_flush: dict[str, float] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
@@ -210,8 +211,8 @@ class Tracker:
             return None
         run_id = run.info.run_id
         trial.set_user_attr(RUN_ID_ATTR, run_id)
-        flat = flatten_params(params)
-        self._submit(run_id, lambda: self._log_batched(run_id, params=flat), "logging params")
+        # Params travel with the first batch of epoch metrics (or the trial's end): no request of their own.
+        self._params[run_id] = flatten_params(params)
         self._last_flush[run_id] = time.monotonic()
         return run_id
 
@@ -244,12 +245,16 @@ class Tracker:
         if state == "PRUNED":
             end_tags["pruned"] = "true"
 
+        if model_dir is not None:
+            end_tags["workbench.model"] = "model"
+
         def finish() -> None:
-            self._flush(run_id)
-            self._log_batched(run_id, metrics=_metrics(metrics, step=0), tags=end_tags)
+            with self._lock:
+                pending = self._pending.pop(run_id, [])
+            params = self._params.pop(run_id, None)
+            self._log_batched(run_id, metrics=[*pending, *_metrics(metrics, step=0)], params=params, tags=end_tags)
             if model_dir is not None:
                 self.client.log_artifacts(run_id, str(model_dir), "model")
-                self.client.set_tag(run_id, "workbench.model", "model")
             self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
 
         def fail(reason: str) -> None:
@@ -269,8 +274,9 @@ class Tracker:
     def _flush(self, run_id: str) -> None:
         with self._lock:
             pending = self._pending.pop(run_id, [])
-        if pending:
-            self._log_batched(run_id, metrics=pending)
+        params = self._params.pop(run_id, None)
+        if pending or params:
+            self._log_batched(run_id, metrics=pending, params=params)
 
     def _log_batched(self, run_id: str, *, metrics: list[Any] = (), params: dict[str, Any] | None = None,
                      tags: dict[str, str] | None = None) -> None:

@@ -51,8 +51,12 @@ def test_run_hierarchy_metrics_and_models_on_s3(postgres_url, mlflow_uri, s3_buc
         model_keys = [k for k in keys if run_id in k and "/model/" in k]
         assert any(k.endswith("MLmodel") for k in model_keys) and any(k.endswith("model.keras") for k in model_keys)
         model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-        probs = np.asarray(model.predict(data.x_test)).ravel()
+        probs = np.asarray(model.predict(data.x_test), dtype=np.float64).ravel()
         assert float(np.mean((probs > 0.5) == data.y_test)) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+        # The loaded model gives the values the trained one did: its cross-entropy is the logged test_loss.
+        p = np.clip(probs, 1e-7, 1 - 1e-7)
+        bce = float(-np.mean(data.y_test * np.log(p) + (1 - data.y_test) * np.log(1 - p)))
+        assert bce == pytest.approx(run.data.metrics["test_loss"], rel=1e-4)
     assert any(parents[0].info.run_id in k and k.endswith("study_report.html") for k in keys)
 
 

@@ -9,9 +9,14 @@ import pytest
 from mlflow import MlflowClient
 
 from models import load_dataset
-from studies.run import main
+from studies.run import main as run_main
 from studies.tracking import flatten_params
 from tests.conftest import tiny_config
+
+
+def main(argv):
+    """The runner with tracking, without registering the winner (the registry has its own tests)."""
+    return run_main([*argv, "--no-register"])
 
 
 @pytest.fixture

@@ -7,9 +7,14 @@ import pytest
 from mlflow import MlflowClient
 
 from studies import tracking
-from studies.run import main
+from studies.run import main as run_main
 from studies.study import improves
 from tests.conftest import tiny_config
+
+
+def main(argv):
+    """The runner with tracking, without registering the winner (the registry has its own tests)."""
+    return run_main([*argv, "--no-register"])
 
 
 @pytest.fixture

@@ -1,0 +1,117 @@
+"""The MLflow Model Registry side of selection: versions, aliases, and their history."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from search_spaces.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    import keras
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "workbench.champion_history"  # comma-separated versions, oldest first
+
+
+class RegistryError(WorkbenchError):
+    """The registry refused an operation, or the run has no model to register."""
+
+
+class Registry:
+    """Registered-model versions and aliases (MLflow 3 aliases, not stages)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+
+    def has_model(self, run_id: str) -> bool:
+        try:
+            return any(a.path == "model/MLmodel" for a in self.client.list_artifacts(run_id, "model"))
+        except Exception:
+            return False
+
+    def load_keras(self, run_id: str) -> keras.Model:
+        """The run's model as a compiled Keras model (for evaluation)."""
+        import mlflow
+        import mlflow.keras
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.keras.load_model(f"runs:/{run_id}/model")
+
+    def version_for_run(self, name: str, run_id: str) -> Any | None:
+        found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return min(found, key=lambda v: int(v.version)) if found else None
+
+    def register(self, name: str, run_id: str, *, tags: dict[str, str], description: str) -> tuple[Any, bool]:
+        """The version of this run, created if missing. Returns (version, created)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(name, description="Keras models selected from Optuna studies.")
+            except MlflowException:
+                pass  # created meanwhile by another selector
+        existing = self.version_for_run(name, run_id)
+        if existing is not None:
+            return existing, False
+        version = self.client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+                                                   tags=tags, description=description)
+        for _ in range(60):  # wait for READY (file stores are immediate; servers may not be)
+            if self.client.get_model_version(name, version.version).status == "READY":
+                break
+            time.sleep(0.5)
+        return self.client.get_model_version(name, version.version), True
+
+    def by_alias(self, name: str, alias: str) -> Any | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def history(self, name: str) -> list[str]:
+        tags = self.client.get_registered_model(name).tags
+        return [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
+
+    def make_champion(self, name: str, version: str, *, reason: str) -> str | None:
+        """Point `champion` at the version; remember the move. Returns the previous champion."""
+        previous = self.by_alias(name, CHAMPION)
+        previous_version = previous.version if previous is not None else None
+        self.client.set_registered_model_alias(name, CHAMPION, version)
+        self._record(name, version, previous_version, reason)
+        history = self.history(name)
+        self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(version)]))
+        challenger = self.by_alias(name, CHALLENGER)
+        if challenger is not None and challenger.version == str(version):
+            self.client.delete_registered_model_alias(name, CHALLENGER)
+        return previous_version
+
+    def make_challenger(self, name: str, version: str, *, reason: str) -> None:
+        self.client.set_registered_model_alias(name, CHALLENGER, version)
+        self._record(name, version, None, reason)
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Move `champion` back to the champion before the current one. Returns (from, to)."""
+        history = self.history(name)
+        current = self.by_alias(name, CHAMPION)
+        if current is None or len(history) < 2:
+            raise RegistryError(f"registered model {name!r} has no previous champion to roll back to")
+        target = history[-2]
+        self.client.set_registered_model_alias(name, CHAMPION, target)
+        self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
+        self._record(name, target, current.version, f"rollback from version {current.version}")
+        return current.version, target
+
+    def _record(self, name: str, version: str, previous: str | None, reason: str) -> None:
+        moves = json.loads(self.client.get_model_version(name, version).tags.get("workbench.alias_moves", "[]"))
+        moves.append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason, "previous_champion": previous})
+        self.client.set_model_version_tag(name, version, "workbench.alias_moves", json.dumps(moves)[-4900:])
+        if previous is not None:
+            self.client.set_model_version_tag(name, version, "workbench.previous_champion", str(previous))
