@@ -1,16 +1,28 @@
-# The workbench image: runs studies (`python -m studies.run`) and optuna-dashboard.
+# Two images from one file:
+#   docker build -t workbench .                    studies (python -m studies.run) and optuna-dashboard
+#   docker build --target serving -t workbench-api .   the prediction API (python -m serving)
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY studies studies
 COPY search_spaces search_spaces
 COPY models models
-RUN pip install ".[train]"
+COPY serving serving
+RUN python -m venv /opt/serve && /opt/serve/bin/pip install ".[serve]" \
+ && python -m venv /opt/venv && /opt/venv/bin/pip install ".[train,serve]"
 
-FROM python:3.11-slim
+FROM python:3.11-slim AS serving
+RUN useradd --create-home --uid 10001 workbench
+COPY --from=build /opt/serve /opt/serve
+ENV PATH=/opt/serve/bin:$PATH TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1 SERVING_HOST=0.0.0.0 SERVING_PORT=8000
+USER workbench
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)"]
+ENTRYPOINT ["python", "-m", "serving"]
+
+FROM python:3.11-slim AS workbench
 RUN useradd --create-home --uid 10001 workbench && mkdir -p /data && chown workbench /data
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app

@@ -83,13 +83,13 @@ class Registry:
     def make_champion(self, name: str, version: str, *, reason: str) -> str | None:
         """Point `champion` at the version; remember the move. Returns the previous champion."""
         previous = self.by_alias(name, CHAMPION)
-        previous_version = previous.version if previous is not None else None
+        previous_version = str(previous.version) if previous is not None else None
         self.client.set_registered_model_alias(name, CHAMPION, version)
         self._record(name, version, previous_version, reason)
         history = self.history(name)
         self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(version)]))
         challenger = self.by_alias(name, CHALLENGER)
-        if challenger is not None and challenger.version == str(version):
+        if challenger is not None and str(challenger.version) == str(version):
             self.client.delete_registered_model_alias(name, CHALLENGER)
         return previous_version
 
@@ -106,8 +106,8 @@ class Registry:
         target = history[-2]
         self.client.set_registered_model_alias(name, CHAMPION, target)
         self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
-        self._record(name, target, current.version, f"rollback from version {current.version}")
-        return current.version, target
+        self._record(name, target, str(current.version), f"rollback from version {current.version}")
+        return str(current.version), target
 
     def _record(self, name: str, version: str, previous: str | None, reason: str) -> None:
         moves = json.loads(self.client.get_model_version(name, version).tags.get("workbench.alias_moves", "[]"))

@@ -98,8 +98,6 @@ def _prepare_tensorflow(threads: int | None) -> None:
 
 
 def _run(loaded, args: argparse.Namespace) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -133,11 +131,10 @@ def _run(loaded, args: argparse.Namespace) -> int:
         print(summary(study, storage_url=redact(url), wall_seconds=clock.seconds, metric_names=names))
         return EXIT_OK
     max_failed = cfg.budget.max_failed or target
-    # The MLflow set-up (import, server check, parent run) overlaps the TensorFlow import.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking-setup") as pool:
-        pending = pool.submit(_start_tracking, loaded, settings, study, data.fingerprint, redact(url))
-        _prepare_tensorflow(settings.tf_threads)
-        tracker = pending.result()
+    # Sequential on purpose: overlapping the MLflow import with TensorFlow's fought over the GIL
+    # and took longer than the two one after the other.
+    tracker = _start_tracking(loaded, settings, study, data.fingerprint, redact(url))
+    _prepare_tensorflow(settings.tf_threads)
     progress = Progress(study, target, names)
 
     def stop_on_failures(study, trial) -> None:

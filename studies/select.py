@@ -77,19 +77,20 @@ def select(loaded, study, data, tracking_uri: str, *, force: bool = False) -> Se
                    f"params {json.dumps(winner.params, sort_keys=True)}")
     version, created = registry.register(name, run_id, tags=tags, description=description)
     champion = registry.by_alias(name, "champion")
-    if champion is not None and champion.version == version.version:
-        return Selection(name, version.version, "champion", created, winner.number, rule.metric, value, None)
+    number = str(version.version)
+    if champion is not None and str(champion.version) == number:
+        return Selection(name, number, "champion", created, winner.number, rule.metric, value, None)
     champion_value = float(champion.tags["workbench.compare_value"]) if champion is not None and "workbench.compare_value" in champion.tags else None
     alias = alias_for(value, champion_value, rule, force=force)
     previous = None
     if alias == "champion":
         why = "forced" if force and champion_value is not None and not rule.better(value, champion_value) else (
             "first champion" if champion is None else f"beats v{champion.version} ({rule.metric} {champion_value:.6g})")
-        previous = registry.make_champion(name, version.version, reason=f"study {study.study_name} trial {winner.number}: {why}")
+        previous = registry.make_champion(name, number, reason=f"study {study.study_name} trial {winner.number}: {why}")
     else:
-        registry.make_challenger(name, version.version,
+        registry.make_challenger(name, number,
                                  reason=f"does not beat v{champion.version} ({rule.metric} {champion_value:.6g})")
-    return Selection(name, version.version, alias, created, winner.number, rule.metric, value, previous)
+    return Selection(name, number, alias, created, winner.number, rule.metric, value, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

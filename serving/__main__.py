@@ -1,0 +1,21 @@
+"""`python -m serving`: run the API with uvicorn (host, port, workers from the environment)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    import uvicorn
+
+    from serving.settings import ServingSettings
+
+    s = ServingSettings()
+    # Each worker process loads the model once; workers and replicas share no state.
+    uvicorn.run("serving.app:app", host=s.serving_host, port=s.serving_port, workers=s.serving_workers,
+                log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Study -> select -> API subprocess -> predict, reload, batch: on the real server, PostgreSQL and S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from models import load_dataset
+from tests.conftest import ROOT, tiny_config
+from tests.integration.test_postgres_runner import finish, run_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, method: str | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if body is not None else "GET"),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def model_name():
+    return f"it_model_{uuid.uuid4().hex[:8]}"
+
+
+def test_study_select_serve_reload_and_batch(tmp_path, postgres_url, mlflow_uri, s3_bucket, study_name, model_name,
+                                             write_config, tiny_space):
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri}
+    cfg = tiny_config(tiny_space, budget={"n_trials": 2}, registry={"model_name": model_name})
+    code, out, err = finish(run_cli(str(write_config(cfg)), "--storage", postgres_url, "--study-name", study_name, env=env))
+    assert code == 0, err
+    assert f"registered as {model_name} v1" in out
+
+    port = _free_port()
+    api_env = {**os.environ, **env, "SERVING_MODEL_URI": f"models:/{model_name}@champion", "SERVING_PORT": str(port),
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+    api = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=api_env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if _http(f"{base}/ready")["status"] == "ready":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the API never became ready")
+        data = load_dataset(name="breast_cancer", seed=1)
+        rows = data.x_test[:20]
+        answer = _http(f"{base}/predict", {"instances": rows.tolist()})
+        assert answer["model_name"] == model_name and answer["model_version"] == "1"
+        mlflow.set_tracking_uri(mlflow_uri)
+        reference = np.asarray(mlflow.pyfunc.load_model(f"models:/{model_name}@champion").predict(rows)).ravel()
+        np.testing.assert_allclose([p[1] for p in answer["probabilities"]], reference, atol=1e-5)
+
+        # A second, forced selection moves the alias; /reload follows it without a restart.
+        cfg2 = tiny_config(tiny_space, budget={"n_trials": 1}, registry={"model_name": model_name}, study={"name": "x", "seed": 5})
+        path2 = write_config(cfg2, "second.yaml")
+        code, out, err = finish(run_cli(str(path2), "--storage", postgres_url, "--study-name", f"{study_name}_2",
+                                        "--no-register", env=env))
+        assert code == 0, err
+        select = subprocess.run([sys.executable, "-m", "studies.select", str(path2), "--storage", postgres_url,
+                                 "--study-name", f"{study_name}_2", "--force"], cwd=ROOT, env={**os.environ, **env},
+                                capture_output=True, text=True, timeout=600)
+        assert select.returncode == 0, select.stderr
+        assert _http(f"{base}/model")["version"] == "1"
+        assert _http(f"{base}/reload", {}) == {"previous_version": "1", "version": "2", "reloaded": True}
+        assert _http(f"{base}/model")["version"] == "2"
+        answer = _http(f"{base}/predict", {"instances": rows.tolist()})
+        assert answer["model_version"] == "2"
+
+        # Batch scoring of a file gives the API's answers, in order; an invalid row is reported, not dropped.
+        frame = pd.DataFrame(rows, columns=list(data.spec.feature_names))
+        frame.insert(0, "id", [f"r{i}" for i in range(len(frame))])
+        frame.loc[7, "mean radius"] = np.nan
+        frame.to_csv(tmp_path / "in.csv", index=False)
+        batch = subprocess.run([sys.executable, "-m", "serving.batch", "--input", str(tmp_path / "in.csv"), "--output",
+                                str(tmp_path / "out.parquet"), "--model", f"models:/{model_name}@champion", "--keep", "id",
+                                "--chunk-rows", "6"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                               timeout=600)
+        assert batch.returncode == 3, batch.stderr
+        scored = pd.read_parquet(tmp_path / "out.parquet")
+        assert scored["row"].tolist() == [i for i in range(20) if i != 7]
+        assert scored["id"].tolist() == [f"r{i}" for i in range(20) if i != 7]
+        expected = np.array([p[1] for i, p in enumerate(answer["probabilities"]) if i != 7])
+        np.testing.assert_allclose(scored["probability_malignant"].to_numpy(), expected, atol=1e-5)
+        errors = pd.read_csv(tmp_path / "out.parquet.errors.csv")
+        assert errors["row"].tolist() == [7] and "mean radius" in errors["reason"][0]
+        runs = mlflow.search_runs(experiment_names=["batch-scoring"], filter_string=f"tags.`workbench.model_name` = '{model_name}'")
+        assert len(runs) == 1 and runs.iloc[0]["metrics.rows_invalid"] == 1
+
+        # No input, however odd, makes the API answer 5xx (schemathesis explores the OpenAPI schema).
+        st = subprocess.run([os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", f"{base}/openapi.json",
+                             "--checks", "not_a_server_error", "--max-examples", "60", "--no-color"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert st.returncode == 0, st.stdout[-4000:]
+    finally:
+        os.killpg(api.pid, 15)
+        api.wait(timeout=30)

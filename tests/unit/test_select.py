@@ -1,0 +1,108 @@
+"""Selecting the winner and the alias rules, on the embedded MLflow store."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from studies._schema import StudyConfig
+from studies.run import main as run_main
+from studies.select import main as select_main
+from studies.selection import NoWinner, alias_for, criterion, pick_winner
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def fixed_space(tmp_path, name, optimizer, lr):
+    path = tmp_path / f"space_{name}.yaml"
+    path.write_text(yaml.safe_dump({"params": {
+        "units": {"type": "categorical", "choices": [8, 16]},
+        "optimizer": {"type": "fixed", "value": optimizer},
+        "learning_rate": {"type": "fixed", "value": lr}}}))
+    return path
+
+
+def test_champion_challenger_force_rollback_and_idempotence(home, tmp_path, write_config, capsys):
+    good = write_config(tiny_config(fixed_space(tmp_path, "good", "adam", 0.01), study={"name": "good", "seed": 1},
+                                    budget={"n_trials": 2}, training={"epochs": 6, "batch_size": 32},
+                                    registry={"model_name": "m"}), "good.yaml")
+    assert run_main([str(good)]) == 0  # registers the winner at the end
+    assert "registered as m v1: test_loss" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("m", "champion")
+    study = optuna.load_study(study_name="good", storage=f"sqlite:///{home / 'optuna.db'}")
+    assert str(champion.version) == "1" and champion.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    assert champion.tags["workbench.trial_number"] == str(study.best_trial.number)
+    assert champion.tags["workbench.study"] == "good" and "learning_rate" not in champion.tags["workbench.params"]
+    assert float(champion.tags["workbench.test_loss"]) == pytest.approx(study.best_trial.user_attrs["test_loss"], rel=1e-4)
+
+    assert select_main([str(good)]) == 0  # idempotent: the same run is not registered twice
+    assert "already registered as m v1" in capsys.readouterr().out
+    assert len(client.search_model_versions("name = 'm'")) == 1
+
+    bad = write_config(tiny_config(fixed_space(tmp_path, "bad", "sgd", 1e-6), study={"name": "bad", "seed": 1},
+                                   budget={"n_trials": 1}, training={"epochs": 1, "batch_size": 128},
+                                   registry={"model_name": "m"}), "bad.yaml")
+    assert run_main([str(bad)]) == 0
+    assert "m v2" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+
+    assert select_main([str(bad), "--force"]) == 0
+    forced = client.get_model_version_by_alias("m", "champion")
+    assert str(forced.version) == "2" and forced.tags["workbench.previous_champion"] == "1"
+    assert "forced" in forced.tags["workbench.alias_moves"]
+
+    assert select_main([str(bad), "--rollback"]) == 0
+    assert "moved back from v2 to v1" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert select_main([str(bad), "--rollback"]) == 1  # nothing older to go back to
+    assert "no previous champion" in capsys.readouterr().err
+
+
+def _study(directions, values):
+    study = optuna.create_study(directions=directions)
+    for v in values:
+        study.add_trial(optuna.trial.create_trial(values=list(v), params={}, distributions={}))
+    return study
+
+
+def _cfg(**registry):
+    return StudyConfig.model_validate({
+        "dataset": {"name": "diabetes"}, "model": {"family": "mlp"}, "search_space": "x.yaml",
+        "objective": {"metrics": [{"name": "val_mae"}, {"name": "n_params"}]}, "pruner": {"type": "none"},
+        "registry": registry})
+
+
+def test_multi_objective_winner_respects_limits_and_primary():
+    study = _study(["minimize", "minimize"], [(10.0, 5000), (20.0, 500), (30.0, 50)])
+    assert pick_winner(study, _cfg()).number == 0
+    assert pick_winner(study, _cfg(limits={"n_params": {"max": 1000}})).number == 1
+    assert pick_winner(study, _cfg(primary="n_params")).number == 2
+    with pytest.raises(NoWinner, match="meets registry.limits"):
+        pick_winner(study, _cfg(limits={"n_params": {"max": 10}}))
+
+
+def test_criterion_and_alias_rule():
+    rule = criterion(_cfg())
+    assert (rule.metric, rule.minimize) == ("test_mae", True)
+    assert criterion(_cfg(primary="n_params")).metric == "n_params"
+    assert alias_for(1.0, None, rule) == "champion"
+    assert alias_for(1.0, 2.0, rule) == "champion"
+    assert alias_for(2.0, 1.0, rule) == "challenger"
+    assert alias_for(2.0, 2.0, rule) == "challenger"  # a tie does not move the champion
+    assert alias_for(2.0, 1.0, rule, force=True) == "champion"
+
+
+def test_registry_keys_are_checked():
+    with pytest.raises(ValueError, match="must be one of the objective metrics"):
+        _cfg(primary="val_loss")
