@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from serving.registry import ServingError
@@ -76,16 +76,46 @@ def create_app(settings: ServingSettings | None = None, holder: ModelHolder | No
     app.state.holder = holder
     app.state.settings = settings
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.serving_max_body_bytes:
-            return JSONResponse({"detail": f"request body is {length} bytes; the limit is {settings.serving_max_body_bytes}"},
-                                status_code=413)
-        return await call_next(request)
-
     app.include_router(router)
+    app.add_middleware(BodyLimit, limit=settings.serving_max_body_bytes)
     return app
+
+
+class BodyLimit:
+    """413 for a body over the limit, by its Content-Length or as it streams in (plain ASGI: the
+    BaseHTTPMiddleware decorator costs a task and a queue per request)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._refuse(scope, receive, send, value.decode())
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            return await self._refuse(scope, receive, send, f"more than {self.limit}")
+
+    async def _refuse(self, scope, receive, send, size: str) -> None:
+        response = JSONResponse({"detail": f"request body is {size} bytes; the limit is {self.limit}"}, status_code=413)
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 async def _poll(holder: ModelHolder, seconds: float) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+import json
+
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from serving.model import InvalidInput, LoadedModel
 from serving.registry import ServingError
@@ -19,7 +21,7 @@ def current_model(request: Request) -> LoadedModel:
 
 
 @router.post("/predict", response_model=PredictResponse)
-async def predict(body: PredictRequest, request: Request) -> PredictResponse:
+async def predict(body: PredictRequest, request: Request) -> Response:
     """Score rows with the current model."""
     model = current_model(request)  # this request keeps this model even if a reload swaps it
     limit = request.app.state.settings.serving_max_rows
@@ -30,7 +32,10 @@ async def predict(body: PredictRequest, request: Request) -> PredictResponse:
         x = model.rows_from_instances(body.instances) if body.instances is not None else model.rows_from_records(body.records)
     except InvalidInput as e:
         raise HTTPException(422, detail=str(e)) from None
-    return PredictResponse(model_name=model.resolved.name, model_version=model.resolved.version, **model.predict(x))
+    # Serialised here, not by FastAPI's response-model pass: the schema above documents it.
+    result = {"model_name": model.resolved.name, "model_version": model.resolved.version, "probabilities": None,
+              "classes": None, **model.predict(x)}
+    return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
 
 
 @router.get("/health")

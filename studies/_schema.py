@@ -171,6 +171,9 @@ class StudyConfig(_Section):
 
     @model_validator(mode="after")
     def _check_registry(self) -> StudyConfig:
+        if self.registry.auto and self.tracking.enabled and self.tracking.log_models == "none":
+            raise FieldError("registry.auto", "registering the winner needs its model: set tracking.log_models "
+                             "to best or all, or registry.auto to false")
         names = [m.name for m in self.objective.specs()]
         if self.registry.primary is not None and self.registry.primary not in names:
             raise FieldError("registry.primary", f"must be one of the objective metrics ({', '.join(names)}), got {self.registry.primary!r}")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import optuna
 
 from tests.conftest import ROOT, tiny_config
 
+HOME = tempfile.mkdtemp(prefix="workbench-it-")  # the embedded MLflow store of these runs, not the repo's
+
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "WORKBENCH_HOME": HOME, **(env or {})}
     full_env.pop("OPTUNA_STORAGE", None)
     return subprocess.Popen([sys.executable, "-m", "studies.run", *args], cwd=ROOT, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -16,7 +16,7 @@ from tests.integration.test_postgres_runner import finish, run_cli
 
 
 def stack_env(mlflow_uri: str) -> dict:
-    return {"MLFLOW_TRACKING_URI": mlflow_uri, "WORKBENCH_HOME": os.environ.get("WORKBENCH_HOME", ".workbench")}
+    return {"MLFLOW_TRACKING_URI": mlflow_uri}
 
 
 def runs_of(client: MlflowClient, experiment: str):
@@ -61,7 +61,8 @@ def test_run_hierarchy_metrics_and_models_on_s3(postgres_url, mlflow_uri, s3_buc
 
 
 def test_two_worker_processes_share_one_parent_run(postgres_url, mlflow_uri, study_name, write_config, tiny_space):
-    path = write_config(tiny_config(tiny_space, budget={"n_trials": 4}, tracking={"log_models": "none"}))
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 4}, tracking={"log_models": "none"},
+                                    registry={"auto": False}))
     args = (str(path), "--storage", postgres_url, "--study-name", study_name)
     procs = [run_cli(*args, env=stack_env(mlflow_uri)) for _ in range(2)]
     for code, _, err in [finish(p) for p in procs]:

@@ -128,6 +128,8 @@ def _error(write_config, tiny_space, **changes) -> str:
         ({"search_space": "missing.yaml"}, "search_space: file not found"),
         ({"budget__n_trials": -1}, "budget.n_trials: Input should be greater than or equal to 1, got -1"),
         ({"dataset__split": {"validation": 0.5, "test": 0.5}}, "dataset.split.test: validation + test must be < 0.9"),
+        ({"tracking": {"log_models": "none"}}, "registry.auto: registering the winner needs its model"),
+        ({"registry": {"primary": "val_auc"}}, "registry.primary: must be one of the objective metrics (val_loss), got 'val_auc'"),
     ],
 )
 def test_config_errors(write_config, tiny_space, changes, expected):

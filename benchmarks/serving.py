@@ -1,0 +1,292 @@
+"""Serving benchmark, side by side in one run on loopback, one server worker each:
+
+  HTTP  our `POST /predict` (python -m serving) vs `mlflow models serve --env-manager local` vs a
+        no-op FastAPI endpoint returning a constant (this machine's HTTP floor): single-row
+        latency p50/p99 with 1 client, requests/s with 8 concurrent keep-alive connections.
+  Batch rows/s on generated rows without file I/O: our batch path (LoadedModel.predict in
+        chunks) vs MLflow pyfunc predict (Keras Model.predict) vs a plain numpy forward pass of the
+        same weights (the floor); and with file I/O: `python -m serving.batch` Parquet -> Parquet.
+
+    python benchmarks/serving.py [--quick]
+
+The client is a raw asyncio socket client (pre-encoded request bytes, keep-alive), so it is not the
+bottleneck; its CPU seconds and the server's are printed next to requests/s. Servers run with one
+TensorFlow thread (TF_NUM_INTRAOP_THREADS=1, TF_NUM_INTEROP_THREADS=1, OMP_NUM_THREADS=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+THREADS = {"OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+os.environ.update(THREADS)
+
+
+def noop_server(port: int) -> None:
+    """The HTTP floor: a FastAPI endpoint that parses nothing and returns a constant."""
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    app = FastAPI()
+    body = b'{"predictions":[0]}'
+
+    @app.post("/predict")
+    async def predict() -> Response:
+        return Response(body, media_type="application/json")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def train_model(workdir: Path):
+    import keras
+
+    from models import FAMILIES, load_dataset
+    from models.training import fit
+    from studies.tracking import save_model
+
+    data = load_dataset(name="breast_cancer", seed=0)
+    keras.utils.set_random_seed(0)
+    model = FAMILIES["mlp"].build({"n_layers": 2, "units": [64, 32]}, data.spec)
+    fit(model, data, epochs=3, batch_size=64)
+    path = save_model(model, data.spec, {"optuna.study_name": "bench", "optuna.trial_number": "0"})
+    target = workdir / "model"
+    path.rename(target)
+    return model, data, target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(name: str, port: int, model_dir: Path) -> subprocess.Popen:
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH.
+    env = {**os.environ, **THREADS, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if name == "ours":
+        cmd = [sys.executable, "-m", "serving"]
+        env |= {"SERVING_MODEL_URI": str(model_dir), "SERVING_PORT": str(port), "SERVING_WORKERS": "1"}
+    elif name == "mlflow":
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+               "-p", str(port), "-h", "127.0.0.1", "-w", "1"]
+    else:
+        cmd = [sys.executable, __file__, "--noop-server", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    probe = f"http://127.0.0.1:{port}/" + ("ready" if name == "ours" else "ping" if name == "mlflow" else "docs")
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(probe, timeout=2).read()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"{name} server did not start")
+
+
+def request_bytes(name: str, port: int, row: list[float]) -> bytes:
+    path, payload = ("/invocations", {"inputs": [row]}) if name == "mlflow" else ("/predict", {"instances": [row]})
+    body = json.dumps(payload).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return status
+
+
+async def throughput(port: int, raw: bytes, connections: int, seconds: float) -> tuple[int, int]:
+    deadline = time.perf_counter() + seconds
+    done, errors = [0], [0]
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.perf_counter() < deadline:
+            if await _one(reader, writer, raw) == 200:
+                done[0] += 1
+            else:
+                errors[0] += 1
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return done[0], errors[0]
+
+
+async def latencies(port: int, raw: bytes, n: int) -> list[float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await _one(reader, writer, raw)
+        out.append((time.perf_counter() - t) * 1000)
+    writer.close()
+    return out
+
+
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    import psutil
+
+    p = psutil.Process(proc.pid)
+    total = sum(p.cpu_times()[:2])
+    for child in p.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def numpy_forward(model):
+    """The same weights as plain numpy: the floor for inference."""
+    import numpy as np
+
+    steps = []
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Normalization":
+            mean = np.asarray(layer.mean, dtype=np.float32).reshape(1, -1)
+            scale = np.maximum(np.sqrt(np.asarray(layer.variance, dtype=np.float32)), 1e-7).reshape(1, -1)
+            steps.append(lambda x, m=mean, s=scale: (x - m) / s)
+        elif kind == "Dense":
+            w, b = (np.asarray(v, dtype=np.float32) for v in layer.get_weights())
+            act = layer.activation.__name__
+            steps.append(lambda x, w=w, b=b: x @ w + b)
+            if act == "sigmoid":
+                steps.append(lambda x: 1 / (1 + np.exp(-x)))
+            elif act == "relu":
+                steps.append(lambda x: np.maximum(x, 0))
+        elif kind == "Activation":
+            if layer.activation.__name__ == "relu":
+                steps.append(lambda x: np.maximum(x, 0))
+
+    def forward(x):
+        for step in steps:
+            x = step(x)
+        return x
+
+    return forward
+
+
+def bench_batch(model, model_dir: Path, data, rows: int, workdir: Path) -> list[tuple[str, float]]:
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    from serving.model import from_directory
+    from serving.registry import ResolvedModel
+
+    rng = np.random.default_rng(0)
+    x = (data.x_train[rng.integers(0, len(data.x_train), rows)] * rng.normal(1, 0.05, (rows, data.x_train.shape[1]))).astype(np.float32)
+    ours = from_directory(model_dir, ResolvedModel(str(model_dir), None, None, None, None))
+    pyfunc = mlflow.pyfunc.load_model(str(model_dir))
+    floor = numpy_forward(model)
+    np.testing.assert_allclose(floor(x[:100]).ravel(), np.asarray(ours.forward(x[:100])).ravel(), atol=1e-4)
+    chunk = 100_000
+    contenders = {
+        "ours (LoadedModel.predict, 100k chunks)": lambda: [ours.predict(x[i:i + chunk]) for i in range(0, rows, chunk)],
+        "numpy forward pass (floor)": lambda: [floor(x[i:i + chunk]) for i in range(0, rows, chunk)],
+        "mlflow pyfunc predict": lambda: pyfunc.predict(x),
+    }
+    results: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(2):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            results[name].append(rows / (time.perf_counter() - t))
+    out = [(k, statistics.median(v)) for k, v in results.items()]
+    parquet = workdir / "rows.parquet"
+    pd.DataFrame(x, columns=list(data.spec.feature_names)).to_parquet(parquet)
+    env = {**os.environ, **THREADS}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "serving.batch", "--input", str(parquet), "--output", str(workdir / "out.parquet"),
+                    "--model", str(model_dir), "--no-tracking"], cwd=ROOT, env=env, check=True, capture_output=True)
+    out.append(("ours with I/O (python -m serving.batch, process incl. start-up)", rows / (time.perf_counter() - t)))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: short windows, 1 round, 20k rows")
+    parser.add_argument("--seconds", type=float, default=8.0, help="throughput window per contender and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.noop_server:
+        noop_server(args.noop_server)
+        return 0
+    if args.quick:
+        args.seconds, args.rounds, args.rows = 1.5, 1, 20_000
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model, data, model_dir = train_model(workdir)
+        row = [float(v) for v in data.x_test[0]]
+        names = ("ours", "mlflow", "noop")
+        ports = {n: free_port() for n in names}
+        servers = {n: start(n, ports[n], model_dir) for n in names}
+        stats: dict[str, dict[str, list[float]]] = {n: {"rps": [], "p50": [], "p99": [], "server_cpu": [], "client_cpu": []} for n in names}
+        try:
+            raws = {n: request_bytes(n, ports[n], row) for n in names}
+            for n in names:  # warm-up
+                asyncio.run(throughput(ports[n], raws[n], 8, 1.0))
+            for _ in range(args.rounds):
+                for n in names:
+                    lat = asyncio.run(latencies(ports[n], raws[n], 200 if args.quick else 1000))
+                    cpu0, client0 = cpu_seconds(servers[n]), time.process_time()
+                    done, errors = asyncio.run(throughput(ports[n], raws[n], 8, args.seconds))
+                    if errors:
+                        raise SystemExit(f"{n}: {errors} non-200 answers")
+                    s = stats[n]
+                    s["rps"].append(done / args.seconds)
+                    s["p50"].append(statistics.median(lat))
+                    s["p99"].append(sorted(lat)[int(0.99 * len(lat)) - 1])
+                    s["server_cpu"].append(cpu_seconds(servers[n]) - cpu0)
+                    s["client_cpu"].append(time.process_time() - client0)
+        finally:
+            for proc in servers.values():
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=30)
+        print(f"HTTP, single row, 1 server worker each, {args.rounds} round(s) x {args.seconds:g} s, 8 connections")
+        print(f"{'server':<8} {'req/s (median; all)':>28} {'p50 ms':>8} {'p99 ms':>8} {'server CPU s':>13} {'client CPU s':>13}")
+        med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in stats.items()}
+        for n in names:
+            all_rps = ", ".join(f"{v:.0f}" for v in stats[n]["rps"])
+            print(f"{n:<8} {med[n]['rps']:10.0f} ({all_rps:>15}) {med[n]['p50']:8.2f} {med[n]['p99']:8.2f} "
+                  f"{med[n]['server_cpu']:13.1f} {med[n]['client_cpu']:13.1f}")
+        print(f"\nBatch, {args.rows:,} generated rows (median of 2)")
+        batch = bench_batch(model, model_dir, data, args.rows, workdir)
+        floor = dict(batch)["numpy forward pass (floor)"]
+        for name, rps in batch:
+            print(f"  {name:<62} {rps:12,.0f} rows/s  ({rps / floor:.2f} x floor)")
+        ours_batch = dict(batch)["ours (LoadedModel.predict, 100k chunks)"]
+        print(f"\nours/noop req/s = {med['ours']['rps'] / med['noop']['rps']:.2f} (goal >= 0.50); "
+              f"ours/mlflow req/s = {med['ours']['rps'] / med['mlflow']['rps']:.1f}x; "
+              f"p50 ours/noop = {med['ours']['p50'] / med['noop']['p50']:.2f} (goal <= 1.5); "
+              f"batch ours/floor = {ours_batch / floor:.2f} (goal >= 0.50)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
