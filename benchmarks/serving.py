@@ -205,7 +205,7 @@ def bench_batch(model, model_dir: Path, data, rows: int, workdir: Path) -> list[
     np.testing.assert_allclose(floor(x[:100]).ravel(), np.asarray(ours.forward(x[:100])).ravel(), atol=1e-4)
     chunk = 100_000
     contenders = {
-        "ours (LoadedModel.predict, 100k chunks)": lambda: [ours.predict(x[i:i + chunk]) for i in range(0, rows, chunk)],
+        "ours (LoadedModel.predict_arrays, 100k chunks)": lambda: [ours.predict_arrays(x[i:i + chunk]) for i in range(0, rows, chunk)],
         "numpy forward pass (floor)": lambda: [floor(x[i:i + chunk]) for i in range(0, rows, chunk)],
         "mlflow pyfunc predict": lambda: pyfunc.predict(x),
     }
@@ -280,7 +280,7 @@ def main() -> int:
         floor = dict(batch)["numpy forward pass (floor)"]
         for name, rps in batch:
             print(f"  {name:<62} {rps:12,.0f} rows/s  ({rps / floor:.2f} x floor)")
-        ours_batch = dict(batch)["ours (LoadedModel.predict, 100k chunks)"]
+        ours_batch = dict(batch)["ours (LoadedModel.predict_arrays, 100k chunks)"]
         print(f"\nours/noop req/s = {med['ours']['rps'] / med['noop']['rps']:.2f} (goal >= 0.50); "
               f"ours/mlflow req/s = {med['ours']['rps'] / med['mlflow']['rps']:.1f}x; "
               f"p50 ours/noop = {med['ours']['p50'] / med['noop']['p50']:.2f} (goal <= 1.5); "

@@ -112,15 +112,14 @@ def score_file(model, input_path: Path, output: Path, errors_path: Path, *, chun
                 errors_started = True
                 invalid_rows += int((~ok).sum())
             if ok.any():
-                result = model.predict(features[ok])
+                predictions, probs = model.predict_arrays(features[ok])
                 out = pd.DataFrame({"row": rows[ok]})
                 for col in keep:
                     out[col] = chunk.loc[ok, col].to_numpy()
-                out["prediction"] = result["predictions"]
-                if "probabilities" in result:
-                    probs = np.asarray(result["probabilities"], dtype=np.float32)
-                    for j, label in enumerate(result["classes"]):
-                        out[f"probability_{label}"] = probs[:, j]
+                out["prediction"] = predictions
+                if probs is not None:
+                    for j, label in enumerate(model.classes):
+                        out[f"probability_{label}"] = probs[:, j].astype(np.float32)
                 writer.write(out)
             bar.update(len(chunk))
     finally:

@@ -22,7 +22,9 @@ def _activation(name: str) -> Callable[[Array], Array] | None:
     if name == "tanh":
         return np.tanh
     if name == "sigmoid":
-        return lambda x: 1.0 / (1.0 + np.exp(-x))
+        from scipy.special import expit  # no overflow warning for large |x|
+
+        return expit
     if name == "softmax":
         def softmax(x: Array) -> Array:
             e = np.exp(x - x.max(axis=1, keepdims=True))

@@ -71,19 +71,26 @@ class LoadedModel:
         return x
 
     # -- output ------------------------------------------------------------------------
-    def predict(self, x: np.ndarray) -> dict[str, Any]:
-        """Predictions for a validated matrix: labels and class probabilities, or values."""
+    def predict_arrays(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(predictions, class probabilities or None) as arrays: the batch path, no Python lists."""
         out = np.asarray(self.forward(x))
         if self.task == "regression":
-            return {"predictions": out[:, 0].tolist()}
-        if self.task == "binary":
-            p1 = out[:, 0]
-            probs = np.stack([1.0 - p1, p1], axis=1)
-        else:
-            probs = out
-        labels = self.class_labels or list(range(probs.shape[1]))
-        winners = probs.argmax(axis=1)
-        return {"predictions": [labels[i] for i in winners], "probabilities": probs.round(6).tolist(), "classes": labels}
+            return out[:, 0], None
+        probs = np.stack([1.0 - out[:, 0], out[:, 0]], axis=1) if self.task == "binary" else out
+        labels = np.asarray(self.classes, dtype=object)
+        return labels[probs.argmax(axis=1)], probs
+
+    @property
+    def classes(self) -> list[Any]:
+        n = 2 if self.task == "binary" else None
+        return self.class_labels or list(range(n or 0))
+
+    def predict(self, x: np.ndarray) -> dict[str, Any]:
+        """Predictions for a validated matrix: labels and class probabilities, or values (JSON-ready)."""
+        predictions, probs = self.predict_arrays(x)
+        if probs is None:
+            return {"predictions": predictions.tolist()}
+        return {"predictions": predictions.tolist(), "probabilities": probs.round(6).tolist(), "classes": self.classes}
 
 
 def load(uri: str, store: Store) -> LoadedModel:

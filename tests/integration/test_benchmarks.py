@@ -15,3 +15,11 @@ def test_tracking_overhead_quick(mlflow_uri):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-1].startswith("ours/off: invocation ")
+
+
+def test_serving_quick():
+    out = subprocess.run([sys.executable, "benchmarks/serving.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith("ours/noop req/s = ") and "batch ours/floor" in last
