@@ -185,3 +185,19 @@ def _bundled_image(name: str | None) -> bool:
     from models.datasets import BUNDLED
 
     return name is not None and name in BUNDLED and BUNDLED[name].image_shape is not None
+
+
+def run_cli(config: str, overrides: list[str], body) -> int:
+    """Load a config and run `body(loaded)`; user mistakes exit 2, runtime failures 1, both without a traceback."""
+    import sys
+
+    from search_spaces import WorkbenchError
+
+    try:
+        return body(load_config(config, overrides))
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -46,18 +46,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from search_spaces import ConfigError, WorkbenchError
-    from studies.config import load_config
+    from studies.config import run_cli
 
-    try:
-        loaded = load_config(args.config, _overrides(args))
-        return _run(loaded, args)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return EXIT_USAGE
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    return run_cli(args.config, _overrides(args), lambda loaded: _run(loaded, args))
 
 
 def _load_data(loaded):

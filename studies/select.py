@@ -96,19 +96,10 @@ def select(loaded, study, data, tracking_uri: str, *, force: bool = False) -> Se
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from search_spaces import ConfigError, WorkbenchError
-    from studies.config import load_config
+    from studies.config import run_cli
 
     overrides = [*args.overrides, *([f"study.name={args.study_name}"] if args.study_name else [])]
-    try:
-        loaded = load_config(args.config, overrides)
-        return _main(loaded, args)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return EXIT_USAGE
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    return run_cli(args.config, overrides, lambda loaded: _main(loaded, args))
 
 
 def _main(loaded, args) -> int:

@@ -45,6 +45,15 @@ def tiny_space(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty project data folder: the embedded Optuna and MLflow stores live in it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 def tiny_config(space: Path, **sections) -> dict:
     """A breast-cancer study config with 2 epochs and 3 trials, sections overridable."""
     config = {

@@ -14,14 +14,6 @@ from studies.selection import NoWinner, alias_for, criterion, pick_winner
 from tests.conftest import tiny_config
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def fixed_space(tmp_path, name, optimizer, lr):
     path = tmp_path / f"space_{name}.yaml"
     path.write_text(yaml.safe_dump({"params": {

@@ -19,14 +19,6 @@ def main(argv):
     return run_main([*argv, "--no-register"])
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def client_for(home) -> MlflowClient:
     return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
 

@@ -17,13 +17,9 @@ def main(argv):
     return run_main([*argv, "--no-register"])
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
     monkeypatch.setattr(tracking, "_retry", _fast_retry)
-    return tmp_path / "home"
 
 
 def _fast_retry(action, what, attempts=3, delay=0.0):
