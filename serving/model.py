@@ -29,7 +29,8 @@ class LoadedModel:
     task: str
     feature_names: list[str]
     class_labels: list[Any] | None
-    forward: Any  # compiled: float32 [n, n_features] -> float32 [n, outputs]
+    forward: Any  # compiled: float32 [n, n_features] -> float32 [n, n_outputs]
+    n_outputs: int = 1
     loaded_at: float = field(default_factory=time.time)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -82,8 +83,8 @@ class LoadedModel:
 
     @property
     def classes(self) -> list[Any]:
-        n = 2 if self.task == "binary" else None
-        return self.class_labels or list(range(n or 0))
+        """The class of each probability column (indices if the model carries no labels)."""
+        return self.class_labels or list(range(2 if self.task == "binary" else self.n_outputs))
 
     def predict(self, x: np.ndarray) -> dict[str, Any]:
         """Predictions for a validated matrix: labels and class probabilities, or values (JSON-ready)."""
@@ -119,7 +120,7 @@ def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
     def forward(x):
         return model(x, training=False)
 
-    forward(np.zeros((1, n), dtype=np.float32))  # trace once now, not on the first request
+    n_outputs = int(forward(np.zeros((1, n), dtype=np.float32)).shape[1])  # traces now, not on the first request
     from serving.fastpath import numpy_forward
 
     fast = numpy_forward(model)
@@ -129,4 +130,5 @@ def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
         if np.allclose(fast(probe), np.asarray(forward(probe)), rtol=1e-4, atol=1e-5):
             forward = fast
     info = {key.removeprefix("workbench."): value for key, value in resolved.tags.items() if key.startswith("workbench.")}
-    return LoadedModel(resolved, meta["task"], list(meta["feature_names"]), meta.get("class_labels"), forward, info=info)
+    return LoadedModel(resolved, meta["task"], list(meta["feature_names"]), meta.get("class_labels"), forward,
+                       n_outputs=n_outputs, info=info)

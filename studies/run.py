@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(args.config, _overrides(args), lambda loaded: _run(loaded, args))
 
 
-def _load_data(loaded):
+def load_data(loaded):
+    """The study's dataset, split by study.seed; a data problem becomes a ConfigError at dataset.<key>."""
     from models import DatasetError, load_dataset
     from search_spaces import ConfigError
 
@@ -66,7 +67,7 @@ def _load_data(loaded):
         raise ConfigError.single(str(loaded.source), f"dataset.{e.key}".rstrip("."), e.message) from None
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import warnings
 
@@ -102,8 +103,8 @@ def _run(loaded, args: argparse.Namespace) -> int:
     clock = Stopwatch()
     settings = Settings()
     cfg = loaded.config
-    data = _load_data(loaded)
-    _quiet_libraries()
+    data = load_data(loaded)
+    quiet_libraries()
     url = resolve_url(args.storage, settings.optuna_storage, cfg.study.storage, settings.default_storage())
     storage = open_storage(url, heartbeat_interval=settings.heartbeat_interval)
     study = open_study(loaded, storage, study_name=loaded.study_name,

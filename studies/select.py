@@ -106,13 +106,13 @@ def _main(loaded, args) -> int:
     import optuna
 
     from studies.registry import Registry
-    from studies.run import _load_data, _quiet_libraries
+    from studies.run import load_data, quiet_libraries
     from studies.selection import NoWinner
     from studies.settings import Settings
     from studies.storage import open_storage, resolve_url
 
     settings = Settings()
-    _quiet_libraries()
+    quiet_libraries()
     tracking_uri = settings.tracking_uri()
     name = loaded.config.registry.model_name or loaded.study_name
     if args.rollback:
@@ -126,7 +126,7 @@ def _main(loaded, args) -> int:
         print(f"error: no study named {loaded.study_name!r} in the storage", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        result = select(loaded, study, _load_data(loaded), tracking_uri, force=args.force)
+        result = select(loaded, study, load_data(loaded), tracking_uri, force=args.force)
     except NoWinner as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -8,6 +8,8 @@ background thread while the next trial trains.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import subprocess
 import sys
@@ -220,12 +222,9 @@ class Tracker:
         """Buffer one epoch's metrics (step = epoch); send them every flush_seconds."""
         if run_id is None:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
+        metrics = _metrics(logs, step=epoch)
         with self._lock:
-            self._pending.setdefault(run_id, []).extend(
-                Metric(k, float(v), now, epoch) for k, v in logs.items() if _finite(v))
+            self._pending.setdefault(run_id, []).extend(metrics)
         if time.monotonic() - self._last_flush.get(run_id, 0.0) >= self.flush_seconds:
             self._last_flush[run_id] = time.monotonic()
             self._submit(run_id, lambda: self._flush(run_id), "logging epoch metrics")
@@ -338,7 +337,7 @@ def _check_http(uri: str) -> None:
 
 def _finite(value: Any) -> bool:
     try:
-        return abs(float(value)) != float("inf") and float(value) == float(value)
+        return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
 
@@ -367,7 +366,8 @@ def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def pip_requirements() -> list[str]:
+@functools.cache
+def pip_requirements() -> tuple[str, ...]:
     """Pinned requirements of a logged model, given explicitly (inferring them costs ~12 s a model)."""
     from importlib import metadata
 
@@ -377,30 +377,23 @@ def pip_requirements() -> list[str]:
             reqs.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             continue
-    return reqs
-
-
-_REQUIREMENTS: list[str] | None = None
+    return tuple(reqs)
 
 
 def _warm_requirement_checks() -> None:
-    global _REQUIREMENTS
     from mlflow.utils import requirements_utils
 
-    _REQUIREMENTS = pip_requirements()
+    pip_requirements()
     requirements_utils._init_packages_to_modules_map()
 
 
 def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path:
     """Save the Keras model as an MLflow model (signature + what serving needs) into a temp dir."""
-    global _REQUIREMENTS
     import mlflow.keras
     import numpy as np
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    if _REQUIREMENTS is None:
-        _REQUIREMENTS = pip_requirements()
     outputs = 1 if spec.task != "multiclass" else spec.n_classes
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype("float32"), (-1, spec.n_features), "features")]),
@@ -414,7 +407,7 @@ def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path
         "trial_number": tags.get("optuna.trial_number"),
     }
     path = Path(tempfile.mkdtemp(prefix="workbench-model-")) / "model"
-    mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=_REQUIREMENTS, metadata=metadata)
+    mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=list(pip_requirements()), metadata=metadata)
     return path
 
 

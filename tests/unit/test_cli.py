@@ -24,7 +24,7 @@ def test_help_is_instant_and_light():
     assert result.returncode == 0 and "--n-trials" in result.stdout and "--set" in result.stdout
 
 
-def test_config_error_does_not_import_tensorflow(tmp_path):
+def test_config_error_does_not_import_tensorflow():
     result = probe("configs/breast_cancer.yaml", "--set", "budget.n_trials=0")
     assert result.returncode == 2
     assert result.stderr.strip() == "configs/breast_cancer.yaml: budget.n_trials: Input should be greater than or equal to 1, got 0 (from --set budget.n_trials)"
