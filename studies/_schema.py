@@ -108,6 +108,9 @@ class BudgetSection(_Section):
     n_trials: int = Field(default=20, ge=1)
     timeout: float | None = Field(default=None, gt=0)
     max_failed: int | None = Field(default=None, ge=1)
+    # A trial that lost its worker (no heartbeat) or failed on a transient error (connection
+    # lost) runs again with the same parameters, at most this many times.
+    retries: int = Field(default=2, ge=0, le=20)
 
 
 class SamplerSection(_Section):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from search_spaces import optuna_suggest, sample
+from studies.faults import RetryLog, describe, is_transient
 from studies.study import derive_seed, improves
 
 if TYPE_CHECKING:
@@ -21,13 +24,49 @@ class TrialFailed(Exception):
     """This trial failed (diverged, bad combination, error in training); the study goes on."""
 
 
-class Objective:
-    """Callable for `study.optimize`; the dataset is loaded once and shared by every trial."""
+def worker_label() -> str:
+    """host:pid, recorded on each trial so a user (and a test) can tell which worker ran it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def __init__(self, loaded: LoadedConfig, data: Dataset, tracker: Tracker | None = None) -> None:
+
+def retry_lineage(trial: optuna.Trial | optuna.trial.FrozenTrial) -> list[int]:
+    """The trials this one re-runs, oldest first (Optuna's own retry_history system attribute)."""
+    if isinstance(trial, optuna.trial.FrozenTrial):
+        attrs = trial.system_attrs
+    else:  # a live Trial no longer exposes system attrs (Optuna 5): its frozen copy does
+        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    return list(attrs.get("retry_history", []))
+
+
+def requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Queue a failed trial again with the same parameters, in the form Optuna's
+    RetryHeartbeatStaleTrialCallback uses (system attrs failed_trial, retry_history)."""
+    history = [*retry_lineage(trial), trial.number]
+    study.add_trial(optuna.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={"retry_reason": reason},
+        system_attrs={"failed_trial": history[0], "retry_history": history},
+    ))
+
+
+class Objective:
+    """Callable for `study.optimize`; the dataset is loaded once and shared by every trial.
+
+    Failures: a deterministic error (bad parameters, NaN loss) fails the trial for good. A
+    transient one (connection lost after the storage's and the tracker's own retries) fails it
+    and queues it again with the same parameters, at most `max_retries` times in its lineage.
+    Retries that succeeded are listed on the trial (user attr `transient_retries`) and its run
+    (tag `workbench.retries`).
+    """
+
+    def __init__(self, loaded: LoadedConfig, data: Dataset, tracker: Tracker | None = None, *,
+                 retry_log: RetryLog | None = None, max_retries: int = 2) -> None:
         self.loaded = loaded
         self.data = data
         self.tracker = tracker
+        self.retry_log = retry_log if retry_log is not None else RetryLog()
+        self.max_retries = max_retries
+        self.worker = worker_label()
         cfg = loaded.config
         self.specs = cfg.objective.specs()
         first = self.specs[0]
@@ -38,10 +77,16 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         seed = derive_seed(self.loaded.config.study.seed, trial.number)
+        mark = self.retry_log.mark()
         trial.set_user_attr("seed", seed)
+        trial.set_user_attr("worker", self.worker)
+        lineage = retry_lineage(trial)
+        outcome: dict[str, Any] = {"state": "FAIL", "metrics": {}, "model": None, "tags": {}}
+        if lineage:
+            trial.set_user_attr("retry_of", lineage[-1])
+            outcome["tags"] |= {"workbench.retry_of": str(lineage[-1]), "workbench.retry_lineage": ",".join(map(str, lineage))}
         params = sample(self.loaded.space, optuna_suggest(trial))
         run_id = self.tracker.start_trial(trial, params) if self.tracker else None
-        outcome: dict[str, Any] = {"state": "FAIL", "metrics": {}, "model": None, "tags": {}}
         try:
             values = self._train(trial, params, seed, run_id, outcome)
             outcome["state"] = "COMPLETE"
@@ -50,18 +95,32 @@ class Objective:
         except optuna.TrialPruned:
             outcome["state"] = "PRUNED"
             raise
-        except KeyboardInterrupt:
-            outcome["tags"]["optuna.fail_reason"] = "interrupted"
+        except KeyboardInterrupt as e:
+            reason = f"interrupted ({e})" if str(e) else "interrupted"
+            outcome["tags"]["optuna.fail_reason"] = reason
+            _quietly(trial.set_user_attr, "fail_reason", reason)
             raise
         except Exception as e:
-            if _is_storage_error(e):
-                outcome["tags"]["optuna.fail_reason"] = f"storage error: {e}"[:1000]
-                raise  # the storage is gone: stop the run, do not record a fake failure
-            reason = f"{type(e).__name__}: {e}".strip()[:1000]
-            trial.set_user_attr("fail_reason", reason)
+            reason = describe(e)[:1000]
             outcome["tags"]["optuna.fail_reason"] = reason
+            if not is_transient(e):
+                trial.set_user_attr("fail_reason", reason)
+                raise TrialFailed(reason) from e
+            reason = f"transient: {reason}"
+            outcome["tags"]["optuna.fail_reason"] = reason
+            try:
+                trial.set_user_attr("fail_reason", reason)
+                if len(lineage) < self.max_retries:
+                    requeue(trial.study, trial, reason)
+                    outcome["tags"]["workbench.requeued"] = "true"
+            except Exception:  # the storage itself is gone: stop this worker, the trial goes stale
+                raise e from None
             raise TrialFailed(reason) from e
         finally:
+            retried = self.retry_log.since(mark)
+            if retried:
+                outcome["tags"]["workbench.retries"] = "; ".join(retried)[:8000]
+                _quietly(trial.set_user_attr, "transient_retries", retried[-50:])
             if self.tracker is not None:
                 self.tracker.end_trial(run_id, state=outcome["state"], metrics=outcome["metrics"], tags=outcome["tags"],
                                        model=outcome["model"], spec=self.data.spec, is_best=outcome.get("is_best", False))
@@ -121,9 +180,9 @@ class Objective:
         return values[0] if len(values) == 1 else values
 
 
-def _is_storage_error(e: BaseException) -> bool:
+def _quietly(action: Any, *args: Any) -> None:
+    """A best-effort storage write on a path that is already failing."""
     try:
-        import sqlalchemy.exc
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+        action(*args)
+    except Exception:
+        pass

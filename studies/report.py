@@ -23,14 +23,17 @@ def _fmt(value: Any) -> str:
 class Progress:
     """An Optuna callback: a tqdm bar of finished trials toward the budget, with the best value."""
 
-    def __init__(self, study: optuna.Study, target: int, metric_names: list[str]) -> None:
+    def __init__(self, study: optuna.Study, target: int, metric_names: list[str], *, label: str | None = None) -> None:
         from tqdm.auto import tqdm
 
         counts = state_counts(study)
         done = sum(counts[s] for s in BUDGET_STATES)
         self.metric_names = metric_names
         self.failed_here = 0
-        self.bar = tqdm(total=target, initial=min(done, target), desc=study.study_name, unit="trial", file=sys.stderr, dynamic_ncols=True)
+        # One of several workers: plain lines prefixed with the worker's label, no bar to fight over.
+        self.prefix = f"[{label}] " if label else ""
+        self.bar = tqdm(total=target, initial=min(done, target), desc=study.study_name, unit="trial", file=sys.stderr,
+                        dynamic_ncols=True, disable=label is not None)
         self._postfix(study)
 
     def _postfix(self, study: optuna.Study) -> None:
@@ -53,7 +56,7 @@ class Progress:
         }.get(state, "")
         epochs = trial.user_attrs.get("epochs_run")
         took = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else 0.0
-        self.bar.write(f"trial {trial.number:>4} {state:<8} {detail}  ({epochs if epochs is not None else '?'} epochs, {took:.1f} s)")
+        self.bar.write(f"{self.prefix}trial {trial.number:>4} {state:<8} {detail}  ({epochs if epochs is not None else '?'} epochs, {took:.1f} s)")
         if state in BUDGET_STATES:
             self.bar.update(1)
         elif state == "FAIL":

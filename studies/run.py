@@ -3,7 +3,9 @@
 Budget on resume: `n_trials` is the number of finished (COMPLETE + PRUNED) trials the study
 should hold in total, so a second run of the same command only does what is still missing.
 Exit codes: 0 done, 1 runtime failure (storage, too many failed trials), 2 user mistake,
-130 interrupted.
+130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM: the running trials end as FAIL with
+reason "interrupted (SIGINT|SIGTERM)", the parent run ends KILLED, the next invocation resumes.
+`--workers N` runs N processes (studies.workers); each is this runner with `--worker-index`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -33,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-space-change", action="store_true", help="resume a study even though its search space changed")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (tracking.enabled: false)")
     p.add_argument("--no-register", action="store_true", help="do not register the winner at the end (registry.auto: false)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes sharing the study (default 1); use a PostgreSQL storage for more than one")
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers for each worker it starts
     return p
 
 
@@ -45,10 +53,18 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     from studies.config import run_cli
 
-    return run_cli(args.config, _overrides(args), lambda loaded: _run(loaded, args))
+    try:
+        return run_cli(args.config, _overrides(args), lambda loaded: _run(loaded, args, argv))
+    except KeyboardInterrupt:  # before the study started: nothing to record
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def load_data(loaded):
@@ -89,80 +105,179 @@ def _prepare_tensorflow(threads: int | None) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def _run(loaded, args: argparse.Namespace) -> int:
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
+@dataclass
+class Session:
+    """What one invocation (a worker, or a coordinator of workers) works on."""
 
-    from studies.objective import Objective, TrialFailed
-    from studies.report import Progress, Stopwatch, summary
+    loaded: Any
+    settings: Any
+    data: Any
+    url: str
+    storage: Any
+    study: Any
+    names: list[str]
+    target: int
+
+    def finished(self) -> int:
+        from studies.study import BUDGET_STATES, state_counts
+
+        counts = state_counts(self.study)
+        return sum(counts[s] for s in BUDGET_STATES)
+
+
+def _open(loaded, args: argparse.Namespace) -> Session:
     from studies.samplers import build_pruner, build_sampler
     from studies.settings import Settings
-    from studies.storage import open_storage, redact, resolve_url
-    from studies.study import BUDGET_STATES, derive_seed, open_study, state_counts
+    from studies.storage import open_storage, resolve_url
+    from studies.study import open_study, sampler_seed
 
-    clock = Stopwatch()
     settings = Settings()
     cfg = loaded.config
     data = load_data(loaded)
     quiet_libraries()
     url = resolve_url(args.storage, settings.optuna_storage, cfg.study.storage, settings.default_storage())
-    storage = open_storage(url, heartbeat_interval=settings.heartbeat_interval)
+    storage = open_storage(url, heartbeat_interval=settings.heartbeat_seconds, max_retry=cfg.budget.retries)
     study = open_study(loaded, storage, study_name=loaded.study_name,
                        allow_space_change=args.allow_space_change, data_hash=data.fingerprint)
-    counts = state_counts(study)
-    done = sum(counts[s] for s in BUDGET_STATES)
-    target = cfg.budget.n_trials
-    names = [m.name for m in cfg.objective.specs()]
-    # Reseed on resume so a seeded sampler does not replay the first run's random draws.
     base_seed = cfg.sampler.seed if cfg.sampler.seed is not None else cfg.study.seed
-    study.sampler = build_sampler(cfg.sampler, derive_seed(base_seed, len(study.trials)) if study.trials else base_seed, loaded)
+    study.sampler = build_sampler(cfg.sampler, sampler_seed(base_seed, len(study.trials), args.worker_index), loaded)
     study.pruner = build_pruner(cfg.pruner)
-    if done >= target:
-        print(f"study {study.study_name!r} already has {done} finished trials (budget {target}); "
+    return Session(loaded, settings, data, url, storage, study, [m.name for m in cfg.objective.specs()], cfg.budget.n_trials)
+
+
+def _run(loaded, args: argparse.Namespace, argv: list[str]) -> int:
+    from studies.workers import SignalStop
+
+    stop = SignalStop()
+    try:
+        return _run_study(loaded, args, argv, stop)
+    finally:
+        stop.restore()
+
+
+def _run_study(loaded, args: argparse.Namespace, argv: list[str], stop) -> int:
+    from studies.report import Stopwatch, summary
+    from studies.storage import redact
+    from studies.study import reclaim, state_counts
+    from studies.workers import Interrupted
+
+    clock = Stopwatch()
+    session = _open(loaded, args)
+    study, cfg = session.study, loaded.config
+    worker = args.worker_index is not None
+    if not worker and session.finished() >= session.target:
+        print(f"study {study.study_name!r} already has {session.finished()} finished trials (budget {session.target}); "
               "raise --n-trials to run more", file=sys.stderr)
-        print(summary(study, storage_url=redact(url), wall_seconds=clock.seconds, metric_names=names))
+        print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names))
         return EXIT_OK
-    max_failed = cfg.budget.max_failed or target
     # Sequential on purpose: overlapping the MLflow import with TensorFlow's fought over the GIL
     # and took longer than the two one after the other.
-    tracker = _start_tracking(loaded, settings, study, data.fingerprint, redact(url))
-    _prepare_tensorflow(settings.tf_threads)
-    progress = Progress(study, target, names)
+    tracker = _start_tracking(loaded, session.settings, study, session.data.fingerprint, redact(session.url))
+    if tracker is not None:
+        session.storage.get_heartbeat_stale_trial_callback().on_stale = tracker.close_stale_run
+    failed = False
+    try:
+        if not worker:  # trials and runs a dead worker left behind, before any new trial starts
+            reclaim(study, session.storage)
+            if tracker is not None:
+                tracker.reconcile(study)
+        if args.workers > 1 and not worker:
+            failed = _coordinate(session, argv, args.workers, stop)
+        else:
+            failed = _optimize(session, tracker, label=None if not worker else f"w{args.worker_index}")
+    except Interrupted:
+        pass
+    finally:
+        stop.closing = True
+        if tracker is not None:
+            _end_tracking(tracker, study, session.names, stop.signum is not None, end_parent=not worker)
+    interrupted = stop.signum is not None
+    if worker:
+        return stop.exit_code() if interrupted else (EXIT_FAILURE if failed else EXIT_OK)
+    print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names))
+    if interrupted:
+        print("interrupted: running trials were recorded as FAIL (reason \"interrupted\"); run the same command to resume",
+              file=sys.stderr)
+        return stop.exit_code()
+    if tracker is not None and cfg.registry.auto and state_counts(study)["COMPLETE"]:
+        from studies.select import select
+
+        print(select(loaded, study, session.data, session.settings.tracking_uri()).describe())
+    if failed:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _max_failed(cfg) -> int:
+    return cfg.budget.max_failed or cfg.budget.n_trials
+
+
+def _optimize(session: Session, tracker, *, label: str | None) -> bool:
+    """This process's share of the study: trials until the study holds its budget of finished
+    trials (counted across all workers), the timeout, or budget.max_failed failures here.
+    Returns whether it stopped on failures."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from studies.objective import Objective, TrialFailed
+    from studies.report import Progress
+    from studies.study import BUDGET_STATES
+
+    cfg = session.loaded.config
+    _prepare_tensorflow(session.settings.tf_threads)
+    progress = Progress(session.study, session.target, session.names, label=label)
+    max_failed = _max_failed(cfg)
 
     def stop_on_failures(study, trial) -> None:
         if progress.failed_here >= max_failed:
             study.stop()
 
     states = tuple(TrialState[s] for s in BUDGET_STATES)
-    interrupted = False
+    objective = Objective(session.loaded, session.data, tracker, retry_log=session.storage.retry_log,
+                          max_retries=cfg.budget.retries)
     try:
-        study.optimize(
-            Objective(loaded, data, tracker),
-            n_trials=(target - done) + max_failed,
-            timeout=cfg.budget.timeout,
-            catch=(TrialFailed,),
-            callbacks=[progress, MaxTrialsCallback(target, states=states), stop_on_failures],
-            gc_after_trial=False,  # clear_session() frees each model; a full gc.collect() costs ~0.3 s a trial
-        )
-    except KeyboardInterrupt:
-        interrupted = True
+        remaining = session.target - session.finished()
+        if remaining > 0:
+            session.study.optimize(
+                objective,
+                n_trials=remaining + max_failed,
+                timeout=cfg.budget.timeout,
+                catch=(TrialFailed,),
+                callbacks=[progress, MaxTrialsCallback(session.target, states=states), stop_on_failures],
+                gc_after_trial=False,  # clear_session() frees each model; a full gc.collect() costs ~0.3 s a trial
+            )
     finally:
         progress.close()
-        if tracker is not None:
-            _end_tracking(tracker, study, names, interrupted)
-    print(summary(study, storage_url=redact(url), wall_seconds=clock.seconds, metric_names=names))
-    if interrupted:
-        print("interrupted: the running trial was recorded as FAIL; run the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if tracker is not None and cfg.registry.auto and state_counts(study)["COMPLETE"]:
-        from studies.select import select
-
-        print(select(loaded, study, data, settings.tracking_uri()).describe())
     if progress.failed_here >= max_failed:
         print(f"error: stopped after {progress.failed_here} failed trials (budget.max_failed); see fail_reason above",
               file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return True
+    return False
+
+
+def _coordinate(session: Session, argv: list[str], n: int, stop) -> bool:
+    """Run n worker processes on the session's study, then fail the running trials of workers
+    that died (SIGKILL, out of memory) at once instead of waiting for their heartbeat to expire.
+    Returns whether the run failed (a worker failed, or the budget was not reached)."""
+    from studies.study import reclaim
+    from studies.workers import Interrupted, run_workers
+
+    print(f"study {session.study.study_name!r}: {n} workers, {session.finished()}/{session.target} finished trials",
+          file=sys.stderr)
+    outcome = run_workers(argv, n)
+    host = socket.gethostname()
+    reclaim(session.study, session.storage, dead_workers={f"{host}:{outcome.pids[i]}" for i in outcome.killed}, requeue=False)
+    if outcome.signal is not None:
+        stop.signum = outcome.signal
+        raise Interrupted(str(outcome.signal))
+    if outcome.failed:
+        print(f"error: worker(s) {', '.join(map(str, outcome.failed))} exited with an error (see above)", file=sys.stderr)
+        return True
+    if session.finished() < session.target:
+        print(f"error: the study has {session.finished()} of {session.target} finished trials: every worker stopped",
+              file=sys.stderr)
+        return True
+    return False
 
 
 def _start_tracking(loaded, settings, study, data_hash: str, storage_url: str):
@@ -178,9 +293,14 @@ def _start_tracking(loaded, settings, study, data_hash: str, storage_url: str):
     return tracker
 
 
-def _end_tracking(tracker, study, names: list[str], interrupted: bool) -> None:
+def _end_tracking(tracker, study, names: list[str], interrupted: bool, *, end_parent: bool = True) -> None:
+    """Wait for this process's logging; a worker stops there, the coordinator (or a lone
+    runner) also writes the study report and summary and ends the parent run."""
     from studies.reports import study_report
 
+    if not end_parent:
+        tracker.close()
+        return
     try:
         tracker.wait()
         report = study_report(study, names)

@@ -98,7 +98,12 @@ def build_sampler(section: SamplerSection, seed: int, loaded: LoadedConfig) -> o
             fixed["search_space"] = grid_values(loaded.space)
         except FieldError as e:
             raise ConfigError.single(str(loaded.space_path), e.field, e.message) from None
-    return _construct(cls, section.options, "sampler", **fixed)
+    options = dict(section.options)
+    if section.type == "tpe":
+        # Parallel workers: a running trial counts as a bad result while it runs, so workers do
+        # not all sample the same region. No effect on a single worker.
+        options.setdefault("constant_liar", True)
+    return _construct(cls, options, "sampler", **fixed)
 
 
 def build_pruner(section: PrunerSection, path: str = "pruner") -> optuna.pruners.BasePruner:

@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     optuna_storage: str | None = Field(default=None, description="Optuna storage URL (OPTUNA_STORAGE)")
     workbench_home: Path = Field(default=Path(".workbench"), description="project data folder (WORKBENCH_HOME)")
     tf_threads: int | None = Field(default=None, ge=1, description="TensorFlow intra/inter-op threads (TF_THREADS)")
-    heartbeat_interval: int = Field(default=60, ge=1, description="seconds between trial heartbeats")
+    heartbeat_seconds: int = Field(default=30, ge=1, description="seconds between trial heartbeats (HEARTBEAT_SECONDS); "
+                                   "a trial is reclaimed after two missed beats")
     mlflow_tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (MLFLOW_TRACKING_URI)")
 
     def default_storage(self) -> str:

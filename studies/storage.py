@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from search_spaces.errors import WorkbenchError
+from studies.faults import RetryLog, describe, is_transient, retry_call
 
 if TYPE_CHECKING:
     import optuna
+
+# Storage calls a trial makes; each is retried on connection errors (a database restart, a
+# failover of a managed PostgreSQL) instead of failing the worker.
+_RETRIED = (
+    "create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "get_trial_param",
+    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number", "get_trial",
+    # Optuna's trial cache calls these internals directly; the public create_new_trial,
+    # set_trial_param, get_all_trials and get_best_trial go through them too.
+    "_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id", "_get_stale_trial_ids",
+)
+# A database restart takes a few seconds; a managed failover up to a minute or two.
+STORAGE_ATTEMPTS = 10
+STORAGE_MAX_DELAY = 15.0
 
 
 class StorageError(WorkbenchError):
@@ -33,11 +53,72 @@ def resolve_url(flag: str | None, environment: str | None, configured: str | Non
     return default
 
 
-def open_storage(url: str, *, heartbeat_interval: int | None = None) -> optuna.storages.RDBStorage:
-    """An RDB storage whose pooled connections are checked before use (pool_pre_ping).
+@functools.cache
+def resilient_storage_class() -> type:
+    """RDBStorage whose calls survive a lost connection: retried with backoff (bounded), each
+    retry written to `retry_log`. Optuna wraps it in its trial cache like any RDBStorage."""
+    import optuna
+
+    def retrying(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(self, *args: Any, **kwargs: Any) -> Any:
+            return retry_call(lambda: method(self, *args, **kwargs), f"storage.{name}", attempts=STORAGE_ATTEMPTS,
+                              max_delay=STORAGE_MAX_DELAY, log=self.retry_log)
+
+        return call
+
+    class ResilientRDBStorage(optuna.storages.RDBStorage):
+        retry_log: RetryLog
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            attempt = 0
+
+            def once() -> bool:
+                nonlocal attempt
+                attempt += 1
+                try:
+                    return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # A retry after a commit whose reply was lost: the trial already holds this state.
+                    if attempt > 1 and self.get_trial(trial_id).state == state:
+                        return True
+                    raise
+
+            return retry_call(once, "storage.set_trial_state_values", attempts=STORAGE_ATTEMPTS,
+                              max_delay=STORAGE_MAX_DELAY, log=self.retry_log)
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            # Runs in Optuna's heartbeat thread, which dies on the first exception: a missed beat
+            # is logged and the next interval tries again.
+            try:
+                optuna.storages.RDBStorage.record_heartbeat(self, trial_id)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                self.retry_log.add("storage.record_heartbeat", 1, e)
+                print(f"warning: heartbeat of trial id {trial_id} not recorded: {describe(e)}", file=sys.stderr)
+
+    for name in _RETRIED:
+        setattr(ResilientRDBStorage, name, retrying(name, getattr(optuna.storages.RDBStorage, name)))
+    return ResilientRDBStorage
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    max_retry: int | None = None,
+) -> optuna.storages.RDBStorage:
+    """An RDB storage whose pooled connections are checked before use (pool_pre_ping) and whose
+    calls are retried across a lost connection (see resilient_storage_class).
 
     Any SQLAlchemy URL works, e.g. `postgresql+psycopg2://user:pw@host:5432/db?sslmode=require`
     for AWS RDS; query parameters reach the driver unchanged.
+
+    With a heartbeat, a trial whose worker died (no beat for 2 intervals) is failed by the next
+    worker to start a trial and queued again with the same parameters, at most `max_retry` times
+    (RetryHeartbeatStaleTrialCallback); `on_stale` is then told about it (e.g. to close its run).
     """
     import optuna
     import sqlalchemy.exc
@@ -55,13 +136,39 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None) -> optuna.s
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_recycle"] = 1800  # below common server/NAT idle cut-offs
+        # A worker uses two connections at most (its main thread and the heartbeat thread):
+        # 16 workers stay far below PostgreSQL's default max_connections of 100.
+        engine_kwargs["pool_size"] = 2
+        engine_kwargs["max_overflow"] = 2
+    stale = None
+    if heartbeat_interval is not None:
+        stale = StaleTrialHandler(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry), on_stale)
     try:
-        return optuna.storages.RDBStorage(
+        storage = resilient_storage_class()(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,
             grace_period=None if heartbeat_interval is None else 2 * heartbeat_interval,
+            heartbeat_stale_trial_callback=stale,
         )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+    storage.retry_log = RetryLog()
+    return storage
+
+
+class StaleTrialHandler:
+    """Optuna's stale-trial callback: re-queue the trial (RetryHeartbeatStaleTrialCallback), then
+    tell `on_stale` (set later, once the tracker exists)."""
+
+    def __init__(self, retry: Callable[..., None], on_stale: Callable[..., None] | None = None) -> None:
+        self.retry = retry
+        self.on_stale = on_stale
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        print(f"trial {trial.number} lost its worker (no heartbeat): marked FAIL, queued for a retry",
+              file=sys.stderr)
+        self.retry(study, trial)
+        if self.on_stale is not None:
+            self.on_stale(study, trial)

@@ -27,6 +27,18 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def sampler_seed(base: int, n_trials: int, worker: int | None) -> int:
+    """The sampler's seed for one worker: the study seed itself for a fresh single-worker study
+    (reproducible), otherwise mixed with the study's size, the worker index and the host, so a
+    resumed study and parallel workers (here or on other machines) do not replay the same draws."""
+    import socket
+    import zlib
+
+    if n_trials == 0 and worker is None:
+        return base
+    return derive_seed(base, n_trials, -1 if worker is None else worker, zlib.crc32(socket.gethostname().encode()))
+
+
 def state_counts(study: optuna.Study) -> Counter[str]:
     """How many trials are in each state (COMPLETE, PRUNED, FAIL, RUNNING, WAITING)."""
     return Counter(t.state.name for t in study.get_trials(deepcopy=False))
@@ -99,3 +111,33 @@ def improves(study: optuna.Study, values: float | tuple[float, ...]) -> bool:
         elif all(t <= m for t, m in zip(theirs, mine, strict=True)) and any(t < m for t, m in zip(theirs, mine, strict=True)):
             return False
     return True
+
+
+def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = frozenset(), requeue: bool = True) -> list[int]:
+    """Fail trials whose worker is gone and run the storage's stale-trial callback on them
+    (queue a retry, close the MLflow run). Stale by heartbeat, or RUNNING on a worker known dead
+    (host:pid in `dead_workers`: no need to wait for its heartbeat to expire). Without `requeue`
+    (the budget is already met) the trials are failed and their runs closed, nothing is queued."""
+    import copy
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+        if requeue:
+            optuna.storages.fail_stale_trials(study)
+    handler = storage.get_heartbeat_stale_trial_callback()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") not in dead_workers:
+            continue
+        try:
+            storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        failed = copy.deepcopy(storage.get_trial(trial._trial_id))
+        if handler is not None:
+            (handler if requeue else getattr(handler, "on_stale", None) or (lambda s, t: None))(study, failed)
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+    return sorted(after - before)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search_spaces.errors import WorkbenchError
+from studies.faults import RetryLog, describe, retry_call
 
 if TYPE_CHECKING:
     import keras
@@ -40,26 +41,23 @@ RUN_ID_ATTR = "mlflow_run_id"
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _BATCH = 900  # below MLflow's 1000-metrics-per-log_batch limit
+RETRY_ATTEMPTS = 5  # with RETRY_DELAY 1 s: waits 1, 2, 4, 8 s, enough for a server or S3 restart
+RETRY_DELAY = 1.0
+# A run whose trial finished this long ago but is still RUNNING lost its worker mid-upload.
+SETTLE_SECONDS = 300.0
 
 
 class TrackingError(WorkbenchError):
     """The tracking server or its artifact store cannot be used."""
 
 
-def _retry(action: Callable[[], Any], what: str, attempts: int = 3, delay: float = 1.0) -> Any:
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except Exception as e:  # network, server and S3 errors all look different
-            if attempt == attempts:
-                raise TrackingError(f"{what} failed after {attempts} attempts: {type(e).__name__}: {_first_line(e)}") from e
-            time.sleep(delay * 2 ** (attempt - 1))
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+def _retry(action: Callable[[], Any], what: str, log: RetryLog | None = None) -> Any:
+    """Run one logging step; transient errors (connection refused, 5xx, S3 unreachable) are
+    retried RETRY_ATTEMPTS times in all with backoff, anything else fails at once."""
+    try:
+        return retry_call(action, what, attempts=RETRY_ATTEMPTS, delay=RETRY_DELAY, log=log)
+    except Exception as e:
+        raise TrackingError(f"{what} failed: {describe(e)}") from e
 
 
 def git_commit(cwd: Path) -> str | None:
@@ -199,11 +197,54 @@ class Tracker:
             self.errors.append(str(e))
             print(f"warning: {e}", file=sys.stderr)
 
+    # -- runs left behind by dead workers ------------------------------------------------
+    def close_stale_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A stale-trial callback: the trial's worker died (no heartbeat), so close its run."""
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            reason = f"worker lost: no heartbeat from {trial.user_attrs.get('worker', 'its worker')}, trial {trial.number} failed"
+            self._submit(run_id, lambda: self._close(run_id, "FAIL", reason), "closing the run of a stale trial")
+
+    def reconcile(self, study: optuna.Study) -> int:
+        """Close child runs left RUNNING although their trial has finished (its worker died
+        between the trial's end and its run's end): they become FAILED with the reason in the
+        `workbench.fail_reason` tag. Runs whose trial still runs are left to the heartbeat."""
+        query = f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' AND attributes.status = 'RUNNING'"
+        runs = _retry(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000),
+                      "looking for runs left RUNNING")
+        if not runs:
+            return 0
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        now = time.time()
+        closed = 0
+        for run in runs:
+            number = run.data.tags.get("optuna.trial_number")
+            trial = trials.get(int(number)) if number and number.isdigit() else None
+            if trial is None or not trial.state.is_finished():
+                continue
+            if trial.user_attrs.get(RUN_ID_ATTR) == run.info.run_id and trial.datetime_complete is not None \
+                    and now - trial.datetime_complete.timestamp() < SETTLE_SECONDS:
+                continue  # its worker may still be uploading the model
+            reason = (f"worker stopped before closing this run; trial {trial.number} is {trial.state.name}"
+                      + (f" ({trial.user_attrs['fail_reason']})" if trial.user_attrs.get("fail_reason") else ""))
+            self._submit(run.info.run_id, functools.partial(self._close, run.info.run_id, trial.state.name, reason),
+                         "closing a run left RUNNING")
+            closed += 1
+        return closed
+
+    def _close(self, run_id: str, state: str, reason: str) -> None:
+        self.client.log_batch(run_id, tags=_tags({"optuna.state": state, "workbench.fail_reason": reason[:4000],
+                                                  "workbench.reconciled": "true"}))
+        self.client.set_terminated(run_id, status="FAILED")
+
     # -- one trial -----------------------------------------------------------------------
     def start_trial(self, trial: optuna.Trial, params: dict[str, Any]) -> str | None:
         """Create the trial's child run (the one synchronous request per trial)."""
         tags = {**self.common_tags, "mlflow.parentRunId": self.parent_run_id, "optuna.trial_number": str(trial.number),
-                "optuna.state": "RUNNING", "workbench.seed": str(trial.user_attrs.get("seed", ""))}
+                "optuna.state": "RUNNING", "workbench.seed": str(trial.user_attrs.get("seed", "")),
+                "workbench.worker": str(trial.user_attrs.get("worker", ""))}
+        if "retry_of" in trial.user_attrs:
+            tags["workbench.retry_of"] = str(trial.user_attrs["retry_of"])
         try:
             run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags),
                          f"creating the run of trial {trial.number}")
@@ -239,7 +280,7 @@ class Tracker:
             try:
                 model_dir = save_model(model, spec, tags)
             except Exception as e:
-                tags = {**tags, "workbench.model_error": _first_line(e)}
+                tags = {**tags, "workbench.model_error": describe(e)}
         end_tags = {**tags, "optuna.state": state}
         if state == "PRUNED":
             end_tags["pruned"] = "true"
@@ -293,12 +334,17 @@ class Tracker:
     def _submit(self, run_id: str, action: Callable[[], None], what: str, *,
                 on_error: Callable[[str], None] | None = None, cleanup: Path | None = None) -> None:
         def task() -> None:
+            log = RetryLog()
             try:
-                _retry(action, f"{what} (run {run_id})")
+                _retry(action, f"{what} (run {run_id})", log)
+                if log.entries:  # it got through in the end: say what it took
+                    self.client.set_tag(run_id, "workbench.retries", "; ".join(log.entries)[:8000])
             except TrackingError as e:
                 self._warn(str(e))
                 if on_error is not None:
-                    on_error(str(e))
+                    on_error("; ".join([*log.entries, str(e)]))
+            except Exception as e:  # the retries tag itself: never worth failing the trial over
+                self._warn(f"{what} (run {run_id}): {describe(e)}")
             finally:
                 if cleanup is not None:
                     import shutil

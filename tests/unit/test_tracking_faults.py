@@ -19,17 +19,7 @@ def main(argv):
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(tracking, "_retry", _fast_retry)
-
-
-def _fast_retry(action, what, attempts=3, delay=0.0):
-    for attempt in range(attempts):
-        try:
-            return action()
-        except Exception as e:
-            if attempt == attempts - 1:
-                raise tracking.TrackingError(f"{what} failed: {e}") from e
-    return None
+    monkeypatch.setattr(tracking, "RETRY_DELAY", 0.0)
 
 
 def test_a_failing_log_marks_the_run_failed_and_keeps_the_trial(home, write_config, tiny_space, monkeypatch, capsys):
@@ -66,6 +56,26 @@ def test_transient_errors_are_retried(home, write_config, tiny_space, monkeypatc
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
     run = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert failures["left"] == 0 and run.info.status == "FINISHED"
+    # The retry chain is on the run: which step, which attempt, which error.
+    assert run.data.tags["workbench.retries"].count("ConnectionError: tracking server restarting") == 2
+
+
+def test_deterministic_tracking_errors_are_not_retried(home, write_config, tiny_space, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    original = MlflowClient.set_terminated
+    calls = {"n": 0}
+
+    def broken(self, run_id, status=None, end_time=None):
+        if status == "FINISHED" and "trial" in self.get_run(run_id).info.run_name:
+            calls["n"] += 1
+            raise MlflowException("bad request", error_code=INVALID_PARAMETER_VALUE)
+        return original(self, run_id, status=status, end_time=end_time)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", broken)
+    assert main([str(write_config(tiny_config(tiny_space, budget={"n_trials": 1})))]) == 0
+    assert calls["n"] == 1
 
 
 @pytest.mark.parametrize(

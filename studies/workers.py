@@ -1,0 +1,125 @@
+"""`--workers N`: N worker processes on one shared storage, and how a runner stops on a signal.
+
+Optuna's RDB storage is the distributed engine: each worker is the same runner with
+`--worker-index i`, asking the storage for its next trial; nothing is scheduled here. This
+module only starts the processes, passes on SIGTERM/SIGINT, and reports how they ended.
+Processes, not threads: TensorFlow and the GIL would serialise threads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+# How long stopping workers get to record their running trial as FAIL before being killed.
+STOP_GRACE_SECONDS = 30.0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the running trial ends as FAIL with reason "interrupted (SIG...)"."""
+
+
+class SignalStop:
+    """SIGTERM behaves like Ctrl-C: the first SIGINT or SIGTERM raises Interrupted in the main
+    thread; later ones are ignored, so a second signal cannot cut short the clean-up (recording
+    the running trial, closing the MLflow runs) that the first one started."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.closing = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None or self.closing:
+            return
+        self.signum = signum
+        raise Interrupted(signal.Signals(signum).name)
+
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+@dataclass
+class WorkersOutcome:
+    codes: list[int] = field(default_factory=list)
+    signal: int | None = None
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def killed(self) -> list[int]:
+        """Indices of workers that died on a signal they did not handle (e.g. SIGKILL, OOM)."""
+        return [i for i, c in enumerate(self.codes) if c < 0]
+
+    @property
+    def failed(self) -> list[int]:
+        return [i for i, c in enumerate(self.codes) if c > 0 and c not in (130, 143)]
+
+
+def worker_argv(argv: list[str], index: int) -> list[str]:
+    """The runner's own command line for worker `index`: without --workers, with --worker-index."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers="):
+            continue
+        out.append(arg)
+    return [sys.executable, "-m", "studies.run", *out, "--worker-index", str(index)]
+
+
+def run_workers(argv: list[str], n: int, *, env: dict[str, str] | None = None) -> WorkersOutcome:
+    """Start n workers and wait for all of them. SIGTERM/SIGINT to this process go to every
+    worker (each records its running trial as FAIL "interrupted"); workers still alive after
+    STOP_GRACE_SECONDS are killed and left to the heartbeat."""
+    outcome = WorkersOutcome()
+    procs = [subprocess.Popen(worker_argv(argv, i), env=env) for i in range(n)]
+    outcome.pids = [p.pid for p in procs]
+    deadline: float | None = None
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal deadline
+        if outcome.signal is None:
+            outcome.signal = signum
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            print(f"{signal.Signals(signum).name}: stopping {n} workers (their running trials end as FAIL)", file=sys.stderr)
+        for p in procs:
+            if p.poll() is None:
+                _send(p, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while any(p.poll() is None for p in procs):
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        print(f"worker pid {p.pid} did not stop in {STOP_GRACE_SECONDS:.0f} s: killing it", file=sys.stderr)
+                        _send(p, signal.SIGKILL)
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    outcome.codes = [p.returncode for p in procs]
+    for i in outcome.killed:
+        print(f"warning: worker {i} (pid {procs[i].pid}) died on {signal.Signals(-outcome.codes[i]).name}; "
+              "its running trial is failed and retried", file=sys.stderr)
+    return outcome
+
+
+def _send(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.kill(proc.pid, signum)
+    except ProcessLookupError:
+        pass

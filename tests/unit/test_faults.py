@@ -1,0 +1,133 @@
+"""Fault handling without services: what is transient, bounded retries, re-queued trials,
+SIGTERM, worker command lines and seeds. The same faults against the real services are in
+tests/integration/test_faults.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import optuna
+import pytest
+import sqlalchemy.exc
+from mlflow import MlflowClient
+
+from studies.faults import RetryLog, is_transient, retry_call
+from studies.run import main as run_main
+from studies.study import derive_seed, sampler_seed
+from studies.workers import worker_argv
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ConnectionRefusedError("refused"), True),
+        (TimeoutError("slow"), True),
+        (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")), True),
+        (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception('database "x" does not exist')), False),
+        (ValueError("objective value is not finite: (nan,)"), False),
+        (KeyError("units"), False),
+    ],
+)
+def test_what_is_transient(exc, expected):
+    assert is_transient(exc) is expected
+
+
+def test_a_wrapped_connection_error_is_transient():
+    try:
+        try:
+            raise ConnectionResetError("reset by peer")
+        except ConnectionResetError as inner:
+            raise optuna.exceptions.StorageInternalError("commit failed") from inner
+    except optuna.exceptions.StorageInternalError as e:
+        assert is_transient(e)
+
+
+def test_retry_call_is_bounded_and_logged():
+    calls, log = [], RetryLog()
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    assert retry_call(flaky, "step", attempts=5, delay=0, log=log) == "ok"
+    assert log.entries == ["step: attempt 1 failed (ConnectionError: down)", "step: attempt 2 failed (ConnectionError: down)"]
+    calls.clear()
+    with pytest.raises(ConnectionError):
+        retry_call(lambda: flaky() and (_ for _ in ()).throw(ConnectionError("still down")), "step", attempts=2, delay=0)
+    with pytest.raises(ValueError):  # deterministic: one call only
+        retry_call(lambda: calls.append(1) or (_ for _ in ()).throw(ValueError("bad")), "step", attempts=5, delay=0)
+
+
+def test_worker_command_line_drops_workers_and_adds_the_index():
+    argv = ["cfg.yaml", "--workers", "3", "--n-trials", "9", "--workers=3"]
+    assert worker_argv(argv, 2)[1:] == ["-m", "studies.run", "cfg.yaml", "--n-trials", "9", "--worker-index", "2"]
+
+
+def test_sampler_seeds_differ_per_worker_and_resume_but_not_for_a_fresh_study():
+    assert sampler_seed(7, 0, None) == 7
+    seeds = {sampler_seed(7, 0, 0), sampler_seed(7, 0, 1), sampler_seed(7, 5, None), sampler_seed(7, 6, None)}
+    assert len(seeds) == 4 and 7 not in seeds
+
+
+def test_a_transient_error_in_a_trial_requeues_it_once_per_retry(home, write_config, tiny_space, monkeypatch):
+    """A connection error inside a trial (after lower-level retries) fails the trial and queues
+    the same parameters again; the retry records its lineage on the trial and on its MLflow run."""
+    import models.mlp
+
+    original = models.mlp.build
+    failures = {"left": 1}
+
+    def build(params, spec):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionResetError("S3 reset the connection")
+        return original(params, spec)
+
+    monkeypatch.setattr(models.mlp, "build", build)
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 2}))
+    assert run_main([str(path), "--no-register"]) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
+    first, retry = study.trials[0], study.trials[1]
+    assert first.state.name == "FAIL" and first.user_attrs["fail_reason"].startswith("transient: ConnectionResetError")
+    assert retry.state.name == "COMPLETE" and retry.params == first.params
+    assert retry.user_attrs["retry_of"] == 0 and retry.system_attrs["retry_history"] == [0]
+    assert retry.user_attrs["seed"] == derive_seed(1, retry.number)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert client.get_run(first.user_attrs["mlflow_run_id"]).data.tags["workbench.requeued"] == "true"
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["workbench.retry_of"] == "0"
+
+
+def test_a_deterministic_error_is_not_requeued(home, write_config, tiny_space, monkeypatch):
+    import models.mlp
+
+    monkeypatch.setattr(models.mlp, "build", lambda params, spec: (_ for _ in ()).throw(ValueError("bad units")))
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 2, "max_failed": 2}))
+    assert run_main([str(path), "--no-tracking"]) == 1
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert not [t for t in study.trials if "retry_of" in t.user_attrs]
+
+
+def test_sigterm_fails_the_running_trial_and_ends_the_parent_run(home, write_config, tiny_space):
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 50}, training={"epochs": 200, "batch_size": 32,
+                                                                                  "early_stopping_patience": None}))
+    timer = threading.Timer(12.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code = run_main([str(path), "--no-register"])
+    finally:
+        timer.cancel()
+    assert code == 143
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
+    last = study.trials[-1]
+    assert last.state.name == "FAIL" and last.user_attrs["fail_reason"] == "interrupted (SIGTERM)"
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert client.get_run(last.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner put the handlers back
