@@ -53,7 +53,7 @@ def count_http() -> None:
 class NaiveTracker(tracking.Tracker):
     """What people write first: one request per metric, param and tag, model upload inline."""
 
-    def start_trial(self, trial, params):
+    def start_trial(self, trial, params, tags=None):
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}",
                                      tags={"mlflow.parentRunId": self.parent_run_id})
         for key, value in tracking.flatten_params(params).items():

@@ -33,8 +33,9 @@ def retry_lineage(trial: optuna.Trial | optuna.trial.FrozenTrial) -> list[int]:
     """The trials this one re-runs, oldest first (Optuna's own retry_history system attribute)."""
     if isinstance(trial, optuna.trial.FrozenTrial):
         attrs = trial.system_attrs
-    else:  # a live Trial no longer exposes system attrs (Optuna 5): its frozen copy does
-        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    else:  # a live Trial no longer exposes system attrs (Optuna 5): the copy it loaded at its start does
+        frozen = getattr(trial, "_cached_frozen_trial", None)
+        attrs = frozen.system_attrs if frozen is not None else trial.storage.get_trial_system_attrs(trial._trial_id)
     return list(attrs.get("retry_history", []))
 
 
@@ -60,11 +61,13 @@ class Objective:
     """
 
     def __init__(self, loaded: LoadedConfig, data: Dataset, tracker: Tracker | None = None, *,
-                 retry_log: RetryLog | None = None, max_retries: int = 2) -> None:
+                 storage: Any = None, max_retries: int = 2) -> None:
         self.loaded = loaded
         self.data = data
         self.tracker = tracker
-        self.retry_log = retry_log if retry_log is not None else RetryLog()
+        # The workbench's RDB storage: its retry log, and one write for many user attributes.
+        self.storage = storage
+        self.retry_log: RetryLog = getattr(storage, "retry_log", None) or RetryLog()
         self.max_retries = max_retries
         self.worker = worker_label()
         cfg = loaded.config
@@ -75,18 +78,29 @@ class Objective:
         direction = first.resolved_direction() if first.name.startswith("val_") else "minimize"
         self.mode = "min" if direction == "minimize" else "max"
 
+    def set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+        """Write several user attributes; one transaction on the workbench storage."""
+        batch = getattr(self.storage, "set_trial_user_attrs", None)
+        if batch is not None:
+            batch(trial._trial_id, attrs)
+        else:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         seed = derive_seed(self.loaded.config.study.seed, trial.number)
         mark = self.retry_log.mark()
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("worker", self.worker)
         lineage = retry_lineage(trial)
-        outcome: dict[str, Any] = {"state": "FAIL", "metrics": {}, "model": None, "tags": {}}
+        outcome: dict[str, Any] = {"state": "FAIL", "metrics": {}, "model": None, "tags": {}, "attrs": {}}
+        start_attrs: dict[str, Any] = {"seed": seed, "worker": self.worker}
+        run_tags = {"workbench.seed": str(seed), "workbench.worker": self.worker}
         if lineage:
-            trial.set_user_attr("retry_of", lineage[-1])
-            outcome["tags"] |= {"workbench.retry_of": str(lineage[-1]), "workbench.retry_lineage": ",".join(map(str, lineage))}
+            start_attrs["retry_of"] = lineage[-1]
+            run_tags |= {"workbench.retry_of": str(lineage[-1]), "workbench.retry_lineage": ",".join(map(str, lineage))}
+        self.set_attrs(trial, start_attrs)
         params = sample(self.loaded.space, optuna_suggest(trial))
-        run_id = self.tracker.start_trial(trial, params) if self.tracker else None
+        run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
+        attrs: dict[str, Any] = outcome["attrs"]
         try:
             values = self._train(trial, params, seed, run_id, outcome)
             outcome["state"] = "COMPLETE"
@@ -96,34 +110,48 @@ class Objective:
             outcome["state"] = "PRUNED"
             raise
         except KeyboardInterrupt as e:
-            reason = f"interrupted ({e})" if str(e) else "interrupted"
-            outcome["tags"]["optuna.fail_reason"] = reason
-            _quietly(trial.set_user_attr, "fail_reason", reason)
+            attrs["fail_reason"] = f"interrupted ({e})" if str(e) else "interrupted"
+            outcome["tags"]["optuna.fail_reason"] = attrs["fail_reason"]
             raise
         except Exception as e:
             reason = describe(e)[:1000]
-            outcome["tags"]["optuna.fail_reason"] = reason
             if not is_transient(e):
-                trial.set_user_attr("fail_reason", reason)
+                attrs["fail_reason"] = outcome["tags"]["optuna.fail_reason"] = reason
                 raise TrialFailed(reason) from e
-            reason = f"transient: {reason}"
-            outcome["tags"]["optuna.fail_reason"] = reason
+            attrs["fail_reason"] = outcome["tags"]["optuna.fail_reason"] = f"transient: {reason}"
             try:
-                trial.set_user_attr("fail_reason", reason)
                 if len(lineage) < self.max_retries:
-                    requeue(trial.study, trial, reason)
+                    requeue(trial.study, trial, attrs["fail_reason"])
                     outcome["tags"]["workbench.requeued"] = "true"
             except Exception:  # the storage itself is gone: stop this worker, the trial goes stale
                 raise e from None
-            raise TrialFailed(reason) from e
+            raise TrialFailed(attrs["fail_reason"]) from e
         finally:
             retried = self.retry_log.since(mark)
             if retried:
                 outcome["tags"]["workbench.retries"] = "; ".join(retried)[:8000]
-                _quietly(trial.set_user_attr, "transient_retries", retried[-50:])
+                attrs["transient_retries"] = retried[-50:]
+            if attrs:
+                _quietly(self.set_attrs, trial, attrs)
             if self.tracker is not None:
                 self.tracker.end_trial(run_id, state=outcome["state"], metrics=outcome["metrics"], tags=outcome["tags"],
                                        model=outcome["model"], spec=self.data.spec, is_best=outcome.get("is_best", False))
+
+    def replay(self, flat_params: dict[str, Any], params: dict[str, Any], seed: int, *, number: int) -> dict[str, Any]:
+        """Train once with fixed params and seed, outside any study: the per-epoch objective
+        values ("curve") and the attributes a trial would store ("attrs")."""
+        curve: dict[int, float] = {}
+
+        class Replay(optuna.trial.FixedTrial):
+            def report(self, value: float, step: int) -> None:
+                curve[step] = float(value)
+
+        outcome: dict[str, Any] = {"metrics": {}, "model": None, "tags": {}, "attrs": {}}
+        try:
+            self._train(Replay(flat_params, number=number), params, seed, None, outcome)
+        except optuna.TrialPruned:  # cannot happen without a pruner; kept for clarity
+            pass
+        return {"curve": curve, "attrs": outcome["attrs"], "metrics": outcome["metrics"]}
 
     def _train(self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str | None,
                outcome: dict[str, Any]) -> float | tuple[float, ...]:
@@ -139,7 +167,8 @@ class Objective:
         model = FAMILIES[cfg.model.family].build(params, self.data.spec)
         metrics: dict[str, float] = outcome["metrics"]
         metrics["n_params"] = float(model.count_params())
-        trial.set_user_attr("n_params", int(model.count_params()))
+        attrs: dict[str, Any] = outcome["attrs"]
+        attrs["n_params"] = int(model.count_params())
 
         def report(epoch: int, logs: dict[str, float]) -> bool:
             if self.tracker is not None:
@@ -161,16 +190,15 @@ class Objective:
         )
         metrics["epochs_run"] = float(result.epochs_run)
         metrics["fit_seconds"] = round(time.perf_counter() - started, 3)
-        trial.set_user_attr("epochs_run", result.epochs_run)
-        trial.set_user_attr("fit_seconds", metrics["fit_seconds"])
+        attrs["epochs_run"] = result.epochs_run
+        attrs["fit_seconds"] = metrics["fit_seconds"]
         if result.stopped_by == "report":
             raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run - 1}")
-        trial.set_user_attr("best_epoch", result.best_epoch)
+        attrs["best_epoch"] = result.best_epoch
         metrics["best_epoch"] = float(result.best_epoch)
         scores = {f"val_{k}": v for k, v in evaluate(model, self.data.x_val, self.data.y_val).items()}
         scores |= {f"test_{k}": v for k, v in evaluate(model, self.data.x_test, self.data.y_test).items()}
-        for key, value in scores.items():
-            trial.set_user_attr(key, value)
+        attrs.update(scores)
         # In MLflow `val_*` is the per-epoch curve; the restored best epoch's scores get their own names.
         metrics.update({(f"best_{k}" if k.startswith("val_") else k): v for k, v in scores.items()})
         values = tuple(scores[s.name] if s.name in scores else metrics[s.name] for s in self.specs)

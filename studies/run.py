@@ -126,7 +126,7 @@ class Session:
 
 
 def _open(loaded, args: argparse.Namespace) -> Session:
-    from studies.samplers import build_pruner, build_sampler
+    from studies.samplers import build_pruner, build_sampler, read_completed_once_per_trial
     from studies.settings import Settings
     from studies.storage import open_storage, resolve_url
     from studies.study import open_study, sampler_seed
@@ -140,8 +140,8 @@ def _open(loaded, args: argparse.Namespace) -> Session:
     study = open_study(loaded, storage, study_name=loaded.study_name,
                        allow_space_change=args.allow_space_change, data_hash=data.fingerprint)
     base_seed = cfg.sampler.seed if cfg.sampler.seed is not None else cfg.study.seed
-    study.sampler = build_sampler(cfg.sampler, sampler_seed(base_seed, len(study.trials), args.worker_index), loaded)
-    study.pruner = build_pruner(cfg.pruner)
+    study.sampler = build_sampler(cfg.sampler, sampler_seed(base_seed, len(study.get_trials(deepcopy=False)), args.worker_index), loaded)
+    study.pruner = read_completed_once_per_trial(build_pruner(cfg.pruner))
     return Session(loaded, settings, data, url, storage, study, [m.name for m in cfg.objective.specs()], cfg.budget.n_trials)
 
 
@@ -233,8 +233,7 @@ def _optimize(session: Session, tracker, *, label: str | None) -> bool:
             study.stop()
 
     states = tuple(TrialState[s] for s in BUDGET_STATES)
-    objective = Objective(session.loaded, session.data, tracker, retry_log=session.storage.retry_log,
-                          max_retries=cfg.budget.retries)
+    objective = Objective(session.loaded, session.data, tracker, storage=session.storage, max_retries=cfg.budget.retries)
     try:
         remaining = session.target - session.finished()
         if remaining > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -131,3 +132,55 @@ def check_sampler_and_pruner(loaded: LoadedConfig) -> None:
         build_pruner(cfg.pruner)
     except FieldError as e:
         raise ConfigError.single(src, e.field, e.message) from None
+
+
+def read_completed_once_per_trial(inner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+    """Wrap a pruner so the completed trials it reads are fetched once per trial, not at every
+    epoch. Optuna's pruners call `study.get_trials(states=(COMPLETE,))` in each `should_prune`;
+    on an RDB storage each such call also re-reads the running trial with all its params and
+    intermediate values: a quarter of a short trial's storage time (benchmarks/storage_overhead.py).
+    Within one trial the pruner sees the trials that were complete at its first report; calls
+    with other arguments reach the study as before. Decisions are unchanged for a single worker
+    (tests/unit/test_pruning.py)."""
+    return _once_per_trial_class()(inner)
+
+
+@functools.cache
+def _once_per_trial_class() -> type:
+    import optuna
+
+    class CompletedTrialsOncePerTrial(optuna.pruners.BasePruner):
+        def __init__(self, inner: optuna.pruners.BasePruner) -> None:
+            self.inner = inner
+            self._key: tuple[int, int] | None = None
+            self._view: _StudyView | None = None
+
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            key = (id(study), trial.number)
+            if key != self._key or self._view is None:
+                self._key, self._view = key, _StudyView(study)
+            return self.inner.prune(self._view, trial)
+
+        def __repr__(self) -> str:
+            return f"CompletedTrialsOncePerTrial({self.inner!r})"
+
+    return CompletedTrialsOncePerTrial
+
+
+class _StudyView:
+    """A study whose finished-trial queries (deepcopy=False) are answered from one snapshot."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+        self._snapshots: dict[tuple, list] = {}
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
+        if deepcopy or states is None or not all(s.is_finished() for s in states):
+            return self._study.get_trials(deepcopy=deepcopy, states=states)
+        key = tuple(states)
+        if key not in self._snapshots:
+            self._snapshots[key] = self._study.get_trials(deepcopy=False, states=states)
+        return self._snapshots[key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)

@@ -103,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(loaded, args) -> int:
-    import optuna
 
     from studies.registry import Registry
     from studies.run import load_data, quiet_libraries
     from studies.selection import NoWinner
     from studies.settings import Settings
-    from studies.storage import open_storage, resolve_url
+    from studies.study import load_existing
 
     settings = Settings()
     quiet_libraries()
@@ -119,12 +118,7 @@ def _main(loaded, args) -> int:
         old, new = Registry(tracking_uri).rollback(name)
         print(f"{name}: @champion moved back from v{old} to v{new}")
         return EXIT_OK
-    url = resolve_url(args.storage, settings.optuna_storage, loaded.config.study.storage, settings.default_storage())
-    try:
-        study = optuna.load_study(study_name=loaded.study_name, storage=open_storage(url))
-    except KeyError:
-        print(f"error: no study named {loaded.study_name!r} in the storage", file=sys.stderr)
-        return EXIT_FAILURE
+    study = load_existing(loaded, args.storage, settings)
     try:
         result = select(loaded, study, load_data(loaded), tracking_uri, force=args.force)
     except NoWinner as e:

@@ -87,6 +87,19 @@ def resilient_storage_class() -> type:
             return retry_call(once, "storage.set_trial_state_values", attempts=STORAGE_ATTEMPTS,
                               max_delay=STORAGE_MAX_DELAY, log=self.retry_log)
 
+        def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+            """Several user attributes in one transaction (Optuna writes one per call)."""
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            def once() -> None:
+                with _create_scoped_session(self.scoped_session, True) as session:
+                    for key, value in attrs.items():
+                        self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+
+            retry_call(once, "storage.set_trial_user_attrs", attempts=STORAGE_ATTEMPTS, max_delay=STORAGE_MAX_DELAY,
+                       log=self.retry_log)
+
         def record_heartbeat(self, trial_id: int) -> None:
             # Runs in Optuna's heartbeat thread, which dies on the first exception: a missed beat
             # is logged and the next interval tries again.

@@ -93,18 +93,17 @@ def open_study(
 
 def improves(study: optuna.Study, values: float | tuple[float, ...]) -> bool:
     """Whether these values beat every COMPLETE trial so far (single objective), or are not
-    dominated by any of them (multi-objective): the trials whose model is worth keeping."""
+    dominated by any of them (multi-objective): the trials whose model is worth keeping.
+    Reads the completed trials from the study's cache (no best-trial query per trial)."""
+    import optuna
+
     vals = (values,) if isinstance(values, (int, float)) else tuple(values)
     signs = [1.0 if d.name == "MINIMIZE" else -1.0 for d in study.directions]
-    try:
-        front = [t.values for t in study.best_trials]
-    except ValueError:
-        return True
-    if not front:
-        return True
     mine = [s * v for s, v in zip(signs, vals, strict=True)]
-    for other in front:
-        theirs = [s * v for s, v in zip(signs, other, strict=True)]
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if trial.values is None:
+            continue
+        theirs = [s * v for s, v in zip(signs, trial.values, strict=True)]
         if len(vals) == 1:
             if theirs[0] <= mine[0]:
                 return False
@@ -141,3 +140,17 @@ def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = froze
             (handler if requeue else getattr(handler, "on_stale", None) or (lambda s, t: None))(study, failed)
     after = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
     return sorted(after - before)
+
+
+def load_existing(loaded: LoadedConfig, storage_flag: str | None, settings: Any) -> optuna.Study:
+    """The config's study from the storage (same precedence as the runner), for tools that read
+    a finished study (select, replay); a missing study is a StorageError naming it."""
+    import optuna
+
+    from studies.storage import StorageError, open_storage, redact, resolve_url
+
+    url = resolve_url(storage_flag, settings.optuna_storage, loaded.config.study.storage, settings.default_storage())
+    try:
+        return optuna.load_study(study_name=loaded.study_name, storage=open_storage(url))
+    except KeyError:
+        raise StorageError(f"no study named {loaded.study_name!r} in {redact(url)}") from None

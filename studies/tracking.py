@@ -238,13 +238,11 @@ class Tracker:
         self.client.set_terminated(run_id, status="FAILED")
 
     # -- one trial -----------------------------------------------------------------------
-    def start_trial(self, trial: optuna.Trial, params: dict[str, Any]) -> str | None:
-        """Create the trial's child run (the one synchronous request per trial)."""
+    def start_trial(self, trial: optuna.Trial, params: dict[str, Any], tags: dict[str, str] | None = None) -> str | None:
+        """Create the trial's child run (the one synchronous request per trial); `tags` are the
+        trial's own (seed, worker, retry lineage)."""
         tags = {**self.common_tags, "mlflow.parentRunId": self.parent_run_id, "optuna.trial_number": str(trial.number),
-                "optuna.state": "RUNNING", "workbench.seed": str(trial.user_attrs.get("seed", "")),
-                "workbench.worker": str(trial.user_attrs.get("worker", ""))}
-        if "retry_of" in trial.user_attrs:
-            tags["workbench.retry_of"] = str(trial.user_attrs["retry_of"])
+                "optuna.state": "RUNNING", **(tags or {})}
         try:
             run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags),
                          f"creating the run of trial {trial.number}")

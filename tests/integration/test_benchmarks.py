@@ -23,3 +23,20 @@ def test_serving_quick():
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.splitlines()[-1]
     assert last.startswith("ours/noop req/s = ") and "batch ours/floor" in last
+
+
+def _quick(script: str, env: dict) -> list[str]:
+    out = subprocess.run([sys.executable, script, "--quick"], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.splitlines()
+
+
+def test_storage_overhead_quick(postgres_url):
+    last = _quick("benchmarks/storage_overhead.py", {"WORKBENCH_TEST_POSTGRES_URL": postgres_url})[-1]
+    assert last.startswith("headline: worst ours ") and "peak PostgreSQL connections" in last
+
+
+def test_workers_quick(postgres_url):
+    last = _quick("benchmarks/workers.py", {"WORKBENCH_TEST_POSTGRES_URL": postgres_url})[-1]
+    assert last.startswith("headline: 2 workers / 1 worker = ")

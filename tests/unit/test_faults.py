@@ -115,16 +115,30 @@ def test_a_deterministic_error_is_not_requeued(home, write_config, tiny_space, m
 
 
 def test_sigterm_fails_the_running_trial_and_ends_the_parent_run(home, write_config, tiny_space):
-    path = write_config(tiny_config(tiny_space, budget={"n_trials": 50}, training={"epochs": 200, "batch_size": 32,
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 50}, training={"epochs": 30, "batch_size": 32,
                                                                                   "early_stopping_patience": None}))
-    timer = threading.Timer(12.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    url = f"sqlite:///{home / 'optuna.db'}"
+    done = threading.Event()
+
+    def sigterm_mid_trial():  # once the second trial has reported an epoch
+        while not done.wait(0.2):
+            try:
+                trials = optuna.load_study(study_name="tiny", storage=url).get_trials(deepcopy=False)
+            except Exception:  # not created yet
+                continue
+            if len(trials) >= 2 and trials[-1].state.name == "RUNNING" and trials[-1].intermediate_values:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=sigterm_mid_trial, daemon=True)
+    watcher.start()
     try:
         code = run_main([str(path), "--no-register"])
     finally:
-        timer.cancel()
+        done.set()
     assert code == 143
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
+    assert study.trials[0].state.name == "COMPLETE"
     last = study.trials[-1]
     assert last.state.name == "FAIL" and last.user_attrs["fail_reason"] == "interrupted (SIGTERM)"
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")

@@ -114,3 +114,24 @@ def test_bad_data_and_bad_storage(write_config, tiny_space, storage, tmp_path, c
     path = write_config(tiny_config(tiny_space), "ok.yaml")
     assert main([str(path), "--storage", "notaurl"]) == 1
     assert "storage URL is not a valid SQLAlchemy URL" in capsys.readouterr().err
+
+
+def test_a_trial_replays_alone_with_its_params_and_seed(write_config, tiny_space, storage, capsys):
+    from studies.replay import main as replay_main
+
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 2}))
+    assert main([str(path), "--storage", storage]) == 0
+    stored = load(storage).trials[1]
+    capsys.readouterr()
+    assert replay_main([str(path), "--storage", storage, "--trial", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
+    # Same params + same seed + same split = the same model: every epoch and metric agrees.
+    epochs = [line.split() for line in out.splitlines() if line.startswith("  epoch ")]
+    assert len(epochs) == len(stored.intermediate_values)
+    for _, step, before, after in epochs:
+        assert float(after) == pytest.approx(float(before), rel=1e-3), f"epoch {step}"
+    assert float(rows["val_loss"][1]) == pytest.approx(stored.user_attrs["val_loss"], rel=1e-3)
+    assert float(rows["test_loss"][1]) == pytest.approx(stored.user_attrs["test_loss"], rel=1e-3)
+    assert replay_main([str(path), "--storage", storage, "--trial", "7"]) == 1
+    assert "has no trial 7 (it has 2)" in capsys.readouterr().err

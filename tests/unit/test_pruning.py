@@ -1,0 +1,54 @@
+"""The pruner wrapper that reads completed trials once per trial decides exactly as the pruner it wraps."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from studies.samplers import read_completed_once_per_trial
+
+
+def _curve_objective(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", 0.0, 1.0)
+    for step in range(8):
+        trial.report(x + abs(step - 3) * 0.1, step)  # improves, then gets worse (for PatientPruner)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    return x
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+        lambda: optuna.pruners.PercentilePruner(30.0, n_startup_trials=2),
+        lambda: optuna.pruners.SuccessiveHalvingPruner(),
+        lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=8),
+        lambda: optuna.pruners.PatientPruner(optuna.pruners.MedianPruner(n_startup_trials=2), patience=1),
+    ],
+)
+def test_same_decisions_as_the_wrapped_pruner(make):
+    outcomes = []
+    for pruner in (make(), read_completed_once_per_trial(make())):
+        # Same name: Hyperband assigns brackets by a hash of study name and trial number.
+        study = optuna.create_study(study_name="same", sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
+        study.optimize(_curve_objective, n_trials=30)
+        outcomes.append([(t.state.name, t.last_step) for t in study.trials])
+    assert outcomes[0] == outcomes[1]
+    assert any(state == "PRUNED" for state, _ in outcomes[0])  # the comparison means something
+
+
+def test_completed_trials_are_read_once_per_trial():
+    calls = []
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=read_completed_once_per_trial(optuna.pruners.MedianPruner(n_startup_trials=1)))
+    original = study.get_trials
+
+    def counting(deepcopy=True, states=None):
+        calls.append(states)
+        return original(deepcopy=deepcopy, states=states)
+
+    study.get_trials = counting
+    study.optimize(_curve_objective, n_trials=5)
+    completed_reads = [s for s in calls if s == (optuna.trial.TrialState.COMPLETE,)]
+    assert len(completed_reads) <= 5  # one per trial, not one per report (8 a trial)
