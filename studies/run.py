@@ -190,6 +190,8 @@ def _run_study(loaded, args: argparse.Namespace, argv: list[str], stop) -> int:
     finally:
         stop.closing = True
         if tracker is not None:
+            if not worker:  # runs a stopped worker could not close (all of ours have stopped by now)
+                _quietly(tracker.reconcile, study)
             _end_tracking(tracker, study, session.names, stop.signum is not None, end_parent=not worker)
     interrupted = stop.signum is not None
     if worker:
@@ -206,6 +208,13 @@ def _run_study(loaded, args: argparse.Namespace, argv: list[str], stop) -> int:
     if failed:
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _quietly(action, *args) -> None:
+    try:
+        action(*args)
+    except Exception as e:  # clean-up must not hide the study's own result
+        print(f"warning: {e}", file=sys.stderr)
 
 
 def _max_failed(cfg) -> int:

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 # How long stopping workers get to record their running trial as FAIL before being killed.
@@ -21,6 +23,24 @@ STOP_GRACE_SECONDS = 30.0
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: the running trial ends as FAIL with reason "interrupted (SIG...)"."""
+
+
+_deferral = {"depth": 0, "pending": None}
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A section a signal must not cut in two (e.g. creating a trial's MLflow run and learning
+    its id): a SIGINT/SIGTERM arriving inside is raised as Interrupted when the section ends."""
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+        pending = _deferral["pending"]
+        if not _deferral["depth"] and pending is not None:
+            _deferral["pending"] = None
+            raise Interrupted(signal.Signals(pending).name)
 
 
 class SignalStop:
@@ -41,6 +61,9 @@ class SignalStop:
         if self.signum is not None or self.closing:
             return
         self.signum = signum
+        if _deferral["depth"]:
+            _deferral["pending"] = signum
+            return
         raise Interrupted(signal.Signals(signum).name)
 
     def exit_code(self) -> int:

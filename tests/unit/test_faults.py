@@ -145,3 +145,18 @@ def test_sigterm_fails_the_running_trial_and_ends_the_parent_run(home, write_con
     assert client.get_run(last.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner put the handlers back
+
+
+def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
+    from studies.workers import Interrupted, SignalStop, signals_deferred
+
+    stop = SignalStop()
+    reached = []
+    try:
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                reached.append("end of section")  # not cut in two
+        assert reached == ["end of section"] and stop.exit_code() == 143
+    finally:
+        stop.restore()
