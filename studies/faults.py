@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -72,19 +72,23 @@ def describe(exc: BaseException) -> str:
 
 @dataclass
 class RetryLog:
-    """What was retried, in order: `what: attempt k failed (Type: message)`. Thread-safe enough for appends."""
+    """What was retried, in order: `what: attempt k failed (Type: message)`. Keeps the last 200
+    entries; `mark()`/`since()` count every entry ever added, so trimming never shifts them."""
 
     entries: list[str] = field(default_factory=list)
+    dropped: int = 0
 
     def add(self, what: str, attempt: int, exc: BaseException) -> None:
         self.entries.append(f"{what}: attempt {attempt} failed ({describe(transient_cause(exc) or exc)})"[:500])
-        del self.entries[:-200]  # bounded
-
-    def since(self, mark: int) -> list[str]:
-        return self.entries[mark:]
+        if len(self.entries) > 200:
+            self.dropped += len(self.entries) - 200
+            del self.entries[:-200]
 
     def mark(self) -> int:
-        return len(self.entries)
+        return self.dropped + len(self.entries)
+
+    def since(self, mark: int) -> list[str]:
+        return self.entries[max(0, mark - self.dropped):]
 
 
 def retry_call(
@@ -96,7 +100,6 @@ def retry_call(
     max_delay: float = 8.0,
     retry_if: Callable[[BaseException], bool] = is_transient,
     log: RetryLog | None = None,
-    on_retry: Callable[[int, BaseException], Any] | None = None,
 ) -> T:
     """Call `action`; on an error `retry_if` accepts, wait (exponential backoff) and call again,
     at most `attempts` times in all. Any other error, or the last one, is raised as is."""
@@ -108,7 +111,5 @@ def retry_call(
                 raise
             if log is not None:
                 log.add(what, attempt, e)
-            if on_retry is not None:
-                on_retry(attempt, e)
             time.sleep(min(max_delay, delay * 2 ** (attempt - 1)))
     raise AssertionError("unreachable")  # pragma: no cover

@@ -112,7 +112,7 @@ def improves(study: optuna.Study, values: float | tuple[float, ...]) -> bool:
     return True
 
 
-def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = frozenset(), requeue: bool = True) -> list[int]:
+def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = frozenset(), requeue: bool = True) -> None:
     """Fail trials whose worker is gone and run the storage's stale-trial callback on them
     (queue a retry, close the MLflow run). Stale by heartbeat, or RUNNING on a worker known dead
     (host:pid in `dead_workers`: no need to wait for its heartbeat to expire). Without `requeue`
@@ -122,12 +122,14 @@ def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = froze
 
     import optuna
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
-        if requeue:
+    if requeue:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+    if not dead_workers:
+        return
     handler = storage.get_heartbeat_stale_trial_callback()
+    notify = handler if requeue else getattr(handler, "on_stale", None)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get("worker") not in dead_workers:
             continue
@@ -135,11 +137,8 @@ def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = froze
             storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        failed = copy.deepcopy(storage.get_trial(trial._trial_id))
-        if handler is not None:
-            (handler if requeue else getattr(handler, "on_stale", None) or (lambda s, t: None))(study, failed)
-    after = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
-    return sorted(after - before)
+        if notify is not None:
+            notify(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
 
 
 def load_existing(loaded: LoadedConfig, storage_flag: str | None, settings: Any) -> optuna.Study:

@@ -160,3 +160,12 @@ def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
         assert reached == ["end of section"] and stop.exit_code() == 143
     finally:
         stop.restore()
+
+
+def test_retry_log_marks_survive_trimming():
+    log = RetryLog()
+    for i in range(250):
+        log.add("old", i, ConnectionError("down"))
+    mark = log.mark()
+    log.add("new", 1, ConnectionError("down"))
+    assert log.since(mark) == ["new: attempt 1 failed (ConnectionError: down)"] and len(log.entries) == 200
