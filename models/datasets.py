@@ -208,6 +208,10 @@ def _split(x, y, names, labels, task, image_shape, validation, test, seed) -> Da
         raise DatasetError("split", f"cannot split {n} rows by class: {e}") from None
     x = x.astype(np.float32)
     x_train = x[idx_train]
+    # A feature constant on the train rows (a blank pixel) keeps unit scale, as in scikit-learn's
+    # StandardScaler: dividing by its zero variance would blow up any other value it takes later.
+    variance = x_train.var(axis=0)
+    variance[variance < 1e-12] = 1.0
     target_mean, target_std = 0.0, 1.0
     if task == "regression":
         target_mean, target_std = float(y[idx_train].mean()), float(y[idx_train].std() or 1.0)
@@ -217,7 +221,7 @@ def _split(x, y, names, labels, task, image_shape, validation, test, seed) -> Da
         class_labels=labels,
         image_shape=tuple(image_shape) if image_shape else None,
         feature_mean=tuple(float(v) for v in x_train.mean(axis=0)),
-        feature_var=tuple(float(v) for v in x_train.var(axis=0)),
+        feature_var=tuple(float(v) for v in variance),
         target_mean=target_mean,
         target_std=target_std,
     )

@@ -6,7 +6,7 @@ Pruning reaches this module only as a plain `report(epoch, logs) -> stop?` funct
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,22 +88,29 @@ def fit(
     mode: str = "min",
     patience: int | None = None,
     report: Report | None = None,
+    initial_epoch: int = 0,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> FitResult:
-    """Fit on the train split, validate each epoch, end with the best epoch's weights."""
+    """Fit on the train split, validate each epoch, end with the best epoch's weights.
+
+    `initial_epoch` continues a model trained before (epochs then counts from 0 as in Keras);
+    `callbacks` run after the workbench's own (a tuner's checkpointing, for instance)."""
     guard = _Guard(monitor, mode, patience)
-    callbacks: list[keras.callbacks.Callback] = [guard]
+    hooks: list[keras.callbacks.Callback] = [guard]
     reporter = _EpochReporter(report) if report is not None else None
     if reporter is not None:
-        callbacks.append(reporter)
+        hooks.append(reporter)
+    hooks.extend(callbacks)
     history = model.fit(
         data.x_train,
         data.y_train,
         validation_data=(data.x_val, data.y_val),
         epochs=epochs,
+        initial_epoch=initial_epoch,
         batch_size=batch_size,
         shuffle=True,
         verbose=0,
-        callbacks=callbacks,
+        callbacks=hooks,
     )
     if guard.non_finite is not None:
         epoch, value = guard.non_finite

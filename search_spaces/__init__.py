@@ -9,6 +9,7 @@ from search_spaces._compile import (
     sample,
     to_distribution,
 )
+from search_spaces._keras_tuner import keras_tuner_problems, params_from_values, to_hyperparameters
 from search_spaces._load import load_space, parse_space
 from search_spaces._schema import (
     CategoricalParam,
@@ -31,9 +32,12 @@ __all__ = [
     "conditions_hold",
     "from_flat",
     "grid_values",
+    "keras_tuner_problems",
     "load_space",
     "optuna_suggest",
+    "params_from_values",
     "parse_space",
     "sample",
     "to_distribution",
+    "to_hyperparameters",
 ]

@@ -11,6 +11,8 @@ from search_spaces.errors import FieldError
 Direction = Literal["minimize", "maximize"]
 SamplerType = Literal["tpe", "random", "cmaes", "gp", "qmc", "grid", "nsga2"]
 PrunerType = Literal["none", "median", "percentile", "successive_halving", "hyperband", "patient", "threshold"]
+EngineType = Literal["optuna", "keras_tuner"]
+TunerType = Literal["random", "bayesian", "hyperband"]
 
 # Metrics the objective may name, by task; `val_*` are computed each epoch, so they can prune.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -131,6 +133,55 @@ class PrunerSection(_Section):
         return self
 
 
+class _RandomOptions(_Section):
+    pass
+
+
+class _BayesianOptions(_Section):
+    num_initial_points: int | None = Field(default=None, ge=1)  # KerasTuner's default: 3 x the number of parameters
+    alpha: float = Field(default=1e-4, gt=0)
+    beta: float = Field(default=2.6, gt=0)
+
+
+class _HyperbandOptions(_Section):
+    factor: int = Field(default=3, ge=2)
+    # null: brackets follow one another until the budget (n_trials / timeout) is spent.
+    hyperband_iterations: int | None = Field(default=None, ge=1)
+
+
+KERAS_TUNER_OPTIONS: dict[str, type[_Section]] = {
+    "random": _RandomOptions, "bayesian": _BayesianOptions, "hyperband": _HyperbandOptions,
+}
+
+
+class KerasTunerSection(_Section):
+    """engine: keras_tuner: which KerasTuner tuner walks the search space, and its options.
+    The budget, epochs (Hyperband's max_epochs), seed and objective come from the other sections."""
+
+    tuner: TunerType = "hyperband"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> KerasTunerSection:
+        from pydantic import ValidationError
+
+        model = KERAS_TUNER_OPTIONS[self.tuner]
+        try:
+            model.model_validate(self.options)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                accepted = ", ".join(model.model_fields) or "none"
+                raise FieldError(f"options.{key}", f"not an option of the {self.tuner} tuner (options: {accepted}; "
+                                 "max_trials, max_epochs, seed and objective come from budget, training, study and objective)") from None
+            raise FieldError(f"options.{key}", f"{err['msg']}, got {err.get('input')!r}") from None
+        return self
+
+    def resolved_options(self) -> dict[str, Any]:
+        return KERAS_TUNER_OPTIONS[self.tuner].model_validate(self.options).model_dump()
+
+
 class TrainingSection(_Section):
     epochs: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1)
@@ -161,6 +212,9 @@ class StudyConfig(_Section):
     """A whole study: data, model, search space, objective, budget, sampler, pruner, training."""
 
     study: StudySection = StudySection()
+    # Who picks the trials: Optuna's sampler and pruner, or a KerasTuner tuner on the same space.
+    engine: EngineType = "optuna"
+    keras_tuner: KerasTunerSection | None = None
     dataset: DatasetSection
     model: ModelSection
     search_space: str
@@ -171,6 +225,25 @@ class StudyConfig(_Section):
     training: TrainingSection = TrainingSection()
     tracking: TrackingSection = TrackingSection()
     registry: RegistrySection = RegistrySection()
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> StudyConfig:
+        if self.engine == "optuna":
+            if self.keras_tuner is not None:
+                raise FieldError("keras_tuner", "only used with engine: keras_tuner (the engine is optuna)")
+            return self
+        for section in ("sampler", "pruner"):
+            if section in self.model_fields_set:
+                raise FieldError(section, f"Optuna's {section} is not used with engine: keras_tuner (its tuner picks "
+                                 "and stops trials, set keras_tuner.tuner); remove this section or use engine: optuna")
+        if self.multi_objective:
+            raise FieldError("objective.metrics", "KerasTuner optimises one objective: give objective.metric, or use engine: optuna")
+        return self
+
+    @property
+    def tuner(self) -> KerasTunerSection:
+        """The KerasTuner settings (defaults when the section is absent)."""
+        return self.keras_tuner or KerasTunerSection()
 
     @model_validator(mode="after")
     def _check_registry(self) -> StudyConfig:

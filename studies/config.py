@@ -176,6 +176,13 @@ def check_consistency(loaded: LoadedConfig) -> None:
             raise ConfigError.single(src, key, f"must be one of {', '.join(allowed_metrics)} for a {loaded.task} task, got {spec.name!r}")
     if not cfg.multi_objective and specs[0].name in STATIC_METRICS:
         raise ConfigError.single(src, "objective.metric", f"{specs[0].name!r} alone needs no training; pair it with a val_* metric in metrics")
+    if cfg.engine == "keras_tuner":
+        from search_spaces import keras_tuner_problems
+
+        problems = keras_tuner_problems(loaded.space)
+        if problems:
+            raise ConfigError(str(loaded.space_path), [(p, f"{m} (engine: keras_tuner in {src})") for p, m in problems])
+        return
     from studies.samplers import check_sampler_and_pruner
 
     check_sampler_and_pruner(loaded)

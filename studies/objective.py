@@ -89,12 +89,23 @@ class Objective:
                 trial.set_user_attr(key, value)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        seed = derive_seed(self.loaded.config.study.seed, trial.number)
+        return self.run(trial)
+
+    def seed(self, trial: optuna.Trial) -> int:
+        """The trial's seed: a function of the study seed and the trial number."""
+        return derive_seed(self.loaded.config.study.seed, trial.number)
+
+    def run(self, trial: optuna.Trial, *, model: Any = None, fit_options: dict[str, Any] | None = None,
+            attrs: dict[str, Any] | None = None) -> float | tuple[float, ...]:
+        """One trial. Another engine (KerasTuner) passes the model it built and seeded, its fit
+        options (epochs, initial_epoch, callbacks) and attributes of its own to record."""
+        seed = self.seed(trial)
         mark = self.retry_log.mark()
         lineage = retry_lineage(trial)
         outcome: dict[str, Any] = {"state": "FAIL", "metrics": {}, "model": None, "tags": {}, "attrs": {}}
-        start_attrs: dict[str, Any] = {"seed": seed, "worker": self.worker}
-        run_tags = {"workbench.seed": str(seed), "workbench.worker": self.worker}
+        start_attrs: dict[str, Any] = {"seed": seed, "worker": self.worker, **(attrs or {})}
+        run_tags = {"workbench.seed": str(seed), "workbench.worker": self.worker,
+                    **{f"workbench.{k}": str(v) for k, v in (attrs or {}).items()}}
         if lineage:
             start_attrs["retry_of"] = lineage[-1]
             run_tags |= {"workbench.retry_of": str(lineage[-1]), "workbench.retry_lineage": ",".join(map(str, lineage))}
@@ -105,7 +116,7 @@ class Objective:
         try:
             with signals_deferred():  # a run created but unknown here would stay RUNNING
                 run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
-            values = self._train(trial, params, seed, run_id, outcome)
+            values = self._train(trial, params, seed, run_id, outcome, model=model, fit_options=fit_options)
             outcome["state"] = "COMPLETE"
             outcome["is_best"] = improves(trial.study, values)
             return values
@@ -156,18 +167,24 @@ class Objective:
             pass
         return {"curve": curve, "attrs": outcome["attrs"], "metrics": outcome["metrics"]}
 
-    def _train(self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str | None,
-               outcome: dict[str, Any]) -> float | tuple[float, ...]:
+    def build(self, params: dict[str, Any], seed: int) -> Any:
+        """A fresh model for these params, its weights drawn from the trial's seed."""
         import keras
 
         from models import FAMILIES
+
+        keras.backend.clear_session(free_memory=False)  # gc.collect() here costs ~0.4 s a trial
+        keras.utils.set_random_seed(seed)
+        return FAMILIES[self.loaded.config.model.family].build(params, self.data.spec)
+
+    def _train(self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str | None,
+               outcome: dict[str, Any], *, model: Any = None, fit_options: dict[str, Any] | None = None) -> float | tuple[float, ...]:
         from models.training import evaluate, fit
 
         cfg = self.loaded.config
-        keras.backend.clear_session(free_memory=False)  # gc.collect() here costs ~0.4 s a trial
-        keras.utils.set_random_seed(seed)
         started = time.perf_counter()
-        model = FAMILIES[cfg.model.family].build(params, self.data.spec)
+        if model is None:
+            model = self.build(params, seed)
         metrics: dict[str, float] = outcome["metrics"]
         metrics["n_params"] = float(model.count_params())
         attrs: dict[str, Any] = outcome["attrs"]
@@ -181,15 +198,16 @@ class Objective:
             trial.report(logs.get(self.monitor, float("nan")), epoch)
             return trial.should_prune()
 
+        options: dict[str, Any] = {"epochs": cfg.training.epochs, **(fit_options or {})}
         result = fit(
             model,
             self.data,
-            epochs=cfg.training.epochs,
             batch_size=int(params.get("batch_size", cfg.training.batch_size)),
             monitor=self.monitor,
             mode=self.mode,
             patience=cfg.training.early_stopping_patience,
             report=report,
+            **options,
         )
         metrics["epochs_run"] = float(result.epochs_run)
         metrics["fit_seconds"] = round(time.perf_counter() - started, 3)

@@ -60,8 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     from studies.config import run_cli
 
+    def body(loaded) -> int:
+        if loaded.config.engine == "keras_tuner" and (args.workers > 1 or args.worker_index is not None):
+            from search_spaces import ConfigError
+
+            raise ConfigError.single(str(loaded.source), "engine", "KerasTuner runs its search in one process: "
+                                     "drop --workers, or use engine: optuna to share a study between workers")
+        return _run(loaded, args, argv)
+
     try:
-        return run_cli(args.config, _overrides(args), lambda loaded: _run(loaded, args, argv))
+        return run_cli(args.config, _overrides(args), body)
     except KeyboardInterrupt:  # before the study started: nothing to record
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -136,12 +144,20 @@ def _open(loaded, args: argparse.Namespace) -> Session:
     data = load_data(loaded)
     quiet_libraries()
     url = resolve_url(args.storage, settings.optuna_storage, cfg.study.storage, settings.default_storage())
-    storage = open_storage(url, heartbeat_interval=settings.heartbeat_seconds, max_retry=cfg.budget.retries)
+    # KerasTuner re-runs a trial it lost itself: its studies never queue a stale trial again.
+    retries = cfg.budget.retries if cfg.engine == "optuna" else 0
+    storage = open_storage(url, heartbeat_interval=settings.heartbeat_seconds, max_retry=retries)
     study = open_study(loaded, storage, study_name=loaded.study_name,
                        allow_space_change=args.allow_space_change, data_hash=data.fingerprint)
-    base_seed = cfg.sampler.seed if cfg.sampler.seed is not None else cfg.study.seed
-    study.sampler = build_sampler(cfg.sampler, sampler_seed(base_seed, len(study.get_trials(deepcopy=False)), args.worker_index), loaded)
-    study.pruner = read_completed_once_per_trial(build_pruner(cfg.pruner))
+    if cfg.engine == "optuna":
+        base_seed = cfg.sampler.seed if cfg.sampler.seed is not None else cfg.study.seed
+        study.sampler = build_sampler(cfg.sampler, sampler_seed(base_seed, len(study.get_trials(deepcopy=False)), args.worker_index), loaded)
+        study.pruner = read_completed_once_per_trial(build_pruner(cfg.pruner))
+    else:  # the tuner picks every value; Optuna only records them
+        import optuna
+
+        study.sampler = optuna.samplers.RandomSampler(seed=cfg.study.seed)
+        study.pruner = optuna.pruners.NopPruner()
     return Session(loaded, settings, data, url, storage, study, [m.name for m in cfg.objective.specs()], cfg.budget.n_trials)
 
 
@@ -183,6 +199,11 @@ def _run_study(loaded, args: argparse.Namespace, argv: list[str], stop) -> int:
                 tracker.reconcile(study)
         if args.workers > 1 and not worker:
             failed = _coordinate(session, argv, args.workers, stop)
+        elif cfg.engine == "keras_tuner":
+            from studies.kt_engine import run_keras_tuner
+
+            _prepare_tensorflow(session.settings.tf_threads)
+            failed = run_keras_tuner(session, tracker)
         else:
             failed = _optimize(session, tracker, label=None if not worker else f"w{args.worker_index}")
     except Interrupted:

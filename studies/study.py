@@ -18,6 +18,7 @@ SPACE_HASH = "workbench:space_hash"
 SPACE = "workbench:space"
 CONFIG = "workbench:config"
 DATA_HASH = "workbench:data_hash"
+ENGINE = "workbench:engine"  # optuna or keras_tuner: who picked the trials
 # The budget counts these: a failed trial is retried, it does not use up the budget.
 BUDGET_STATES = ("COMPLETE", "PRUNED")
 
@@ -79,6 +80,7 @@ def open_study(
         SPACE_HASH: new_hash,
         SPACE: loaded.space.model_dump(mode="json", exclude_none=True),
         CONFIG: cfg.model_dump(mode="json"),
+        ENGINE: cfg.engine if cfg.engine == "optuna" else f"keras_tuner.{cfg.tuner.tuner}",
     }
     if data_hash is not None:
         updates[DATA_HASH] = data_hash

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -104,8 +105,9 @@ class Tracker:
         cfg = loaded.config
         self.common_tags = {
             STUDY_TAG: study.study_name,
-            "workbench.sampler": cfg.sampler.type,
-            "workbench.pruner": cfg.pruner.type,
+            "workbench.engine": cfg.engine,
+            "workbench.sampler": cfg.sampler.type if cfg.engine == "optuna" else f"keras_tuner.{cfg.tuner.tuner}",
+            "workbench.pruner": cfg.pruner.type if cfg.engine == "optuna" else "none",
             "workbench.space_hash": loaded.space.fingerprint(),
             "workbench.config_hash": loaded.config_hash,
             "workbench.data_hash": data_hash,
@@ -129,18 +131,7 @@ class Tracker:
         return self.parent_run_id
 
     def _experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment_name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
-        except Exception:  # another worker created it first
-            found = self.client.get_experiment_by_name(self.experiment_name)
-            if found is None:
-                raise
-            return found.experiment_id
+        return experiment_id(self.client, self.experiment_name, self.artifact_location)
 
     def _parent_runs(self, study_name: str) -> list[Any]:
         query = f"tags.`{PARENT_ROLE}` = 'study' AND tags.`{STUDY_TAG}` = '{study_name}'"
@@ -365,6 +356,55 @@ class Tracker:
     def close(self) -> None:
         self.wait()
         self._executor.shutdown(wait=True)
+
+
+def experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of the named experiment, created (or restored) if need be."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another worker created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def log_comparison(tracking_uri: str, experiment: str, *, title: str, html_page: str, studies: list[str],
+                   rows: list[dict[str, Any]], artifact_location: str | None) -> str:
+    """One finished run in `experiment` holding a comparison of studies: the page
+    (reports/compare.html), its table (reports/compare.json), each study's best value and time
+    to the common best as metrics. Returns the run id."""
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from mlflow import MlflowClient
+
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_http(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = _retry(lambda: experiment_id(client, experiment, artifact_location), f"opening MLflow experiment {experiment!r}")
+    tags = {PARENT_ROLE: "comparison", "workbench.studies": ",".join(studies), "mlflow.note.content": title}
+    run = _retry(lambda: client.create_run(exp, run_name="compare " + " vs ".join(studies), tags=tags), "creating the comparison run")
+    run_id = run.info.run_id
+    values: dict[str, float] = {}
+    for row in rows:
+        key = re.sub(r"[^\w\-. /]", "_", row["study"])  # the characters MLflow allows in a metric name
+        values[f"best.{key}"] = row["best"]
+        if row.get("seconds_to_common_best") is not None:
+            values[f"seconds_to_common_best.{key}"] = row["seconds_to_common_best"]
+
+    def write() -> None:
+        client.log_text(run_id, html_page, "reports/compare.html")
+        client.log_dict(run_id, rows, "reports/compare.json")
+        client.log_batch(run_id, metrics=_metrics(values, step=0))
+        client.set_terminated(run_id, status="FINISHED")
+
+    _retry(write, "logging the comparison")
+    return run_id
 
 
 def _check_http(uri: str) -> None:

@@ -1,0 +1,93 @@
+"""`python -m studies.dashboard` on the real PostgreSQL: an Optuna study and a KerasTuner study of
+the same space, side by side, read back through optuna-dashboard's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import yaml
+
+from tests.conftest import ROOT, tiny_config
+from tests.integration.test_postgres_runner import HOME, finish, run_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_dashboard_lists_optuna_and_kerastuner_studies(postgres_url, study_name, write_config, tiny_space):
+    optuna_cfg = write_config(tiny_config(tiny_space, study={"name": f"{study_name}_optuna", "seed": 1},
+                                          budget={"n_trials": 2}), "optuna.yaml")
+    kt = tiny_config(tiny_space, study={"name": f"{study_name}_kt", "seed": 1}, engine="keras_tuner",
+                     keras_tuner={"tuner": "hyperband", "options": {"factor": 2}}, budget={"n_trials": 3})
+    del kt["sampler"], kt["pruner"]
+    kt_cfg = write_config(kt, "kt.yaml")
+    for cfg in (optuna_cfg, kt_cfg):
+        code, _, err = finish(run_cli(str(cfg), "--storage", postgres_url, "--no-tracking"))
+        assert code == 0, err
+
+    port = _free_port()
+    env = {**os.environ, "WORKBENCH_HOME": HOME, "OPTUNA_STORAGE": postgres_url}
+    proc = subprocess.Popen([sys.executable, "-m", "studies.dashboard", str(kt_cfg), "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _get(f"{base}/api/meta")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer within 60 s"
+                time.sleep(0.5)
+        studies = {s["study_name"]: s for s in _get(f"{base}/api/studies")["study_summaries"]}
+        assert {f"{study_name}_optuna", f"{study_name}_kt"} <= set(studies)
+        kt_id = studies[f"{study_name}_kt"]["study_id"]
+        detail = _get(f"{base}/api/studies/{kt_id}")
+        trials = detail["trials"]
+        assert len(trials) == 3 and {t["state"] for t in trials} == {"Complete"}
+        assert all(t["intermediate_values"] for t in trials)  # the per-epoch curve shows in the dashboard
+        params = {p["name"] for t in trials for p in t["params"]}
+        assert {"n_layers", "units_0", "learning_rate", "optimizer"} <= params
+        engine = [a for a in detail["user_attrs"] if a["key"] == "workbench:engine"]
+        assert engine and engine[0]["value"] == "keras_tuner.hyperband"
+        optuna_detail = _get(f"{base}/api/studies/{studies[f'{study_name}_optuna']['study_id']}")
+        assert len(optuna_detail["trials"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert f"optuna-dashboard on http://127.0.0.1:{port}/dashboard" in out
+    assert f"{study_name}_kt" in out and "<- this config" in out
+    assert proc.returncode == 0, err
+
+
+def test_dashboard_reports_a_port_in_use(postgres_url, write_config, tiny_space):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(yaml.safe_load(yaml.safe_dump(tiny_config(tiny_space))))
+        proc = subprocess.run([sys.executable, "-m", "studies.dashboard", str(cfg), "--storage", postgres_url,
+                               "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "WORKBENCH_HOME": HOME})
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
