@@ -96,7 +96,7 @@ def fit(
     `initial_epoch` continues a model trained before (epochs then counts from 0 as in Keras);
     `callbacks` run after the workbench's own (a tuner's checkpointing, for instance)."""
     guard = _Guard(monitor, mode, patience)
-    hooks: list[keras.callbacks.Callback] = [guard]
+    hooks: list[keras.callbacks.Callback] = [_Validation(data.x_val, data.y_val), guard]
     reporter = _EpochReporter(report) if report is not None else None
     if reporter is not None:
         hooks.append(reporter)
@@ -104,7 +104,6 @@ def fit(
     history = model.fit(
         data.x_train,
         data.y_train,
-        validation_data=(data.x_val, data.y_val),
         epochs=epochs,
         initial_epoch=initial_epoch,
         batch_size=batch_size,
@@ -122,7 +121,57 @@ def fit(
     return FitResult(logs, len(logs.get("loss", [])), stopped_by, guard.best_epoch)
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Loss and metrics of the model on one split."""
-    result = model.evaluate(x, y, batch_size=max(256, min(len(x), 4096)), verbose=0, return_dict=True)
-    return {k: float(v) for k, v in result.items()}
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, *, chunk: int = 8192) -> dict[str, float]:
+    """Loss and metrics of the model on one split, as `model.evaluate` computes them (mean loss
+    plus the regularization penalty, the compiled metrics by name), from eager forward passes of
+    `chunk` rows. Eager on purpose: `model.evaluate` traces a test function per model, ~0.25 s,
+    more than a small model's whole evaluation."""
+    loss_fn, metrics = _scorers(model)
+    total, n = 0.0, len(x)
+    for start in range(0, n, chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        pred = model(xb, training=False)
+        yb = _aligned(yb, pred)
+        total += float(keras.ops.sum(loss_fn(yb, pred)))
+        for metric in metrics:
+            metric.update_state(yb, pred)
+    penalty = sum(float(loss) for loss in model.losses)
+    out = {"loss": total / max(n, 1) + penalty}
+    out.update({metric.name: float(metric.result()) for metric in metrics})
+    return out
+
+
+def _scorers(model: keras.Model) -> tuple[Callable[..., Any], list[keras.metrics.Metric]]:
+    """The per-sample loss function and fresh copies of the compiled metrics of a model."""
+    config = model.get_compile_config()
+    if not config:
+        raise ValueError("the model is not compiled: no loss to evaluate")
+    loss = model.loss
+    if isinstance(loss, keras.losses.Loss):
+        loss_fn = loss.call  # per sample, before the reduction
+    else:
+        loss_fn = keras.losses.get(loss)
+    metrics = [keras.metrics.deserialize(m) for m in (config.get("metrics") or [])]
+    return loss_fn, metrics
+
+
+def _aligned(y: np.ndarray, pred: Any) -> np.ndarray:
+    """A (n,) target against (n, 1) predictions becomes (n, 1), as Keras's loss wrapper does."""
+    y = np.asarray(y)
+    if y.ndim == len(pred.shape) - 1 and pred.shape[-1] == 1:
+        return y[..., None]
+    return y
+
+
+class _Validation(keras.callbacks.Callback):
+    """Adds val_* to each epoch's logs (before the other callbacks read them) from `evaluate`:
+    no traced test function, ~0.03 s less per epoch and ~0.25 s less per model than Keras's own
+    validation for the small models searched here."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        super().__init__()
+        self.x, self.y = x, y
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in evaluate(self.model, self.x, self.y).items()})

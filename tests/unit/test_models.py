@@ -48,3 +48,28 @@ def test_report_can_stop_training_and_divergence_is_an_error():
     model = FAMILIES["mlp"].build({"units": [64], "optimizer": "sgd", "learning_rate": 1e12}, data.spec)
     with pytest.raises(NonFiniteLossError, match="loss became"):
         fit(model, data, epochs=5, batch_size=32)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "params"),
+    [
+        ("breast_cancer", {"units": [8], "l2": 1e-3}),  # binary: loss + L2 penalty, accuracy, auc
+        ("wine", {"units": [8], "batch_norm": True, "dropout": [0.3]}),  # multiclass, inference-mode layers
+        ("diabetes", {"units": [8], "l2": 1e-4}),  # regression: mse, mae, rmse in target units
+    ],
+)
+def test_eager_evaluation_matches_keras_evaluate(dataset, params):
+    """evaluate() and the per-epoch val_* logs are what Keras's own evaluate/validation give,
+    without tracing a test function."""
+    data = load_dataset(name=dataset, seed=0)
+    keras.utils.set_random_seed(0)
+    model = FAMILIES["mlp"].build(params, data.spec)
+    result = fit(model, data, epochs=2, batch_size=64)
+    ours = evaluate(model, data.x_val, data.y_val, chunk=50)  # chunks must not change the result
+    theirs = model.evaluate(data.x_val, data.y_val, batch_size=64, verbose=0, return_dict=True)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+    # The history holds the eager validation of each epoch; after fit the best epoch's weights are back.
+    assert set(result.history) >= {f"val_{k}" for k in theirs}
+    assert min(result.history["val_loss"]) == pytest.approx(ours["loss"], rel=1e-5)
