@@ -8,7 +8,7 @@ Every contender searches the shipped MLP space (search_spaces/mlp.yaml) on the s
 objective val_loss, one TensorFlow thread (TF_THREADS=1, OMP_NUM_THREADS=1), tracking off,
 SQLite storage, each run a fresh `python -m studies.run` process with `budget.timeout` = B:
 
-  optuna        the shipped default (configs/*.yaml): TPE + the pruner named in OPTUNA below
+  optuna        the shipped default (configs/*.yaml): multivariate TPE + successive halving (OPTUNA below)
   kt_hyperband  engine: keras_tuner, Hyperband (factor 3, max_epochs 20)
   kt_bayesian   engine: keras_tuner, BayesianOptimization
   random        Optuna's RandomSampler, no pruner, budget B
@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 EPOCHS, PATIENCE = 20, 4
 # The shipped default (configs/breast_cancer.yaml, configs/digits_mlp.yaml): what "optuna" runs.
 OPTUNA = {
-    "sampler": {"type": "tpe", "options": {"n_startup_trials": 10, "multivariate": True, "group": True}},
-    "pruner": {"type": "median", "options": {"n_startup_trials": 5, "n_warmup_steps": 3}},
+    "sampler": {"type": "tpe", "options": {"n_startup_trials": 5, "multivariate": True, "group": True}},
+    "pruner": {"type": "successive_halving", "options": {"min_resource": 2, "reduction_factor": 3}},
 }
 CONTENDERS = {
     "optuna": {**OPTUNA},
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("kt_hyperband is the reference: keep it in --contenders")
     folder = Path(tempfile.mkdtemp(prefix="search-eff-"))
     storage = f"sqlite:///{folder / 'optuna.db'}"
+    from studies.storage import open_storage
+
+    open_storage(storage)  # the schema, before two runs start at once
     print(f"# search efficiency: {', '.join(f'{d} {b:g} s' for d, b in budgets.items())} per run, seeds {seeds}, "
           f"{args.parallel} runs at a time, 1 TF thread each, mlp.yaml, {EPOCHS} epochs max, patience {PATIENCE}")
     print(f"# optuna = {OPTUNA}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,19 +157,29 @@ def open_storage(
     stale = None
     if heartbeat_interval is not None:
         stale = StaleTrialHandler(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry), on_stale)
-    try:
-        storage = resilient_storage_class()(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=None if heartbeat_interval is None else 2 * heartbeat_interval,
-            heartbeat_stale_trial_callback=stale,
-        )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+    for attempt in range(1, _CREATE_ATTEMPTS + 1):
+        try:
+            storage = resilient_storage_class()(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=None if heartbeat_interval is None else 2 * heartbeat_interval,
+                heartbeat_stale_trial_callback=stale,
+            )
+            break
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            # Processes creating the schema of a fresh database at once: the losers find the
+            # winner's tables or rows, and simply open the storage again.
+            race = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in reason
+            if not race or attempt == _CREATE_ATTEMPTS:
+                raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+            time.sleep(0.2 * attempt)
     storage.retry_log = RetryLog()
     return storage
+
+
+_CREATE_ATTEMPTS = 5
 
 
 class StaleTrialHandler:

@@ -40,3 +40,9 @@ def test_storage_overhead_quick(postgres_url):
 def test_workers_quick(postgres_url):
     last = _quick("benchmarks/workers.py", {"WORKBENCH_TEST_POSTGRES_URL": postgres_url})[-1]
     assert last.startswith("headline: 2 workers / 1 worker = ")
+
+
+def test_search_efficiency_quick():
+    lines = _quick("benchmarks/search_efficiency.py", {})
+    assert any(line.startswith("optuna ") for line in lines) and any(line.startswith("kt_hyperband ") for line in lines)
+    assert lines[-1].startswith("headline: optuna time to reach KT Hyperband's best / KT Hyperband's time")

@@ -169,3 +169,40 @@ def test_retry_log_marks_survive_trimming():
     mark = log.mark()
     log.add("new", 1, ConnectionError("down"))
     assert log.since(mark) == ["new: attempt 1 failed (ConnectionError: down)"] and len(log.entries) == 200
+
+
+def _open(url: str) -> str:
+    from studies.storage import open_storage
+
+    open_storage(url)
+    return "ok"
+
+
+def test_processes_creating_a_fresh_sqlite_storage_at_once_all_open_it(tmp_path):
+    """Seen in the search-efficiency benchmark: two runs started together on a new SQLite file,
+    one died with 'UNIQUE constraint failed: alembic_version.version_num'."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(6) as pool:
+        for i in range(3):
+            url = f"sqlite:///{tmp_path / f'fresh{i}.db'}"
+            assert pool.map(_open, [url] * 6) == ["ok"] * 6
+
+
+def test_a_lost_schema_race_opens_the_storage_again(tmp_path, monkeypatch):
+    import studies.storage as storage_module
+
+    real = storage_module.resilient_storage_class()
+    calls = []
+
+    class Racing(real):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(storage_module, "resilient_storage_class", lambda: Racing)
+    storage_module.open_storage(f"sqlite:///{tmp_path / 'x.db'}")
+    assert len(calls) == 2
