@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="digits=60,breast_cancer=40", help="seconds per run, per dataset")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
+    p.add_argument("--report", metavar="URL", help="only print the tables of an earlier run's storage")
     args = p.parse_args(argv)
     budgets = {k: float(v) for k, v in (item.split("=") for item in args.budget.split(","))}
     contenders = args.contenders.split(",")
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         budgets, contenders, seeds = {"breast_cancer": 8.0}, ["optuna", "kt_hyperband"], [0]
     if "kt_hyperband" not in contenders:
         p.error("kt_hyperband is the reference: keep it in --contenders")
+    if args.report:
+        report(args.report, budgets, contenders, seeds)
+        return 0
     folder = Path(tempfile.mkdtemp(prefix="search-eff-"))
     storage = f"sqlite:///{folder / 'optuna.db'}"
     from studies.storage import open_storage
@@ -163,8 +167,33 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(failures), file=sys.stderr)
         return 1
 
+    report(storage, budgets, contenders, seeds)
+    return 0
+
+
+def cost_model(storage: str, name: str) -> tuple[float, float] | None:
+    """Least squares of a trial's duration on the epochs it trained: (seconds per trial, per epoch)."""
+    import numpy as np
+    import optuna
+
+    pts = [(t.user_attrs["epochs_run"], (t.datetime_complete - t.datetime_start).total_seconds())
+           for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+           if t.datetime_complete and "epochs_run" in t.user_attrs]
+    if len({e for e, _ in pts}) < 2:
+        return None
+    slope, intercept = np.polyfit([e for e, _ in pts], [d for _, d in pts], 1)
+    return float(intercept), float(slope)
+
+
+def report(storage: str, budgets: dict[str, float], contenders: list[str], all_seeds: list[int]) -> None:
+    import optuna
+
+    have = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     headline = []
     for dataset, budget in budgets.items():
+        seeds = [s for s in all_seeds if all(f"{dataset}_{c}_s{s}" in have for c in contenders)]
+        if seeds != all_seeds:
+            print(f"# {dataset}: seeds {sorted(set(all_seeds) - set(seeds))} left out (a contender's study is missing)")
         print(f"\n## {dataset}: budget {budget:g} s of running trials (random_2x: {2 * budget:g} s)")
         curves = {(c, s): evaluate(storage, f"{dataset}_{c}_s{s}", budget * (2 if c == "random_2x" else 1))
                   for c, s in itertools.product(contenders, seeds)}
@@ -183,9 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             spread = f"{fmt(statistics.median(bests))} ({fmt(min(bests))}-{fmt(max(bests))})"
             print(f"{c:<24} {trials:>7g} {spread:>32} {fmt(med_time if math.isfinite(med_time) else None, 3):>20}"
                   f" ({len(reached)}/{len(seeds)})  {per_seed}")
+            costs = [m for s in seeds if (m := cost_model(storage, f"{dataset}_{c}_s{s}"))]
+            if costs:
+                fixed = statistics.median(m[0] for m in costs)
+                per_epoch = statistics.median(m[1] for m in costs)
+                print(f"{'':<24} trial duration ~ {fixed:.2f} s + {per_epoch:.3f} s x epochs (median fit over seeds)")
         ratios = []
-        for s in seeds:
-            ours, theirs = reach["optuna"][s] if "optuna" in reach else None, reach["kt_hyperband"][s]
+        for i in range(len(seeds)):
+            ours, theirs = reach["optuna"][i] if "optuna" in reach else None, reach["kt_hyperband"][i]
             if theirs:
                 ratios.append((ours if ours is not None else math.inf) / theirs)
         if ratios:
@@ -194,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"optuna / KT-HB time to KT-HB's best, per seed: {', '.join(fmt(r if math.isfinite(r) else None, 3) for r in ratios)}")
     print(f"\nheadline: optuna time to reach KT Hyperband's best / KT Hyperband's time (median over seeds): "
           f"{'; '.join(headline)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """`python -m studies.compare CONFIG CONFIG ...`: studies side by side in one plotly page.
 
 For each study (Optuna or KerasTuner engine, same storage or not): the best objective value so
-far against the trial number, and against wall time. Wall time is the time trials were running
-(the union of their start-to-end intervals), so the pauses between two invocations of a resumed
-study and the process start-up do not count, and parallel workers count once. The page is
+far against the trial number, and against wall time. Wall time is the search's running time:
+from the first trial's start, with parallel workers counted once and the work between trials
+(sampling, the tuner's bookkeeping) included, but pauses of a minute or more between trials (the
+time between two invocations of a resumed study) left out. The page is
 written to a file and logged to MLflow (experiment `comparisons` by default).
 """
 
@@ -49,15 +50,22 @@ class Curve:
         return None
 
 
-def busy_seconds(intervals: list[tuple[float, float]]) -> list[float]:
-    """For (start, end) intervals sorted by end: the length of the union of the intervals so far,
-    at each end. Merged spans are kept sorted; each new interval swallows the spans it overlaps."""
+PAUSE_SECONDS = 60.0  # a gap this long between trials is a pause (another invocation), not search overhead
+
+
+def busy_seconds(intervals: list[tuple[float, float]], pause: float = PAUSE_SECONDS) -> list[float]:
+    """For (start, end) intervals sorted by end: the running time of the search at each end, i.e.
+    the length of the union of the intervals so far plus the gaps between them shorter than
+    `pause` (the sampler's or tuner's own work between two trials counts; the time between two
+    invocations does not). Merged spans are kept sorted; a new interval swallows those it reaches."""
     spans: list[list[float]] = []
     total = 0.0
     out: list[float] = []
     for start, end in intervals:
         lo = start
-        while spans and spans[-1][1] >= start:  # overlaps (ends are sorted, so only the tail can)
+        if spans and spans[-1][1] < start < spans[-1][1] + pause:
+            lo = spans[-1][1]  # a short gap: the search was busy between these trials
+        while spans and spans[-1][1] >= lo:  # overlaps (ends are sorted, so only the tail can)
             s, e = spans.pop()
             total -= e - s
             lo = min(lo, s)

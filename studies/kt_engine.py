@@ -29,6 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search_spaces import compile_space, params_from_values, to_hyperparameters
+from studies.faults import describe
 from studies.objective import Objective
 from studies.report import Progress
 from studies.study import BUDGET_STATES, sampler_seed, state_counts
@@ -66,6 +67,7 @@ class _Live:
     params: dict[str, Any]
     attrs: dict[str, Any]
     values: Any = None
+    trained: bool = False  # the Objective ran (it records its own fail_reason)
     exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
@@ -125,6 +127,7 @@ class Engine:
     def fit(self, model: Any, *, callbacks: Any = (), epochs: int | None = None, initial_epoch: int = 0) -> dict[str, float]:
         live = self.live
         assert live is not None
+        live.trained = True
         options: dict[str, Any] = {"callbacks": list(callbacks or ()), "initial_epoch": int(initial_epoch or 0)}
         if epochs is not None:
             options["epochs"] = int(epochs)
@@ -142,6 +145,9 @@ class Engine:
                 if live.values is not None and kt_trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED:
                     frozen = study.tell(live.trial, live.values)
                 else:
+                    if not live.trained:  # KerasTuner failed before training (loading a checkpoint, building)
+                        reason = (kt_trial.message or "KerasTuner failed the trial").strip().splitlines()[-1]
+                        study._storage.set_trial_user_attr(live.trial._trial_id, "fail_reason", reason[:1000])
                     frozen = study.tell(live.trial, state=TrialState.FAIL)
         finally:
             live.exits.close()
@@ -153,6 +159,8 @@ class Engine:
         if live is None:
             return
         try:
+            if not live.trained:  # stopped before training began: the Objective recorded nothing
+                self.session.study._storage.set_trial_user_attr(live.trial._trial_id, "fail_reason", reason)
             self.session.study.tell(live.trial, state=TrialState.FAIL)
         except Exception as e:
             print(f"warning: could not record trial {live.trial.number} as FAIL ({reason}): {e}", file=sys.stderr)
@@ -249,7 +257,10 @@ def run_keras_tuner(session: Session, tracker: Any, *, label: str | None = None)
     except _BudgetSpent:
         pass
     except BaseException as e:  # interrupted (SIGINT/SIGTERM): the running trial is recorded as FAIL
-        engine.abandon(type(e).__name__)
+        if isinstance(e, KeyboardInterrupt):
+            engine.abandon(f"interrupted ({e})" if str(e) else "interrupted")
+        else:
+            engine.abandon(describe(e)[:1000])
         raise
     finally:
         progress.close()

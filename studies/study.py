@@ -76,11 +76,18 @@ def open_study(
             f"study {study_name!r} was run with another search space (hash {old_hash}, now {new_hash}); "
             "pass --allow-space-change to continue it anyway, or give a new --study-name",
         )
+    engine = cfg.engine if cfg.engine == "optuna" else f"keras_tuner.{cfg.tuner.tuner}"
+    old_engine = attrs.get(ENGINE)
+    if old_engine is not None and old_engine != engine:
+        raise ConfigError.single(
+            src, "engine", f"study {study_name!r} was run with {old_engine}, this config asks {engine}: one study "
+            "holds one engine's trials (compare them with studies.compare); give a new --study-name"
+        )
     updates: dict[str, Any] = {
         SPACE_HASH: new_hash,
         SPACE: loaded.space.model_dump(mode="json", exclude_none=True),
         CONFIG: cfg.model_dump(mode="json"),
-        ENGINE: cfg.engine if cfg.engine == "optuna" else f"keras_tuner.{cfg.tuner.tuner}",
+        ENGINE: engine,
     }
     if data_hash is not None:
         updates[DATA_HASH] = data_hash

@@ -28,6 +28,9 @@ def test_busy_seconds_counts_overlaps_once_and_skips_pauses():
     # Two workers overlap on [0, 10] and [5, 12]; then a pause; then [100, 103].
     assert busy_seconds([(0, 10), (5, 12), (100, 103)]) == [10, 12, 15]
     assert busy_seconds([(0, 4), (1, 5), (2, 6), (0.5, 7)]) == [4, 5, 6, 7]
+    # Short gaps are the search's own work between trials (a sampler, a tuner's oracle): they count.
+    assert busy_seconds([(0, 9), (10, 19), (21, 30)]) == [9, 19, 30]
+    assert busy_seconds([(0, 9), (10, 19)], pause=0.5) == [9, 18]
     assert busy_seconds([]) == []
 
 
@@ -74,14 +77,14 @@ def test_compare_writes_the_page_and_logs_it(two_studies, home, tmp_path, capsys
     assert "val_loss: fast (optuna) vs slow (optuna)" in page and "plotly" in page
     assert "by running time" in page and "by finished trial" in page
     lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith(("fast", "slow"))}
-    # Common best = the worse final best (0.3): fast reaches it after 2 trials of 9 s (the 1 s gaps
-    # between trials do not count), slow after 4.
-    assert lines["fast"].split()[-2:] == ["18.0", "s"] and lines["slow"].split()[-2:] == ["36.0", "s"]
+    # Common best = the worse final best (0.3): fast reaches it at the end of its second trial
+    # (19 s, the 1 s between trials included), slow at the end of its fourth.
+    assert lines["fast"].split()[-2:] == ["19.0", "s"] and lines["slow"].split()[-2:] == ["39.0", "s"]
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     exp = client.get_experiment_by_name("comparisons")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.tags["workbench.role"] == "comparison" and run.data.tags["workbench.studies"] == "fast,slow"
-    assert run.data.metrics["best.fast"] == 0.25 and run.data.metrics["seconds_to_common_best.slow"] == 36.0
+    assert run.data.metrics["best.fast"] == 0.25 and run.data.metrics["seconds_to_common_best.slow"] == 39.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert artifacts == {"reports/compare.html", "reports/compare.json"}
 

@@ -244,3 +244,70 @@ def test_failed_trials_are_recorded_and_stop_at_max_failed(home, write_config, t
     trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}").trials
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
     assert all("loss became" in t.user_attrs["fail_reason"] for t in trials)
+
+
+def test_one_study_holds_one_engine(home, write_config, tiny_space, capsys):
+    cfg = write_config(tiny_config(tiny_space, budget={"n_trials": 1}))
+    assert run_main([str(cfg), "--no-tracking"]) == 0
+    kt = write_config(_kt_config(tiny_space, budget={"n_trials": 2}), "kt.yaml")
+    assert run_main([str(kt), "--no-tracking"]) == 2
+    assert ("engine: study 'tiny' was run with optuna, this config asks keras_tuner.hyperband"
+            in capsys.readouterr().err)
+
+
+def test_sigterm_fails_the_running_trial_and_the_same_command_resumes(home, write_config, tiny_space):
+    """SIGTERM in the middle of a KerasTuner trial: exit 143, that trial FAIL with its reason,
+    the parent run KILLED; the same command resumes KerasTuner's project and completes the budget."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    cfg = write_config(_kt_config(tiny_space, budget={"n_trials": 4}, keras_tuner={"tuner": "random"},
+                                  training={"epochs": 30, "batch_size": 16, "early_stopping_patience": None}))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    storage = f"sqlite:///{home / 'optuna.db'}"
+
+    def training() -> bool:
+        """Whether a RUNNING trial has reported an epoch, read-only (opening an Optuna storage here
+        would race the runner's schema creation)."""
+        import sqlite3
+
+        query = ("SELECT count(*) FROM trials t JOIN trial_intermediate_values v ON v.trial_id = t.trial_id "
+                 "WHERE t.state = 'RUNNING'")
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{home / 'optuna.db'}?mode=ro", uri=True)) as db:
+                return db.execute(query).fetchone()[0] > 0
+        except sqlite3.Error:  # not created yet, or locked for a moment
+            return False
+
+    proc = subprocess.Popen([sys.executable, "-m", "studies.run", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not training():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert "RUNNING" not in [t.state.name for t in trials]
+    interrupted = [t for t in trials if t.user_attrs.get("fail_reason") == "interrupted (SIGTERM)"]
+    assert len(interrupted) == 1 and interrupted[0].state.name == "FAIL"
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert {r.info.status for r in runs if r.data.tags.get("workbench.role") == "study"} == {"KILLED"}
+    assert "RUNNING" not in {r.info.status for r in runs}
+    done = subprocess.run([sys.executable, "-m", "studies.run", str(cfg)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [t.state.name for t in after].count("COMPLETE") == 4
+    assert "RUNNING" not in [t.state.name for t in after]
