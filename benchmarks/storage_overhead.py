@@ -93,7 +93,7 @@ def child(mode: str, url: str, study_name: str, target: int, go: Path, sampler: 
             storage.get_heartbeat_stale_trial_callback().on_stale = tracker.close_stale_run
 
         class NoTraining(Objective):
-            def _train(self, trial, params, seed, run_id, outcome):
+            def _train(self, trial, params, seed, run_id, outcome, **_options):
                 for epoch in range(EPOCHS):
                     value = _values(params, epoch)
                     if self.tracker is not None:
