@@ -114,6 +114,11 @@ class BudgetSection(_Section):
     # lost) runs again with the same parameters, at most this many times.
     retries: int = Field(default=2, ge=0, le=20)
 
+    @property
+    def failure_limit(self) -> int:
+        """Failed trials one invocation tolerates before it stops (max_failed, else n_trials)."""
+        return self.max_failed or self.n_trials
+
 
 class SamplerSection(_Section):
     type: SamplerType = "tpe"
@@ -239,6 +244,11 @@ class StudyConfig(_Section):
         if self.multi_objective:
             raise FieldError("objective.metrics", "KerasTuner optimises one objective: give objective.metric, or use engine: optuna")
         return self
+
+    @property
+    def engine_label(self) -> str:
+        """Who picks the trials: `optuna`, or `keras_tuner.<tuner>`."""
+        return self.engine if self.engine == "optuna" else f"keras_tuner.{self.tuner.tuner}"
 
     @property
     def tuner(self) -> KerasTunerSection:

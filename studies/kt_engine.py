@@ -84,7 +84,7 @@ class Engine:
         self.metric = cfg.objective.specs()[0]
         self.started = time.monotonic()
         self.timeout = cfg.budget.timeout
-        self.max_failed = cfg.budget.max_failed or cfg.budget.n_trials
+        self.max_failed = cfg.budget.failure_limit
         self.live: _Live | None = None
         self.stopped_on_failures = False
 
@@ -211,10 +211,9 @@ def make_tuner(session: Session, engine: Engine, directory: Path) -> Any:
     cfg = session.loaded.config
     settings = cfg.tuner
     spec = cfg.objective.specs()[0]
-    base_seed = cfg.study.seed
-    seed = sampler_seed(base_seed, len(session.study.get_trials(deepcopy=False)), None)
-    fresh = not session.study.get_trials(deepcopy=False)
-    if fresh and directory.exists():  # a new study: an old project folder of that name is stale
+    n_trials = len(session.study.get_trials(deepcopy=False))
+    seed = sampler_seed(cfg.study.seed, n_trials, None)
+    if n_trials == 0 and directory.exists():  # a new study: an old project folder of that name is stale
         shutil.rmtree(directory)
     options: dict[str, Any] = dict(settings.resolved_options())
     if settings.tuner == "hyperband":

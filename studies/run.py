@@ -238,10 +238,6 @@ def _quietly(action, *args) -> None:
         print(f"warning: {e}", file=sys.stderr)
 
 
-def _max_failed(cfg) -> int:
-    return cfg.budget.max_failed or cfg.budget.n_trials
-
-
 def _optimize(session: Session, tracker, *, label: str | None) -> bool:
     """This process's share of the study: trials until the study holds its budget of finished
     trials (counted across all workers), the timeout, or budget.max_failed failures here.
@@ -256,7 +252,7 @@ def _optimize(session: Session, tracker, *, label: str | None) -> bool:
     cfg = session.loaded.config
     _prepare_tensorflow(session.settings.tf_threads)
     progress = Progress(session.study, session.target, session.names, label=label)
-    max_failed = _max_failed(cfg)
+    max_failed = cfg.budget.failure_limit
 
     def stop_on_failures(study, trial) -> None:
         if progress.failed_here >= max_failed:

@@ -76,7 +76,7 @@ def open_study(
             f"study {study_name!r} was run with another search space (hash {old_hash}, now {new_hash}); "
             "pass --allow-space-change to continue it anyway, or give a new --study-name",
         )
-    engine = cfg.engine if cfg.engine == "optuna" else f"keras_tuner.{cfg.tuner.tuner}"
+    engine = cfg.engine_label
     old_engine = attrs.get(ENGINE)
     if old_engine is not None and old_engine != engine:
         raise ConfigError.single(

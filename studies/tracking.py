@@ -106,7 +106,7 @@ class Tracker:
         self.common_tags = {
             STUDY_TAG: study.study_name,
             "workbench.engine": cfg.engine,
-            "workbench.sampler": cfg.sampler.type if cfg.engine == "optuna" else f"keras_tuner.{cfg.tuner.tuner}",
+            "workbench.sampler": cfg.sampler.type if cfg.engine == "optuna" else cfg.engine_label,
             "workbench.pruner": cfg.pruner.type if cfg.engine == "optuna" else "none",
             "workbench.space_hash": loaded.space.fingerprint(),
             "workbench.config_hash": loaded.config_hash,
