@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/breast_cancer.yaml
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[train,serve,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,serve,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -17,14 +17,23 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m studies.run $(CONFIG)
 
-# Starts PostgreSQL checks, the S3 endpoint and the MLflow server, runs every test, stops what it started.
+# Starts compose.yaml's services up to the MLflow server natively (PostgreSQL, S3, bucket, MLflow),
+# runs every test (the last one brings up and tears down the whole stack), stops what it started.
 test: install
-	scripts/services.sh up
-	set -a; eval "$$(scripts/services.sh env)"; set +a; \
-	  $(PY) -m pytest; status=$$?; scripts/services.sh down; exit $$status
+	scripts/stack.sh up mlflow
+	eval "$$(scripts/stack.sh env --tests)"; \
+	  $(PY) -m pytest; status=$$?; scripts/stack.sh down; exit $$status
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Re-resolve every dependency from pyproject.toml into constraints.txt (a scratch venv, newest versions).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -e ".[train,serve,dev]"
+	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable --all | grep -viE '^pip=='; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 clean:
 	rm -rf .workbench

@@ -1,6 +1,6 @@
 """Storage (and tracking) overhead per trial as a PostgreSQL study grows, with 1 and 16 workers.
 
-    scripts/services.sh up && eval "$(scripts/services.sh env)"
+    scripts/stack.sh up mlflow && eval "$(scripts/stack.sh env --tests)"
     python benchmarks/storage_overhead.py [--quick] [--trials 5000] [--workers 1,16] [--tracking]
 
 A trial here trains nothing and never sleeps: it samples the MLP search space, reports 10 epochs
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EPOCHS = 10
-DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/workbench_test"
+DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/optuna"
 
 
 def _values(params: dict, epoch: int) -> float:

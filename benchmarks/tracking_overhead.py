@@ -2,7 +2,7 @@
 per-call MLflow logger (the "before": log_metric per epoch, log_param per param, a model logged
 synchronously every trial), against the real MLflow server + S3 endpoint.
 
-    scripts/services.sh up && eval "$(scripts/services.sh env)"
+    scripts/stack.sh up mlflow && eval "$(scripts/stack.sh env --tests)"
     MLFLOW_TRACKING_URI=$WORKBENCH_TEST_MLFLOW_URI python benchmarks/tracking_overhead.py [--quick]
 
 Modes alternate within one invocation (off, ours, naive, off, ours, naive, ...) after a warm-up;
@@ -126,7 +126,7 @@ def main_bench() -> int:
         args.rounds, args.trials, args.epochs = 1, 2, 2
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith("http"):
-        print("MLFLOW_TRACKING_URI must point at the MLflow server (scripts/services.sh up)", file=sys.stderr)
+        print("MLFLOW_TRACKING_URI must point at the MLflow server (scripts/stack.sh up mlflow)", file=sys.stderr)
         return 2
     modes = ("off", "ours", "naive")
     times: dict[str, list[float]] = {m: [] for m in modes}

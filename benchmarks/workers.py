@@ -1,7 +1,7 @@
 """Trials per hour with 1 and with 2 workers (`python -m studies.run ... --workers N`) on one
 PostgreSQL study, on this 2-core machine.
 
-    scripts/services.sh up && eval "$(scripts/services.sh env)"
+    scripts/stack.sh up mlflow && eval "$(scripts/stack.sh env --tests)"
     python benchmarks/workers.py [--quick] [--trials 30] [--rounds 2]
 
 The model is a fixed CPU-bound MLP (2 x 64 units, only the learning rate is searched, so every
@@ -31,7 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/workbench_test"
+DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/optuna"
 
 
 def write_config(folder: Path, epochs: int) -> Path:

@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 
-DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/workbench_test"
+DEFAULT_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/optuna"  # the stack's database
 
 
 def _unavailable(message: str) -> None:
     if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI must start it: scripts/services.sh up)", pytrace=False)
+        pytest.fail(f"{message} (CI must start it: scripts/stack.sh up mlflow)", pytrace=False)
     pytest.skip(message)
 
 
@@ -42,11 +42,13 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+    # The whole-stack test stops the services at its end: it runs after every other test.
+    items.sort(key=lambda item: item.fspath.basename == "test_stack.py")
 
 
 @pytest.fixture(scope="session")
 def mlflow_uri() -> str:
-    """URL of the MLflow tracking server (PostgreSQL backend, S3 artifacts) started by scripts/services.sh."""
+    """URL of the MLflow tracking server (PostgreSQL backend, S3 artifacts) started by scripts/stack.sh."""
     import urllib.request
 
     uri = os.environ.get("WORKBENCH_TEST_MLFLOW_URI", "http://127.0.0.1:5000")

@@ -1,0 +1,129 @@
+"""The whole compose stack through scripts/stack.sh: up -> study job -> select -> API answers -> down.
+
+It runs last (tests/integration/conftest.py orders it), since `down` stops the services the other
+integration tests use; if they were running before, it brings them back afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, tiny_config
+
+SCRIPT = ROOT / "scripts" / "stack.py"
+STATE = ROOT / ".workbench" / "stack"
+PORTS = {"mlflow": 5000, "dashboard": 8080, "api": 8000, "minio": 9000}
+
+
+def stack(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def http(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def stack_processes() -> list[psutil.Process]:
+    """Every process the script started (each pid file's process and all its descendants)."""
+    found = []
+    for pidfile in STATE.glob("*.pid"):
+        try:
+            parent = psutil.Process(int(pidfile.read_text()))
+            found += [parent, *parent.children(recursive=True)]
+        except (psutil.NoSuchProcess, ValueError):
+            pass
+    return found
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def restore_services():
+    """If the services the other integration tests use were up before, bring them back afterwards."""
+    with socket.socket() as s:
+        was_up = s.connect_ex(("127.0.0.1", PORTS["mlflow"])) == 0
+    yield
+    if was_up:
+        done = stack("up", "mlflow", env={k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")})
+        assert done.returncode == 0, done.stderr
+
+
+def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config, restore_services):
+    import mlflow
+    import optuna
+
+    from models import load_dataset
+
+    tag = uuid.uuid4().hex[:8]
+    study_name, model_name = f"stack_{tag}", f"stack_model_{tag}"
+    config = write_config(tiny_config(tiny_space, study={"name": study_name, "seed": 3},
+                                      registry={"model_name": model_name}))
+    # Only what a user sets: everything else comes from .env / .env.example, as for compose.
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env.update(STUDY_CONFIG=str(config), SERVING_MODEL_URI=f"models:/{model_name}@champion")
+    processes: list[psutil.Process] = []
+    try:
+        up = stack("up", env=env)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr
+        assert "study: exited 0" in up.stdout and f"registered as {model_name} v1" in up.stdout
+        status = stack("status", env=env).stdout
+        for name in ("postgres", "minio", "mlflow", "dashboard", "api"):
+            assert re.search(rf"^{name}\s+healthy", status, re.M), status
+        assert re.search(r"^study\s+exited 0", status, re.M) and re.search(r"^buckets\s+exited 0", status, re.M)
+
+        client = dict(line.removeprefix("export ").split("=", 1) for line in stack("env", env=env).stdout.splitlines())
+        # The study job ran on the stack's PostgreSQL database and logged to its MLflow server...
+        study = optuna.load_study(study_name=study_name, storage=client["OPTUNA_STORAGE"])
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+        mlflow_client = mlflow.MlflowClient(tracking_uri=client["MLFLOW_TRACKING_URI"])
+        champion = mlflow_client.get_model_version_by_alias(model_name, "champion")
+        assert champion.tags["workbench.study"] == study_name
+        # ...whose artifacts went to the S3 bucket.
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=client["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=client["AWS_ACCESS_KEY_ID"], aws_secret_access_key=client["AWS_SECRET_ACCESS_KEY"])
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=client["MLFLOW_BUCKET"]).get("Contents", [])]
+        assert any(f"/{champion.run_id}/artifacts/" in key for key in keys), keys[:10]
+
+        # The dashboard shows the study; the API serves the champion.
+        studies = http(f"http://127.0.0.1:{PORTS['dashboard']}/api/studies")["study_summaries"]
+        assert study_name in [s["study_name"] for s in studies]
+        rows = load_dataset(name="breast_cancer", seed=1).x_test[:5]
+        answer = http(f"http://127.0.0.1:{PORTS['api']}/predict", {"instances": rows.tolist()})
+        assert answer["model_name"] == model_name and answer["model_version"] == champion.version
+        assert len(answer["predictions"]) == 5
+
+        processes = stack_processes()
+        assert len(processes) >= 4  # moto, the MLflow server and its workers, the dashboard, the API
+    finally:
+        down = stack("down", env=env, timeout=120)
+    assert down.returncode == 0, down.stderr
+    for name in ("api", "dashboard", "mlflow", "minio"):
+        assert f"{name}: stopped" in down.stdout
+    left = [p for p in processes if running(p)]
+    assert not left, [(p.pid, p.cmdline()) for p in left]
+    assert not list(STATE.glob("*.pid"))
+    for name, port in PORTS.items():
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{name} still listens on {port}"
+    assert "down" in stack("status", env=env).stdout.split("mlflow", 1)[1].splitlines()[0]
