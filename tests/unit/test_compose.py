@@ -346,6 +346,15 @@ def test_images_are_pinned_non_root_and_without_build_tools():
     assert not re.search(r"apt-get|apk add|build-essential|gcc", text)
 
 
+def test_the_build_context_leaves_out_secrets_and_local_state_but_not_what_the_images_copy():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")}
+    assert {".env", ".venv", ".workbench", ".git"} <= ignored
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert source.split("/")[0] not in ignored and any(ROOT.glob(source)), source
+
+
 def test_constraints_pin_every_dependency_at_the_installed_version():
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
