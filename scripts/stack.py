@@ -24,6 +24,7 @@ Variables come as compose takes them: this process's environment, then `.env` (e
                                        to completion in the foreground; returns when all are healthy
     scripts/stack.sh down              stop everything this script started (the machine's PostgreSQL stays)
     scripts/stack.sh status            each service: running/healthy, a job's exit code, or down
+    scripts/stack.sh logs SERVICE      the last lines a service wrote (-n LINES)
     scripts/stack.sh env [--tests]     export lines pointing a shell (or the test suite) at the stack
     scripts/stack.sh plan [--json]     what `up` would run, per service
 """
@@ -53,7 +54,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # Third-party images and what stands in for them here (by image repository, any tag).
 STAND_INS = {
     "postgres": "the machine's PostgreSQL server (same major version), init scripts run with psql",
-    "minio/minio": "moto's standalone S3 server (moto_server) on MinIO's S3 port; no console, data kept in memory",
+    "minio/minio": "moto's standalone S3 server (moto_server) on MinIO's S3 port, no console; `down` saves its "
+                   "objects to the volume's folder and `up` loads them back",
     "minio/mc": "the bucket created with boto3 against the S3 endpoint",
 }
 
@@ -201,6 +203,7 @@ class Service:
     depends_on: dict[str, str]        # service -> condition
     stand_in: str = ""
     volumes: dict[str, str] = field(default_factory=dict)  # container path -> native path
+    stop_seconds: float = 10.0        # stop_grace_period: SIGTERM, then SIGKILL after this long
 
 
 def _as_argv(value) -> list[str]:
@@ -316,7 +319,7 @@ def load_services(variables: dict[str, str], *, compose_file: Path = COMPOSE_FIL
             mapping = volumes
         check, seconds = _healthcheck(spec.get("healthcheck") or {}, tr)
         services[name] = Service(name, kind, source, job, argv, env, _ports(spec.get("ports"), where), check,
-                                 seconds, depends, stand_in, mapping)
+                                 seconds, depends, stand_in, mapping, _duration(spec.get("stop_grace_period"), 10.0))
     return dict((n, services[n]) for n in _start_order(services))
 
 
@@ -502,23 +505,45 @@ class Stack:
         return f" (log {log}):\n{text}"
 
     # -- start
+    def ensure_running(self, service: Service, argv: list[str], env: dict[str, str]) -> bool:
+        """Start a long-running service; one already running is kept, or restarted if its command or
+        environment changed (as compose recreates a container whose configuration changed).
+        Returns whether it (re)started the process."""
+        spec = json.dumps({"argv": argv, "env": env}, sort_keys=True)
+        spec_file = self.state / f"{service.name}.spec"
+        pid = self.pid(service.name)
+        if pid and spec_file.is_file() and spec_file.read_text() == spec:
+            self.say(f"{service.name}: already running (pid {pid})")
+            return False
+        if pid:
+            self.say(f"{service.name}: configuration changed; restarting")
+            _stop_group(pid, service.stop_seconds)
+        self.start_background(service, argv, env)
+        spec_file.write_text(spec)
+        self.say(f"{service.name}: started {shlex.join(argv)}  (log {self.log(service.name)})")
+        return True
+
     def start_background(self, service: Service, argv: list[str], env: dict[str, str] | None = None) -> None:
         for port in service.ports:
             if port_open(port.published):
                 raise StackError(f"{service.name}: port {port.published} is taken by a process this script did not "
                                  "start (stop it, or stop the other stack)")
-        self.state.mkdir(parents=True, exist_ok=True)
-        for native in service.volumes.values():
-            if str(native).startswith(str(self.state)):
-                Path(native).mkdir(parents=True, exist_ok=True)
+        self.prepare(service)
         with open(self.log(service.name), "ab") as log:
             proc = subprocess.Popen(argv, env=env or native_env(service), cwd=ROOT, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pidfile(service.name).write_text(str(proc.pid))
 
+    def prepare(self, service: Service) -> None:
+        """The state folder and the service's named volumes (compose creates volumes on first use)."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        for native in service.volumes.values():
+            if native.startswith(str(self.state)):
+                Path(native).mkdir(parents=True, exist_ok=True)
+
     def run_job(self, service: Service) -> None:
         """Run a job in the foreground (its output shown and logged) and record its exit code."""
-        self.state.mkdir(parents=True, exist_ok=True)
+        self.prepare(service)
         self.say(f"{service.name}: running {shlex.join(service.argv)}")
         with open(self.log(service.name), "ab") as log:
             proc = subprocess.Popen(service.argv, env=native_env(service), cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -550,11 +575,8 @@ class Stack:
                 getattr(self, "_up_" + re.sub(r"\W", "_", service.source.rsplit(":", 1)[0]))(service)
             elif service.job:
                 self.run_job(service)
-            elif self.pid(name):
-                self.say(f"{name}: already running (pid {self.pid(name)})")
             else:
-                self.start_background(service, service.argv)
-                self.say(f"{name}: started {shlex.join(service.argv)}  (log {self.log(name)})")
+                self.ensure_running(service, service.argv, native_env(service))
             if service.healthcheck and not service.job:
                 self.wait_healthy(service)
             self.say(f"{name}: {self.describe(service)}")
@@ -620,15 +642,22 @@ class Stack:
             psql("", db=database, file=str(script))
 
     def _up_minio_minio(self, service: Service) -> None:
-        """moto's S3 server on MinIO's S3 port (the first published port)."""
-        if self.pid(service.name):
-            self.say(f"{service.name}: already running (pid {self.pid(service.name)})")
-        else:
-            s3 = service.ports[0]
-            self.start_background(service, [str(venv_bin() / "moto_server"), "-H", LOOPBACK, "-p", str(s3.published)],
-                                  env={**native_env(service), "AWS_ACCESS_KEY_ID": service.env.get("MINIO_ROOT_USER", ""),
-                                       "AWS_SECRET_ACCESS_KEY": service.env.get("MINIO_ROOT_PASSWORD", "")})
-            self.say(f"{service.name}: started moto_server on {LOOPBACK}:{s3.published} (stands in for {service.source})")
+        """moto's S3 server on MinIO's S3 port (the first published port), with MinIO's root credentials."""
+        argv = [str(venv_bin() / "moto_server"), "-H", LOOPBACK, "-p", str(service.ports[0].published)]
+        started = self.ensure_running(service, argv, {**native_env(service), "AWS_ACCESS_KEY_ID": service.env.get(
+            "MINIO_ROOT_USER", ""), "AWS_SECRET_ACCESS_KEY": service.env.get("MINIO_ROOT_PASSWORD", "")})
+        if started:
+            self.wait_healthy(service)
+            restored = _copy_volume_into_s3(self._s3(service), Path(service.volumes.get("/data", self.state / "none")))
+            if restored:
+                self.say(f"{service.name}: restored {restored} objects from its volume {service.volumes['/data']}")
+
+    def _s3(self, service: Service):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=f"http://{LOOPBACK}:{service.ports[0].published}", region_name="us-east-1",
+                            aws_access_key_id=service.env.get("MINIO_ROOT_USER", "x"),
+                            aws_secret_access_key=service.env.get("MINIO_ROOT_PASSWORD", "x"))
 
     def _up_minio_mc(self, service: Service) -> None:
         """`mc mb --ignore-existing` with boto3: same endpoint, credentials and bucket variables."""
@@ -652,13 +681,47 @@ class Stack:
         stopped = []
         for name in reversed(list(self.services)):
             pid = self.pid(name)
+            if pid and self.services[name].source.startswith("minio/minio") and "/data" in self.services[name].volumes:
+                # moto keeps objects in memory; MinIO keeps them in its volume: so does the stand-in.
+                saved = _copy_s3_into_volume(self._s3(self.services[name]), Path(self.services[name].volumes["/data"]))
+                self.say(f"{name}: saved {saved} objects to its volume {self.services[name].volumes['/data']}")
             if pid:
-                _stop_group(pid)
+                _stop_group(pid, self.services[name].stop_seconds)
                 stopped.append(pid)
                 self.say(f"{name}: stopped")
-            self.pidfile(name).unlink(missing_ok=True)
-            (self.state / f"{name}.exit").unlink(missing_ok=True)
+            for suffix in ("pid", "exit", "spec"):
+                (self.state / f"{name}.{suffix}").unlink(missing_ok=True)
         return stopped
+
+
+def _copy_s3_into_volume(s3, folder: Path) -> int:
+    """Every bucket's objects as files folder/<bucket>/<key> (the folder is replaced as a whole)."""
+    fresh = folder.with_name(folder.name + ".saving")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    count = 0
+    for bucket in (b["Name"] for b in s3.list_buckets().get("Buckets", [])):
+        (fresh / bucket).mkdir()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                target = fresh / bucket / item["Key"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, item["Key"], str(target))
+                count += 1
+    shutil.rmtree(folder, ignore_errors=True)
+    fresh.rename(folder)
+    return count
+
+
+def _copy_volume_into_s3(s3, folder: Path) -> int:
+    """Buckets and objects back from folder/<bucket>/<key> into a fresh S3 server."""
+    count = 0
+    for bucket in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        s3.create_bucket(Bucket=bucket.name)
+        for path in sorted(p for p in bucket.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), bucket.name, path.relative_to(bucket).as_posix())
+            count += 1
+    return count
 
 
 def _existing_role(env: dict[str, str]) -> str:
@@ -666,7 +729,8 @@ def _existing_role(env: dict[str, str]) -> str:
     return env.get("PGUSER") or "postgres"
 
 
-def _stop_group(pid: int, seconds: float = 15.0) -> None:
+def _stop_group(pid: int, seconds: float = 10.0) -> None:
+    """SIGTERM to the process group, SIGKILL to whatever of it is left after `seconds`."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -705,12 +769,15 @@ def client_env(services: dict[str, Service], *, tests: bool) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/stack.sh", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[-6:]))
+                                epilog=__doc__.rstrip().split("\n\n")[-1])
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start services (default: all) and their dependencies")
     up.add_argument("services", nargs="*")
     sub.add_parser("down", help="stop what this script started")
     sub.add_parser("status", help="state of each service")
+    logs = sub.add_parser("logs", help="a service's output (from .workbench/stack/SERVICE.log)")
+    logs.add_argument("service")
+    logs.add_argument("-n", "--tail", type=int, default=100, metavar="LINES")
     env = sub.add_parser("env", help="export lines for a shell on this machine")
     env.add_argument("--tests", action="store_true", help="the variables the integration tests read")
     plan = sub.add_parser("plan", help="what `up` runs, per service")
@@ -734,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             for service in services.values():
                 print(f"{service.name:<10} {stack.describe(service)}")
+        elif args.command == "logs":
+            if args.service not in services:
+                raise StackError(f"no service named {args.service!r} (services: {', '.join(services)})")
+            log = stack.log(args.service)
+            lines = log.read_text(errors="replace").splitlines()[-args.tail:] if log.exists() else []
+            print("\n".join(lines) if lines else f"({args.service} has no log yet)")
         elif args.command == "env":
             for key, value in client_env(services, tests=args.tests).items():
                 print(f"export {key}={shlex.quote(value)}")

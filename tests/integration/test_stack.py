@@ -16,7 +16,6 @@ import urllib.request
 import uuid
 
 import psutil
-import pytest
 
 from tests.conftest import ROOT, tiny_config
 
@@ -56,18 +55,12 @@ def running(process: psutil.Process) -> bool:
         return False
 
 
-@pytest.fixture
-def restore_services():
-    """If the services the other integration tests use were up before, bring them back afterwards."""
+def listening(port: int) -> bool:
     with socket.socket() as s:
-        was_up = s.connect_ex(("127.0.0.1", PORTS["mlflow"])) == 0
-    yield
-    if was_up:
-        done = stack("up", "mlflow", env={k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")})
-        assert done.returncode == 0, done.stderr
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config, restore_services):
+def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config):
     import mlflow
     import optuna
 
@@ -81,6 +74,7 @@ def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config, re
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     env.update(STUDY_CONFIG=str(config), SERVING_MODEL_URI=f"models:/{model_name}@champion")
     processes: list[psutil.Process] = []
+    was_up = listening(PORTS["mlflow"])  # `make test` started the services the other tests use
     try:
         up = stack("up", env=env)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr
@@ -124,6 +118,17 @@ def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config, re
     assert not left, [(p.pid, p.cmdline()) for p in left]
     assert not list(STATE.glob("*.pid"))
     for name, port in PORTS.items():
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{name} still listens on {port}"
+        assert not listening(port), f"{name} still listens on {port}"
     assert "down" in stack("status", env=env).stdout.split("mlflow", 1)[1].splitlines()[0]
+    # Like MinIO's volume, the S3 stand-in's folder keeps the artifacts: after the next `up` the
+    # registered champion loads again.
+    assert list((STATE / "volumes" / "minio" / client["MLFLOW_BUCKET"]).rglob(f"*/{champion.run_id}/artifacts/*"))
+    again = stack("up", "mlflow", env=env)
+    try:
+        assert again.returncode == 0 and "restored" in again.stdout, again.stdout + again.stderr
+        mlflow.set_tracking_uri(client["MLFLOW_TRACKING_URI"])
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+        assert model.predict(rows).shape[0] == 5
+    finally:
+        if not was_up:
+            stack("down", env=env, timeout=120)

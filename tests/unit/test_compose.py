@@ -160,8 +160,10 @@ def test_every_variable_the_code_reads_is_set_for_the_services_that_need_it():
     assert api["SERVING_HOST"] == "0.0.0.0"
     # WORKBENCH_HOME is a volume, so a KerasTuner study's project folder survives the container.
     assert any(v.endswith(":" + study["WORKBENCH_HOME"]) for v in RAW["study"]["volumes"])
-    # The config the job runs reads no variable it is not given, and the API serves its model.
-    loaded = load_config(ROOT / study["STUDY_CONFIG"], environ=study)
+    # The config the job runs reads no variable it is not given, selects its winner at the end,
+    # and the API serves that model.
+    loaded = load_config(ROOT / compose_argv("study")[-1], environ=study)
+    assert loaded.config.registry.auto
     model = loaded.config.registry.model_name or loaded.study_name
     assert api["SERVING_MODEL_URI"] == f"models:/{model}@champion"
 
@@ -213,12 +215,18 @@ def test_the_init_script_creates_the_databases_the_services_use():
     assert all(f"NOT EXISTS (SELECT FROM pg_database WHERE datname = '{db}')" in sql for db in created)  # re-runnable
 
 
-def test_the_study_job_runs_then_selects_the_same_config_and_the_dashboard_shows_it():
-    job = " ".join(compose_argv("study"))
-    assert re.search(r'python -m studies\.run "\$STUDY_CONFIG" --no-register && exec python -m studies\.select "\$STUDY_CONFIG"', job)
-    dashboard = compose_argv("dashboard")
-    assert dashboard[:3] == ["python", "-m", "studies.dashboard"] and dashboard[3] == env_of("study")["STUDY_CONFIG"]
-    assert (ROOT / env_of("study")["STUDY_CONFIG"]).is_file()
+def test_the_study_job_is_the_runner_on_one_config_and_the_dashboard_shows_it():
+    import inspect
+
+    import studies.run
+
+    job = compose_argv("study")
+    assert job[:3] == ["python", "-m", "studies.run"] and len(job) == 4 and (ROOT / job[3]).is_file()
+    assert "from studies.select import select" in inspect.getsource(studies.run)  # the run ends by selecting
+    # One process under init, so `docker compose stop` reaches the runner's SIGTERM handling.
+    assert RAW["study"]["init"] is True and SERVICES["study"].stop_seconds >= 30
+    assert compose_argv("dashboard") == ["python", "-m", "studies.dashboard", job[3], "--host", "0.0.0.0", "--port", "8080"]
+    assert all(RAW[name].get("init") for name in RAW if "build" in RAW[name])
 
 
 def test_bundled_services_can_be_replaced_by_existing_ones():
@@ -270,7 +278,8 @@ def test_dockerfile_entrypoints_are_the_commands_a_user_runs():
 def test_compose_uses_only_keys_the_native_script_mirrors():
     """A key the script ignored (working_dir, network_mode, a typo like `healtcheck`) would be drift."""
     known = {"image", "build", "command", "entrypoint", "environment", "volumes", "ports", "healthcheck", "depends_on",
-             "profiles"}
+             "profiles", "stop_grace_period",
+             "init"}  # natively nothing runs as PID 1, and `down` signals the whole process group
     for name, spec in RAW.items():
         assert set(spec) <= known, (name, set(spec) - known)
         assert set(spec.get("healthcheck", {})) <= {"test", "interval", "timeout", "retries", "start_period"}, name
@@ -332,6 +341,46 @@ def test_down_stops_the_whole_process_group(tmp_path):
     for p in [parent, *children]:
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
     assert not (tmp_path / "web.pid").exists()
+
+
+def test_up_keeps_a_running_service_and_restarts_it_when_its_configuration_changed(tmp_path):
+    web = stack.Service("web", "build", "serving", False, ["sleep", "60"], {"A": "1"}, [], None, 30, {})
+    s = stack.Stack({"web": web}, tmp_path)
+    try:
+        s.up([])
+        first = s.pid("web")
+        s.up([])
+        assert s.pid("web") == first
+        web.env["A"] = "2"
+        s.up([])
+        assert s.pid("web") not in (None, first) and not stack.alive(first)
+    finally:
+        s.down()
+
+
+def test_the_s3_stand_in_keeps_its_objects_in_the_volume_folder_across_restarts(tmp_path, monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    folder = tmp_path / "volumes" / "minio"
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="mlflow")
+        s3.create_bucket(Bucket="empty")
+        s3.put_object(Bucket="mlflow", Key="1/run/artifacts/model/MLmodel", Body=b"flavors: {}")
+        s3.put_object(Bucket="mlflow", Key="top", Body=b"t")
+        assert stack._copy_s3_into_volume(s3, folder) == 2
+    assert (folder / "mlflow" / "1/run/artifacts/model/MLmodel").read_bytes() == b"flavors: {}"
+    with mock_aws():  # a fresh server: nothing until the folder is loaded back
+        s3 = boto3.client("s3", region_name="us-east-1")
+        assert stack._copy_volume_into_s3(s3, folder) == 2
+        assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == {"mlflow", "empty"}
+        assert s3.get_object(Bucket="mlflow", Key="1/run/artifacts/model/MLmodel")["Body"].read() == b"flavors: {}"
+        s3.delete_object(Bucket="mlflow", Key="top")
+        assert stack._copy_s3_into_volume(s3, folder) == 1  # the folder is replaced, not merged
+    assert not (folder / "mlflow" / "top").exists() and not list(tmp_path.glob("volumes/*.saving"))
 
 
 # --------------------------------------------------------------------------- the images
