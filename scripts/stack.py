@@ -205,6 +205,11 @@ class Service:
     volumes: dict[str, str] = field(default_factory=dict)  # container path -> native path
     stop_seconds: float = 10.0        # stop_grace_period: SIGTERM, then SIGKILL after this long
 
+    @property
+    def image(self) -> str:
+        """The third-party image repository a stand-in replaces (e.g. "minio/minio"), else ""."""
+        return _repository(self.source) if self.kind == "stand-in" else ""
+
 
 def _as_argv(value) -> list[str]:
     if value is None:
@@ -309,7 +314,7 @@ def load_services(variables: dict[str, str], *, compose_file: Path = COMPOSE_FIL
             kind, source, stand_in = "build", target, ""
         else:
             image = str(spec.get("image", ""))
-            repo = image.rsplit(":", 1)[0] if ":" in image.split("/")[-1] else image
+            repo = _repository(image)
             if repo not in STAND_INS:
                 raise StackError(f"{where}.image: no native stand-in for {image!r} (known: {', '.join(STAND_INS)})")
             tr = Translator(names, volumes)
@@ -321,6 +326,11 @@ def load_services(variables: dict[str, str], *, compose_file: Path = COMPOSE_FIL
         services[name] = Service(name, kind, source, job, argv, env, _ports(spec.get("ports"), where), check,
                                  seconds, depends, stand_in, mapping, _duration(spec.get("stop_grace_period"), 10.0))
     return dict((n, services[n]) for n in _start_order(services))
+
+
+def _repository(image: str) -> str:
+    """An image name without its tag: minio/minio:RELEASE.x -> minio/minio."""
+    return image.rsplit(":", 1)[0] if ":" in image.split("/")[-1] else image
 
 
 def _volumes(spec: dict, state: Path) -> dict[str, str]:
@@ -473,12 +483,12 @@ class Stack:
 
     # -- health
     def healthy(self, service: Service) -> bool:
-        if service.source.startswith("minio/minio"):  # `mc ready` is not here: ask the S3 port itself
+        if service.image == "minio/minio":  # `mc ready` is not here: ask the S3 port itself
             return port_open(service.ports[0].published)
         if not service.healthcheck:
             return self.pid(service.name) is not None
         env = native_env(service)
-        if service.source.startswith("postgres"):  # pg_isready against the published port
+        if service.image == "postgres":  # pg_isready against the published port
             env.update(PGHOST=LOOPBACK, PGPORT=str(service.ports[0].published) if service.ports else "5432")
         try:
             return subprocess.run(service.healthcheck, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -572,7 +582,7 @@ class Stack:
             for dep, condition in service.depends_on.items():
                 self.check_condition(name, dep, condition)
             if service.kind == "stand-in":
-                getattr(self, "_up_" + re.sub(r"\W", "_", service.source.rsplit(":", 1)[0]))(service)
+                {"postgres": self._up_postgres, "minio/minio": self._up_minio, "minio/mc": self._up_mc}[service.image](service)
             elif service.job:
                 self.run_job(service)
             else:
@@ -592,12 +602,12 @@ class Stack:
         if service.job:
             code = self.exit_code(service.name)
             return "not run" if code is None else f"exited {code}"
-        ports = service.ports[:1] if service.source.startswith("minio/minio") else service.ports  # moto: no console
+        ports = service.ports[:1] if service.image == "minio/minio" else service.ports  # moto: no console
         where = ", ".join(f"{LOOPBACK}:{p.published}" for p in ports)
-        external = service.source.startswith("postgres")  # the machine's server: never started or stopped here
+        external = service.image == "postgres"  # the machine's server: never started or stopped here
         if not external and self.pid(service.name) is None:
             return "down"
-        if service.healthcheck or service.source.startswith("minio/minio"):
+        if service.healthcheck or service.image == "minio/minio":
             state = "healthy" if self.healthy(service) else ("down" if external else "unhealthy")
         else:
             state = "running"
@@ -641,7 +651,7 @@ class Stack:
         for script in sorted(Path(init).glob("*.sql")) if init else []:
             psql("", db=database, file=str(script))
 
-    def _up_minio_minio(self, service: Service) -> None:
+    def _up_minio(self, service: Service) -> None:
         """moto's S3 server on MinIO's S3 port (the first published port), with MinIO's root credentials."""
         argv = [str(venv_bin() / "moto_server"), "-H", LOOPBACK, "-p", str(service.ports[0].published)]
         started = self.ensure_running(service, argv, {**native_env(service), "AWS_ACCESS_KEY_ID": service.env.get(
@@ -659,7 +669,7 @@ class Stack:
                             aws_access_key_id=service.env.get("MINIO_ROOT_USER", "x"),
                             aws_secret_access_key=service.env.get("MINIO_ROOT_PASSWORD", "x"))
 
-    def _up_minio_mc(self, service: Service) -> None:
+    def _up_mc(self, service: Service) -> None:
         """`mc mb --ignore-existing` with boto3: same endpoint, credentials and bucket variables."""
         env = service.env
         missing = [k for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_BUCKET")
@@ -676,22 +686,19 @@ class Stack:
         self.completed(service, 0)
 
     # -- stop
-    def down(self) -> list[int]:
-        """Stop every process group this script started, last started first. Returns the pids stopped."""
-        stopped = []
-        for name in reversed(list(self.services)):
+    def down(self) -> None:
+        """Stop every process group this script started, last started first."""
+        for name, service in reversed(list(self.services.items())):
             pid = self.pid(name)
-            if pid and self.services[name].source.startswith("minio/minio") and "/data" in self.services[name].volumes:
+            if pid and service.image == "minio/minio" and "/data" in service.volumes:
                 # moto keeps objects in memory; MinIO keeps them in its volume: so does the stand-in.
-                saved = _copy_s3_into_volume(self._s3(self.services[name]), Path(self.services[name].volumes["/data"]))
-                self.say(f"{name}: saved {saved} objects to its volume {self.services[name].volumes['/data']}")
+                saved = _copy_s3_into_volume(self._s3(service), Path(service.volumes["/data"]))
+                self.say(f"{name}: saved {saved} objects to its volume {service.volumes['/data']}")
             if pid:
-                _stop_group(pid, self.services[name].stop_seconds)
-                stopped.append(pid)
+                _stop_group(pid, service.stop_seconds)
                 self.say(f"{name}: stopped")
             for suffix in ("pid", "exit", "spec"):
                 (self.state / f"{name}.{suffix}").unlink(missing_ok=True)
-        return stopped
 
 
 def _copy_s3_into_volume(s3, folder: Path) -> int:
