@@ -13,7 +13,7 @@ import optuna
 from search_spaces import optuna_suggest, sample
 from studies.faults import RetryLog, describe, is_transient
 from studies.study import derive_seed, improves
-from studies.workers import signals_deferred
+from studies.workers import signals_allowed, signals_deferred
 
 if TYPE_CHECKING:
     from models import Dataset
@@ -109,14 +109,17 @@ class Objective:
         if lineage:
             start_attrs["retry_of"] = lineage[-1]
             run_tags |= {"workbench.retry_of": str(lineage[-1]), "workbench.retry_lineage": ",".join(map(str, lineage))}
-        self.set_attrs(trial, start_attrs)
-        params = sample(self.loaded.space, optuna_suggest(trial))
         attrs: dict[str, Any] = outcome["attrs"]
         run_id = None
         try:
-            with signals_deferred():  # a run created but unknown here would stay RUNNING
-                run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
-            values = self._train(trial, params, seed, run_id, outcome, model=model, fit_options=fit_options)
+            # The runner defers signals around Optuna's bookkeeping (ask, tell); the trial's own
+            # work may be cut at once, since the handlers below record the interruption.
+            with signals_allowed():
+                self.set_attrs(trial, start_attrs)
+                params = sample(self.loaded.space, optuna_suggest(trial))
+                with signals_deferred():  # a run created but unknown here would stay RUNNING
+                    run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
+                values = self._train(trial, params, seed, run_id, outcome, model=model, fit_options=fit_options)
             outcome["state"] = "COMPLETE"
             outcome["is_best"] = improves(trial.study, values)
             return values

@@ -248,14 +248,15 @@ def _optimize(session: Session, tracker, *, label: str | None) -> bool:
     from studies.objective import Objective, TrialFailed
     from studies.report import Progress
     from studies.study import BUDGET_STATES
+    from studies.workers import signal_pending, signals_deferred
 
     cfg = session.loaded.config
     _prepare_tensorflow(session.settings.tf_threads)
     progress = Progress(session.study, session.target, session.names, label=label)
     max_failed = cfg.budget.failure_limit
 
-    def stop_on_failures(study, trial) -> None:
-        if progress.failed_here >= max_failed:
+    def stop_on_failures_or_signal(study, trial) -> None:
+        if progress.failed_here >= max_failed or signal_pending():
             study.stop()
 
     states = tuple(TrialState[s] for s in BUDGET_STATES)
@@ -263,14 +264,17 @@ def _optimize(session: Session, tracker, *, label: str | None) -> bool:
     try:
         remaining = session.target - session.finished()
         if remaining > 0:
-            session.study.optimize(
-                objective,
-                n_trials=remaining + max_failed,
-                timeout=cfg.budget.timeout,
-                catch=(TrialFailed,),
-                callbacks=[progress, MaxTrialsCallback(session.target, states=states), stop_on_failures],
-                gc_after_trial=False,  # clear_session() frees each model; a full gc.collect() costs ~0.3 s a trial
-            )
+            # A signal during Optuna's own steps (creating a trial, telling its state) waits for
+            # them: cut there, a trial would stay RUNNING. Inside a trial it ends the trial as FAIL.
+            with signals_deferred():
+                session.study.optimize(
+                    objective,
+                    n_trials=remaining + max_failed,
+                    timeout=cfg.budget.timeout,
+                    catch=(TrialFailed,),
+                    callbacks=[progress, MaxTrialsCallback(session.target, states=states), stop_on_failures_or_signal],
+                    gc_after_trial=False,  # clear_session() frees each model; a full gc.collect() costs ~0.3 s a trial
+                )
     finally:
         progress.close()
     if progress.failed_here >= max_failed:
@@ -290,8 +294,10 @@ def _coordinate(session: Session, argv: list[str], n: int, stop) -> bool:
     print(f"study {session.study.study_name!r}: {n} workers, {session.finished()}/{session.target} finished trials",
           file=sys.stderr)
     outcome = run_workers(argv, n)
+    # Every worker has exited: a trial still RUNNING on one of them (killed, or stopped by an
+    # error the worker could not record) is failed now rather than when its heartbeat expires.
     host = socket.gethostname()
-    reclaim(session.study, session.storage, dead_workers={f"{host}:{outcome.pids[i]}" for i in outcome.killed}, requeue=False)
+    reclaim(session.study, session.storage, dead_workers={f"{host}:{pid}" for pid in outcome.pids}, requeue=False)
     if outcome.signal is not None:
         stop.signum = outcome.signal
         raise Interrupted(str(outcome.signal))

@@ -37,10 +37,32 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         _deferral["depth"] -= 1
-        pending = _deferral["pending"]
-        if not _deferral["depth"] and pending is not None:
-            _deferral["pending"] = None
-            raise Interrupted(signal.Signals(pending).name)
+        if not _deferral["depth"]:
+            _raise_pending()
+
+
+@contextmanager
+def signals_allowed() -> Iterator[None]:
+    """Inside a deferred section, a section a signal may cut at once because its own handler
+    records the interruption (the body of a trial). A signal that arrived earlier in the
+    deferred section is raised on entry, so a trial created meanwhile ends as interrupted."""
+    depth, _deferral["depth"] = _deferral["depth"], 0
+    try:
+        _raise_pending()
+        yield
+    finally:
+        _deferral["depth"] = depth
+
+
+def signal_pending() -> bool:
+    """Whether a signal is waiting for its deferred section to end."""
+    return _deferral["pending"] is not None
+
+
+def _raise_pending() -> None:
+    pending, _deferral["pending"] = _deferral["pending"], None
+    if pending is not None:
+        raise Interrupted(signal.Signals(pending).name)
 
 
 class SignalStop:

@@ -145,8 +145,8 @@ def test_sigterm_fails_running_trials_then_the_study_resumes(postgres_url, mlflo
     assert code == 143, err
     ts = trials(postgres_url, study_name)
     interrupted = [t for t in ts if t.user_attrs.get("fail_reason") == "interrupted (SIGTERM)"]
-    assert interrupted and all(t.state.name == "FAIL" for t in interrupted)
-    assert not [t for t in ts if t.state.name == "RUNNING"]
+    assert interrupted and all(t.state.name == "FAIL" for t in interrupted), err
+    assert not [t.number for t in ts if t.state.name == "RUNNING"], err
     client = MlflowClient(mlflow_uri)
     parents, children = runs_of(client, study_name)
     assert parents[0].info.status == "KILLED"

@@ -147,6 +147,33 @@ def test_sigterm_fails_the_running_trial_and_ends_the_parent_run(home, write_con
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner put the handlers back
 
 
+@pytest.mark.parametrize("moment", ["creating a trial", "telling a trial's state"])
+def test_sigterm_during_optunas_own_steps_leaves_no_trial_running(home, write_config, tiny_space, monkeypatch, moment):
+    """Seen in CI: SIGTERM landed while Optuna created a trial, outside the objective, and that
+    trial stayed RUNNING. Optuna's steps now finish first; a trial they created ends interrupted."""
+    import optuna.study._optimize as optimize_module
+
+    def sigterm_after(call):
+        def wrapped(*args, **kwargs):
+            result = call(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled here, before `call`'s caller sees the result
+            return result
+        return wrapped
+
+    if moment == "creating a trial":
+        monkeypatch.setattr(optuna.Study, "ask", sigterm_after(optuna.Study.ask))
+    else:
+        monkeypatch.setattr(optimize_module, "_tell_with_warning", sigterm_after(optimize_module._tell_with_warning))
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 3}))
+    assert run_main([str(path), "--no-tracking"]) == 143
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}").trials
+    assert len(trials) == 1
+    if moment == "creating a trial":
+        assert trials[0].state.name == "FAIL" and trials[0].user_attrs["fail_reason"] == "interrupted (SIGTERM)"
+    else:  # the trial had finished: its state is kept, and no further trial starts
+        assert trials[0].state.name == "COMPLETE"
+
+
 def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
     from studies.workers import Interrupted, SignalStop, signals_deferred
 
