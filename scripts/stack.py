@@ -325,7 +325,7 @@ def load_services(variables: dict[str, str], *, compose_file: Path = COMPOSE_FIL
         check, seconds = _healthcheck(spec.get("healthcheck") or {}, tr)
         services[name] = Service(name, kind, source, job, argv, env, _ports(spec.get("ports"), where), check,
                                  seconds, depends, stand_in, mapping, _duration(spec.get("stop_grace_period"), 10.0))
-    return dict((n, services[n]) for n in _start_order(services))
+    return {n: services[n] for n in start_order(services)}
 
 
 def _repository(image: str) -> str:
@@ -382,7 +382,11 @@ def enabled_services(raw: dict, variables: dict[str, str]) -> dict:
     return enabled
 
 
-def _start_order(services: dict[str, Service]) -> list[str]:
+def start_order(services: dict[str, Service], wanted: list[str] | None = None) -> list[str]:
+    """The services `wanted` (all when empty) and everything they depend on, dependencies first."""
+    unknown = [w for w in wanted or () if w not in services]
+    if unknown:
+        raise StackError(f"no service named {', '.join(map(repr, unknown))} in compose.yaml (services: {', '.join(services)})")
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -397,26 +401,9 @@ def _start_order(services: dict[str, Service]) -> list[str]:
         visiting.discard(name)
         order.append(name)
 
-    for name in services:
+    for name in wanted or services:
         visit(name)
     return order
-
-
-def with_dependencies(services: dict[str, Service], wanted: list[str]) -> list[str]:
-    unknown = [w for w in wanted if w not in services]
-    if unknown:
-        raise StackError(f"no service named {', '.join(map(repr, unknown))} in compose.yaml (services: {', '.join(services)})")
-    needed: set[str] = set()
-
-    def add(name: str) -> None:
-        if name not in needed:
-            needed.add(name)
-            for dep in services[name].depends_on:
-                add(dep)
-
-    for name in wanted or services:
-        add(name)
-    return [n for n in services if n in needed]
 
 
 # --------------------------------------------------------------------------- processes
@@ -577,7 +564,7 @@ class Stack:
             raise StackError(f"{service.name} exited with {code} (log {self.log(service.name)})")
 
     def up(self, names: list[str]) -> None:
-        for name in with_dependencies(self.services, names):
+        for name in start_order(self.services, names):
             service = self.services[name]
             for dep, condition in service.depends_on.items():
                 self.check_condition(name, dep, condition)

@@ -34,7 +34,7 @@ from studies.objective import Objective
 from studies.report import Progress
 from studies.study import BUDGET_STATES, sampler_seed, state_counts
 from studies.tracking import flatten_params
-from studies.workers import signals_deferred
+from studies.workers import interruption_reason, signals_deferred
 
 if TYPE_CHECKING:
     from studies.run import Session
@@ -257,7 +257,7 @@ def run_keras_tuner(session: Session, tracker: Any, *, label: str | None = None)
         pass
     except BaseException as e:  # interrupted (SIGINT/SIGTERM): the running trial is recorded as FAIL
         if isinstance(e, KeyboardInterrupt):
-            engine.abandon(f"interrupted ({e})" if str(e) else "interrupted")
+            engine.abandon(interruption_reason(e))
         else:
             engine.abandon(describe(e)[:1000])
         raise

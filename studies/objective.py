@@ -13,7 +13,7 @@ import optuna
 from search_spaces import optuna_suggest, sample
 from studies.faults import RetryLog, describe, is_transient
 from studies.study import derive_seed, improves
-from studies.workers import signals_allowed, signals_deferred
+from studies.workers import interruption_reason, signals_allowed, signals_deferred
 
 if TYPE_CHECKING:
     from models import Dataset
@@ -127,7 +127,7 @@ class Objective:
             outcome["state"] = "PRUNED"
             raise
         except KeyboardInterrupt as e:
-            attrs["fail_reason"] = f"interrupted ({e})" if str(e) else "interrupted"
+            attrs["fail_reason"] = interruption_reason(e)
             outcome["tags"]["optuna.fail_reason"] = attrs["fail_reason"]
             raise
         except Exception as e:

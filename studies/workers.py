@@ -25,6 +25,11 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: the running trial ends as FAIL with reason "interrupted (SIG...)"."""
 
 
+def interruption_reason(e: KeyboardInterrupt) -> str:
+    """The fail_reason of a trial cut by a signal (`interrupted (SIGTERM)`) or by Ctrl-C."""
+    return f"interrupted ({e})" if str(e) else "interrupted"
+
+
 _deferral = {"depth": 0, "pending": None}
 
 
