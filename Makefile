@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/breast_cancer.yaml
+ARGS ?=
 
 .PHONY: install run test lint lock clean
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m studies.run $(CONFIG)
+	$(PY) -m studies.run $(CONFIG) $(ARGS)
 
 # Starts compose.yaml's services up to the MLflow server natively (PostgreSQL, S3, bucket, MLflow),
 # runs every test (the last one brings up and tears down the whole stack), stops what it started.

@@ -74,5 +74,10 @@ def compile_for_task(model: keras.Model, spec: DataSpec, params: dict[str, Any])
     else:
         loss = "mse"
         metrics = [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse")]
+        # The head rescales to target units, which multiplies every gradient by the target's
+        # standard deviation: SGD then diverges on targets in the hundreds. Weighting the loss by
+        # 1/std^2 trains (and reports loss) in standardised units; mae/rmse stay in target units.
+        model.compile(optimizer=optimizer(params), loss=loss, metrics=metrics, loss_weights=[1.0 / spec.target_std ** 2])
+        return model
     model.compile(optimizer=optimizer(params), loss=loss, metrics=metrics)
     return model

@@ -126,7 +126,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, *, chunk: int = 8
     plus the regularization penalty, the compiled metrics by name), from eager forward passes of
     `chunk` rows. Eager on purpose: `model.evaluate` traces a test function per model, ~0.25 s,
     more than a small model's whole evaluation."""
-    loss_fn, metrics = _scorers(model)
+    loss_fn, weight, metrics = _scorers(model)
     total, n = 0.0, len(x)
     for start in range(0, n, chunk):
         xb, yb = x[start:start + chunk], y[start:start + chunk]
@@ -136,13 +136,13 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, *, chunk: int = 8
         for metric in metrics:
             metric.update_state(yb, pred)
     penalty = sum(float(loss) for loss in model.losses)
-    out = {"loss": total / max(n, 1) + penalty}
+    out = {"loss": weight * total / max(n, 1) + penalty}
     out.update({metric.name: float(metric.result()) for metric in metrics})
     return out
 
 
-def _scorers(model: keras.Model) -> tuple[Callable[..., Any], list[keras.metrics.Metric]]:
-    """The per-sample loss function and fresh copies of the compiled metrics of a model."""
+def _scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[keras.metrics.Metric]]:
+    """The per-sample loss function, its weight, and fresh copies of the compiled metrics of a model."""
     config = model.get_compile_config()
     if not config:
         raise ValueError("the model is not compiled: no loss to evaluate")
@@ -152,7 +152,9 @@ def _scorers(model: keras.Model) -> tuple[Callable[..., Any], list[keras.metrics
     else:
         loss_fn = keras.losses.get(loss)
     metrics = [keras.metrics.deserialize(m) for m in (config.get("metrics") or [])]
-    return loss_fn, metrics
+    weights = config.get("loss_weights")
+    weight = float(weights[0] if isinstance(weights, (list, tuple)) else weights) if weights is not None else 1.0
+    return loss_fn, weight, metrics
 
 
 def _aligned(y: np.ndarray, pred: Any) -> np.ndarray:

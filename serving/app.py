@@ -59,7 +59,7 @@ def create_app(settings: ServingSettings | None = None, holder: ModelHolder | No
         if app.state.holder is None:
             from serving.registry import Store
 
-            app.state.holder = ModelHolder(settings.serving_model_uri, Store(settings.tracking_uri()))
+            app.state.holder = ModelHolder(settings.serving_model_uri, Store.at(settings))
         h = app.state.holder
         if h.current is None and h.store is not None:
             try:

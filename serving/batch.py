@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.settings import ServingSettings
 
     settings = ServingSettings()
-    store = Store(settings.tracking_uri())
+    store = Store.at(settings)
     uri = args.model or settings.serving_model_uri
     try:
         model = load(uri, store)

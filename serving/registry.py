@@ -1,4 +1,10 @@
-"""Serving's one contact with MLflow: resolve a model URI, fetch its files, log batch-scoring runs."""
+"""Serving's one contact with MLflow: resolve a model URI, fetch its files, log batch-scoring runs.
+
+`Store` is the one way a model URI becomes local files, for the API, batch scoring, the selector
+and the notebook alike: `models:/name@alias`, `models:/name/3`, `runs:/<id>/model`, any artifact
+URI MLflow knows, or a local model folder. Every lookup and download is given the tracking and
+registry URIs explicitly, never MLflow's process-wide default.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.settings import MlflowLocation
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
+_LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")  # an MLflow 3 logged model id
 
 
 class ServingError(Exception):
@@ -32,24 +43,32 @@ class ResolvedModel:
 
 
 class Store:
-    """Resolves model URIs against the tracking server and downloads model files."""
+    """Resolves model URIs against the registry and downloads model files, with both URIs explicit."""
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, registry_uri: str | None = None) -> None:
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.registry_uri = registry_uri or tracking_uri
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+
+    @classmethod
+    def at(cls, location: MlflowLocation) -> Store:
+        """The store the project's settings point at (MLFLOW_* variables, else the embedded one)."""
+        return cls(location.tracking_uri(), location.registry_uri())
 
     def resolve(self, uri: str) -> ResolvedModel:
-        """Pin `models:/name@alias` or `models:/name/3` to a version; other URIs pass through."""
+        """Pin `models:/name@alias` or `models:/name/3` to a version; other URIs pass through
+        (a `runs:/<id>/...` URI keeps its run id)."""
         match = _MODELS_URI.match(uri)
         if match is None:
-            return ResolvedModel(uri, None, None, None, None)
+            runs = _RUNS_URI.match(uri)
+            return ResolvedModel(uri, None, None, None, runs["run_id"] if runs else None)
         name, alias, version = match["name"], match["alias"], match["version"]
         try:
             mv = self.client.get_model_version_by_alias(name, alias) if alias else self.client.get_model_version(name, version)
         except Exception as e:
-            raise ModelNotFound(f"cannot resolve {uri} at {self.tracking_uri}: {_first_line(e)}") from None
+            raise ModelNotFound(f"cannot resolve {uri} at {self.registry_uri}: {_first_line(e)}") from None
         return ResolvedModel(uri, name, str(mv.version), alias, mv.run_id, dict(mv.tags))
 
     def current_version(self, uri: str) -> str | None:
@@ -57,17 +76,31 @@ class Store:
         return self.resolve(uri).version
 
     def download(self, resolved: ResolvedModel) -> Path:
-        """The model's files (MLmodel, data/model.keras, ...) in a local temporary folder."""
+        """The model's files (MLmodel, data/model.keras, ...): a local model folder as it is, anything
+        else downloaded into a new temporary folder."""
         import mlflow.artifacts
 
-        target = tempfile.mkdtemp(prefix="workbench-serving-")
+        if Path(resolved.uri).is_dir():
+            return Path(resolved.uri)
         source = f"models:/{resolved.name}/{resolved.version}" if resolved.version else resolved.uri
-        if Path(source).exists():
-            return Path(source)
+        target = tempfile.mkdtemp(prefix="workbench-model-")
         try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target, tracking_uri=self.tracking_uri))
+            location = self._artifact_location(resolved)
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=target, tracking_uri=self.tracking_uri,
+                                                            registry_uri=self.registry_uri))
         except Exception as e:
             raise ModelNotFound(f"cannot download {source} from {self.tracking_uri}: {_first_line(e)}") from None
+
+    def _artifact_location(self, resolved: ResolvedModel) -> str:
+        """Where a model's files are, found through this store's client. A `models:/` URI is never
+        handed to MLflow's downloader: MLflow 3 resolves it against the process-wide registry URI
+        (`./mlflow.db` when MLFLOW_TRACKING_URI is unset), ignoring the URIs it is given."""
+        if resolved.version:
+            return self.client.get_model_version_download_uri(resolved.name, resolved.version)
+        logged = _LOGGED_MODEL_URI.match(resolved.uri)
+        if logged:
+            return self.client.get_logged_model(logged["model_id"]).artifact_location
+        return resolved.uri
 
     def log_batch_run(self, *, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str],
                       experiment: str = "batch-scoring") -> str:

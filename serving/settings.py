@@ -1,4 +1,9 @@
-"""Where the model and the tracking server are, and the serving limits: from the environment."""
+"""Where the model and MLflow are, and the serving limits: from the environment.
+
+`MlflowLocation` is the one resolution of MLflow's tracking and registry URIs for every command
+(studies and serving alike). MLflow's own process-wide default (`./mlflow.db` in the working
+folder) is never used: every client and download gets these URIs explicitly.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,31 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class ServingSettings(BaseSettings):
-    """Environment settings of the API and of batch scoring."""
+class MlflowLocation(BaseSettings):
+    """The project data folder and MLflow's tracking and registry URIs."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
 
+    workbench_home: Path = Field(default=Path(".workbench"), description="project data folder (WORKBENCH_HOME)")
+    mlflow_tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (MLFLOW_TRACKING_URI)")
+    mlflow_registry_uri: str | None = Field(default=None, description="MLflow registry URI (MLFLOW_REGISTRY_URI)")
+
+    def tracking_uri(self) -> str:
+        """MLFLOW_TRACKING_URI, else the embedded default: SQLite in the project data folder."""
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.workbench_home / 'mlflow.db').resolve()}"
+
+    def registry_uri(self) -> str:
+        """MLFLOW_REGISTRY_URI, else the tracking URI (the registry lives in the same store)."""
+        return self.mlflow_registry_uri or self.tracking_uri()
+
+
+class ServingSettings(MlflowLocation):
+    """Environment settings of the API and of batch scoring."""
+
     serving_model_uri: str = Field(default="models:/breast_cancer_mlp@champion", description="SERVING_MODEL_URI")
-    mlflow_tracking_uri: str | None = Field(default=None, description="MLFLOW_TRACKING_URI")
-    workbench_home: Path = Field(default=Path(".workbench"), description="WORKBENCH_HOME (embedded default)")
     serving_max_rows: int = Field(default=10_000, ge=1, description="rows per request")
     serving_max_body_bytes: int = Field(default=10_000_000, ge=1024, description="request body size")
     serving_poll_seconds: float = Field(default=0.0, ge=0, description="follow the alias every N s (0: off)")
     serving_host: str = "127.0.0.1"
     serving_port: int = Field(default=8000, ge=1, le=65535)
     serving_workers: int = Field(default=1, ge=1)
-
-    def tracking_uri(self) -> str:
-        """MLFLOW_TRACKING_URI, else the embedded SQLite store that `studies.run` writes by default."""
-        return self.mlflow_tracking_uri or f"sqlite:///{(self.workbench_home / 'mlflow.db').resolve()}"

@@ -67,6 +67,22 @@ def interpolate(data: Any, path: str = "", *, environ: dict[str, str] | None = N
     return _VAR.sub(replace, data)
 
 
+def drop_options_of_replaced_types(data: dict[str, Any], overrides: list[str]) -> None:
+    """A file's `sampler.options` / `pruner.options` were written for the file's type (TPE's
+    n_startup_trials means nothing to RandomSampler): an override that changes the type drops them,
+    in place. Options set by overrides themselves are applied afterwards and stay."""
+    for section in ("sampler", "pruner"):
+        node = data.get(section)
+        new = [a.partition("=")[2] for a in overrides if a.partition("=")[0].strip() == f"{section}.type"]
+        if isinstance(node, dict) and new:
+            try:
+                value = yaml.safe_load(new[-1])
+            except yaml.YAMLError:
+                value = new[-1]
+            if value != node.get("type"):
+                node.pop("options", None)
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> tuple[str, Any]:
     """Apply one `key.path=value` override (value parsed as YAML) in place."""
     key, sep, raw = assignment.partition("=")
@@ -109,6 +125,7 @@ def load_config(path: str | Path, overrides: list[str] = (), *, environ: dict[st
     raw = read_yaml(source, what="config file")
     if not isinstance(raw, dict):
         raise ConfigError.single(str(source), "", f"must be a mapping of sections, got {type(raw).__name__}")
+    drop_options_of_replaced_types(raw, overrides)
     set_keys = [apply_override(raw, a)[0] for a in overrides]
     try:
         data = interpolate(raw, environ=environ)

@@ -11,6 +11,8 @@ from search_spaces.errors import WorkbenchError
 if TYPE_CHECKING:
     import keras
 
+    from serving.registry import Store
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "workbench.champion_history"  # comma-separated versions, oldest first
 
@@ -22,11 +24,10 @@ class RegistryError(WorkbenchError):
 class Registry:
     """Registered-model versions and aliases (MLflow 3 aliases, not stages)."""
 
-    def __init__(self, tracking_uri: str) -> None:
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        self.tracking_uri = tracking_uri
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.client = store.client
+        self.tracking_uri = store.tracking_uri
 
     def has_model(self, run_id: str) -> bool:
         try:
@@ -35,12 +36,11 @@ class Registry:
             return False
 
     def load_keras(self, run_id: str) -> keras.Model:
-        """The run's model as a compiled Keras model (for evaluation)."""
-        import mlflow
+        """The run's model as a compiled Keras model (for evaluation), fetched by serving's loader."""
         import mlflow.keras
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return mlflow.keras.load_model(f"runs:/{run_id}/model")
+        path = self.store.download(self.store.resolve(f"runs:/{run_id}/model"))
+        return mlflow.keras.load_model(str(path))
 
     def version_for_run(self, name: str, run_id: str) -> Any | None:
         found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

@@ -225,7 +225,7 @@ def _run_study(loaded, args: argparse.Namespace, argv: list[str], stop) -> int:
     if tracker is not None and cfg.registry.auto and state_counts(study)["COMPLETE"]:
         from studies.select import select
 
-        print(select(loaded, study, session.data, session.settings.tracking_uri()).describe())
+        print(select(loaded, study, session.data, session.settings).describe())
     if failed:
         return EXIT_FAILURE
     return EXIT_OK
@@ -319,7 +319,7 @@ def _start_tracking(loaded, settings, study, data_hash: str, storage_url: str):
 
     cfg = loaded.config.tracking
     tracker = Tracker(settings.tracking_uri(), cfg.experiment or study.study_name, artifact_location=settings.artifact_root(),
-                      log_models=cfg.log_models, flush_seconds=cfg.flush_seconds)
+                      log_models=cfg.log_models, flush_seconds=cfg.flush_seconds, registry_uri=settings.registry_uri())
     tracker.start_study(study, loaded, data_hash=data_hash, storage_url=storage_url)
     return tracker
 

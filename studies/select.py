@@ -12,6 +12,10 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.settings import MlflowLocation
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -44,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def select(loaded, study, data, tracking_uri: str, *, force: bool = False) -> Selection:
+def select(loaded, study, data, location: MlflowLocation, *, force: bool = False) -> Selection:
     """Pick, evaluate, register and alias the winner of a study."""
     from models.training import evaluate
+    from serving.registry import Store
     from studies.registry import Registry, RegistryError
     from studies.selection import alias_for, criterion, pick_winner
     from studies.tracking import RUN_ID_ATTR
@@ -56,9 +61,9 @@ def select(loaded, study, data, tracking_uri: str, *, force: bool = False) -> Se
     rule = criterion(cfg)
     winner = pick_winner(study, cfg)
     run_id = winner.user_attrs.get(RUN_ID_ATTR)
-    registry = Registry(tracking_uri)
+    registry = Registry(Store.at(location))
     if not run_id or not registry.has_model(run_id):
-        raise RegistryError(f"trial {winner.number} has no model logged in MLflow at {tracking_uri} "
+        raise RegistryError(f"trial {winner.number} has no model logged in MLflow at {registry.tracking_uri} "
                             "(was tracking off, or tracking.log_models none?)")
     model = registry.load_keras(run_id)
     metrics = {f"test_{k}": v for k, v in evaluate(model, data.x_test, data.y_test).items()}
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(loaded, args) -> int:
 
+    from serving.registry import Store
     from studies.registry import Registry
     from studies.run import load_data, quiet_libraries
     from studies.selection import NoWinner
@@ -112,15 +118,14 @@ def _main(loaded, args) -> int:
 
     settings = Settings()
     quiet_libraries()
-    tracking_uri = settings.tracking_uri()
     name = loaded.config.registry.model_name or loaded.study_name
     if args.rollback:
-        old, new = Registry(tracking_uri).rollback(name)
+        old, new = Registry(Store.at(settings)).rollback(name)
         print(f"{name}: @champion moved back from v{old} to v{new}")
         return EXIT_OK
     study = load_existing(loaded, args.storage, settings)
     try:
-        result = select(loaded, study, load_data(loaded), tracking_uri, force=args.force)
+        result = select(loaded, study, load_data(loaded), settings, force=args.force)
     except NoWinner as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE

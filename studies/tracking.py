@@ -74,13 +74,14 @@ class Tracker:
     """Logs one study (this process's share of it) to MLflow."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None,
-                 log_models: str = "best", flush_seconds: float = 10.0) -> None:
+                 log_models: str = "best", flush_seconds: float = 10.0, registry_uri: str | None = None) -> None:
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        # Both URIs explicit: nothing falls back to MLflow's process-wide default (./mlflow.db).
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
         self.experiment_name = experiment
         self.artifact_location = artifact_location
         self.log_models = log_models
@@ -385,7 +386,7 @@ def log_comparison(tracking_uri: str, experiment: str, *, title: str, html_page:
 
     if tracking_uri.startswith(("http://", "https://")):
         _check_http(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp = _retry(lambda: experiment_id(client, experiment, artifact_location), f"opening MLflow experiment {experiment!r}")
     tags = {PARENT_ROLE: "comparison", "workbench.studies": ",".join(studies), "mlflow.note.content": title}
     run = _retry(lambda: client.create_run(exp, run_name="compare " + " vs ".join(studies), tags=tags), "creating the comparison run")

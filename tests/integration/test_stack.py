@@ -1,4 +1,5 @@
-"""The whole compose stack through scripts/stack.sh: up -> study job -> select -> API answers -> down.
+"""The whole compose stack through scripts/stack.sh: up -> study job -> select -> API answers -> down,
+driven by the README's `stack` blocks (tests/readme.py), so the commands shown there are the ones run.
 
 It runs last (tests/integration/conftest.py orders it), since `down` stops the services the other
 integration tests use; if they were running before, it brings them back afterwards.
@@ -6,6 +7,7 @@ integration tests use; if they were running before, it brings them back afterwar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,10 +16,12 @@ import subprocess
 import sys
 import urllib.request
 import uuid
+from pathlib import Path
 
 import psutil
 
 from tests.conftest import ROOT, tiny_config
+from tests.readme import Command, readme_blocks, with_tiny_budget
 
 SCRIPT = ROOT / "scripts" / "stack.py"
 STATE = ROOT / ".workbench" / "stack"
@@ -60,12 +64,38 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def stack_commands() -> tuple[list[Command], list[Command]]:
+    """The README's `stack` blocks: (the scripts/stack.sh walk-through, the runner commands on the
+    stack's PostgreSQL), as written there."""
+    blocks = [b for b in readme_blocks(ROOT / "README.md") if b.kind == "stack"]
+    walk = [b for b in blocks if any(c.text.startswith("scripts/stack.sh up") for c in b.commands)]
+    assert len(walk) == 1, "README.md needs one stack block that runs scripts/stack.sh up ... down"
+    others = [c for b in blocks if b is not walk[0] for c in b.commands]
+    assert others and all(c.text.startswith("python -m studies.run") for c in others), others
+    return list(walk[0].commands), others
+
+
+def readme(command: Command, env: dict[str, str], *, timeout: float = 600) -> subprocess.CompletedProcess:
+    """One README command in bash from the repository root, the venv activated (as the README says)."""
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    done = subprocess.run(["bash", "-c", with_tiny_budget(command.text)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"README.md:{command.line}: {command.text}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
 def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config):
+    """README's native-stack block, command by command, with checks before its `down`; the
+    README's PostgreSQL runner commands run there too, in the stack's environment."""
     import mlflow
     import optuna
+    from optuna.trial import TrialState
 
     from models import load_dataset
 
+    COMPLETE, PRUNED = TrialState.COMPLETE, TrialState.PRUNED
+    walk, runner_commands = stack_commands()
+    assert [c.text.split("#")[0].split() for c in walk][-1] == ["scripts/stack.sh", "down"]
     tag = uuid.uuid4().hex[:8]
     study_name, model_name = f"stack_{tag}", f"stack_model_{tag}"
     config = write_config(tiny_config(tiny_space, study={"name": study_name, "seed": 3},
@@ -75,14 +105,17 @@ def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config):
     env.update(STUDY_CONFIG=str(config), SERVING_MODEL_URI=f"models:/{model_name}@champion")
     processes: list[psutil.Process] = []
     was_up = listening(PORTS["mlflow"])  # `make test` started the services the other tests use
+    outputs: dict[str, str] = {}
     try:
-        up = stack("up", env=env)
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr
-        assert "study: exited 0" in up.stdout and f"registered as {model_name} v1" in up.stdout
-        status = stack("status", env=env).stdout
+        for command in walk[:-1]:
+            outputs[command.text.split("#")[0].strip()] = readme(command, env).stdout
+        up = outputs["scripts/stack.sh up"]
+        assert "study: exited 0" in up and f"registered as {model_name} v1" in up, up[-3000:]
+        status = outputs["scripts/stack.sh status"]
         for name in ("postgres", "minio", "mlflow", "dashboard", "api"):
             assert re.search(rf"^{name}\s+healthy", status, re.M), status
         assert re.search(r"^study\s+exited 0", status, re.M) and re.search(r"^buckets\s+exited 0", status, re.M)
+        assert "api" in outputs["scripts/stack.sh plan"] and outputs["scripts/stack.sh logs api"].strip()
 
         client = dict(line.removeprefix("export ").split("=", 1) for line in stack("env", env=env).stdout.splitlines())
         # The study job ran on the stack's PostgreSQL database and logged to its MLflow server...
@@ -107,13 +140,25 @@ def test_stack_up_study_select_serve_down(tmp_path, tiny_space, write_config):
         assert answer["model_name"] == model_name and answer["model_version"] == champion.version
         assert len(answer["predictions"]) == 5
 
+        # The README's runner commands on PostgreSQL, after `eval "$(scripts/stack.sh env)"` as it says
+        # (fresh studies: a study left by an earlier run could hold another search space).
+        for name in ("bc-pg", "digits_cnn"):
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=client["OPTUNA_STORAGE"])
+        for command in runner_commands:
+            eval_env = Command(command.line, f'eval "$(scripts/stack.sh env)" && {with_tiny_budget(command.text)}')
+            ran = readme(eval_env, env).stdout
+            assert re.search(r"registered as \S+ v\d+", ran), ran[-3000:]
+        for name in ("bc-pg", "digits_cnn"):
+            finished = optuna.load_study(study_name=name, storage=client["OPTUNA_STORAGE"]).get_trials(states=(COMPLETE, PRUNED))
+            assert len(finished) >= 2, name
+
         processes = stack_processes()
         assert len(processes) >= 4  # moto, the MLflow server and its workers, the dashboard, the API
     finally:
-        down = stack("down", env=env, timeout=120)
-    assert down.returncode == 0, down.stderr
+        down = readme(walk[-1], env, timeout=120).stdout
     for name in ("api", "dashboard", "mlflow", "minio"):
-        assert f"{name}: stopped" in down.stdout
+        assert f"{name}: stopped" in down
     left = [p for p in processes if running(p)]
     assert not left, [(p.pid, p.cmdline()) for p in left]
     assert not list(STATE.glob("*.pid"))

@@ -70,6 +70,19 @@ def test_overrides_are_validated_like_the_file(write_config, tiny_space):
         load_config(path, ["training.epochs"])
 
 
+def test_changing_the_sampler_type_drops_the_files_options_for_the_old_type(write_config, tiny_space):
+    # `--set sampler.type=random` on a TPE config (README: configs/wine.yaml) used to stop with
+    # "sampler.options.n_startup_trials: not an option of RandomSampler".
+    path = write_config(tiny_config(tiny_space, sampler={"type": "tpe", "options": {"n_startup_trials": 5}},
+                                    pruner={"type": "median", "options": {"n_warmup_steps": 2}}))
+    loaded = load_config(path, ["sampler.type=random", "pruner.type=none"])
+    assert (loaded.config.sampler.type, loaded.config.sampler.options) == ("random", {})
+    assert (loaded.config.pruner.type, loaded.config.pruner.options) == ("none", {})
+    kept = load_config(path, ["sampler.type=tpe", "pruner.type=percentile", "pruner.options.percentile=30"])
+    assert kept.config.sampler.options == {"n_startup_trials": 5}  # same type: the file's options stay
+    assert kept.config.pruner.options == {"percentile": 30}
+
+
 def test_search_space_path_is_relative_to_the_config(tmp_path, write_config):
     (tmp_path / "spaces").mkdir()
     (tmp_path / "spaces" / "s.yaml").write_text("params: {n_layers: {type: int, low: 1, high: 2}}\n")

@@ -1,5 +1,5 @@
 """notebooks/analysis.ipynb runs top to bottom (nbclient) on a small study with pruned trials and
-a champion, reading only MLflow (the tracking URI passed in through the environment)."""
+a champion, reading only MLflow (the embedded store the runner wrote, found as every command finds it)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def test_notebook_runs_against_a_small_study(home, write_config, tiny_space, mon
                                    pruner={"type": "threshold", "options": {"upper": 0.66}},
                                    training={"epochs": 3, "batch_size": 128, "early_stopping_patience": None}))
     assert run_main([str(cfg)]) == 0
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # No MLFLOW_TRACKING_URI: the notebook finds the embedded store through WORKBENCH_HOME, as the runner does.
+    uri = f"sqlite:///{home.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("WORKBENCH_EXPERIMENT", "nb_study")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -39,6 +39,7 @@ def test_notebook_runs_against_a_small_study(home, write_config, tiny_space, mon
     assert f"tracking URI: {uri}" in text
     assert "study 'nb_study' (optuna, sampler random): 8 trial runs, objective val_loss (minimize)" in text
     assert "nb_study v1 @champion <- trial" in text
+    assert "loads for serving: task binary, 30 features, classes ['benign', 'malignant']" in text
     assert "PRUNED" in text and "COMPLETE" in text
     figures = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
                if "application/vnd.plotly.v1+json" in out.get("data", {})]
