@@ -8,9 +8,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from models.tabular import TableEncoder
 
 Task = Literal["binary", "multiclass", "regression"]
 TASKS: tuple[str, ...] = ("binary", "multiclass", "regression")
@@ -56,6 +59,9 @@ class DataSpec:
     feature_var: tuple[float, ...]
     target_mean: float = 0.0
     target_std: float = 1.0
+    # A mixed-type table: the raw columns and their fitted encoding (feature_names are then the
+    # encoded columns, already standardised). None for all-numeric data.
+    table: TableEncoder | None = None
 
     @property
     def n_features(self) -> int:
@@ -78,6 +84,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     fingerprint: str = field(default="")
+    notes: tuple[str, ...] = ()  # what loading did that a user should know (rows left out, ...)
 
 
 def load_dataset(
@@ -91,14 +98,22 @@ def load_dataset(
     validation: float = 0.2,
     test: float = 0.2,
     seed: int = 0,
+    columns: dict[str, str] | None = None,
 ) -> Dataset:
-    """Load a bundled dataset by name, or a file by path, and split it deterministically."""
+    """Load a bundled dataset by name, or a file by path, and split it deterministically.
+
+    A file with a non-numeric or missing feature value, or with `columns` kinds given, is a
+    mixed-type table: its encoding is fitted on the training split (models.tabular)."""
+    notes: tuple[str, ...] = ()
     if name is not None:
         x, y, names, task, image_shape = _load_bundled(name, task, image_shape)
     elif path is not None:
         if task is None:
             raise DatasetError("task", "is required for a file dataset (binary, multiclass or regression)")
-        x, y, names = _load_file(Path(path), target, features, task)
+        frame, features, notes = _read_file(Path(path), target, features, columns)
+        if columns or image_shape is None and _mixed(frame[features]):
+            return _table_dataset(frame, features, target, task, columns or {}, validation, test, seed, notes)
+        x, y, names = _numeric_arrays(frame, features, target, task)
     else:
         raise DatasetError("name", "give either a bundled dataset name or a file path")
     if image_shape is not None and int(np.prod(image_shape)) != x.shape[1]:
@@ -107,7 +122,9 @@ def load_dataset(
             f"must hold exactly the {x.shape[1]} features (product {int(np.prod(image_shape))}), got {list(image_shape)}",
         )
     y, labels = _encode_target(y, task)
-    return _split(x, y, names, labels, task, image_shape, validation, test, seed)
+    idx = _split_indices(y, task, validation, test, seed)
+    dataset = _split(x, y, names, labels, task, image_shape, idx)
+    return Dataset(**{**dataset.__dict__, "notes": notes})
 
 
 def _load_bundled(name: str, task: Task | None, image_shape: tuple[int, ...] | None):
@@ -126,7 +143,8 @@ def _load_bundled(name: str, task: Task | None, image_shape: tuple[int, ...] | N
     return np.asarray(bunch.data, dtype=np.float64), np.asarray(y), names, info.task, image_shape or info.image_shape
 
 
-def _load_file(path: Path, target: str | None, features: list[str] | None, task: Task):
+def _read_file(path: Path, target: str | None, features: list[str] | None, columns: dict[str, str] | None):
+    """The file's target and feature columns, rows with a missing target left out (and said)."""
     import pandas as pd
 
     if path.suffix.lower() not in FILE_SUFFIXES:
@@ -139,26 +157,72 @@ def _load_file(path: Path, target: str | None, features: list[str] | None, task:
         frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     except Exception as e:  # pandas raises many types for unreadable files
         raise DatasetError("path", f"cannot be read as {path.suffix[1:]}: {e}") from e
-    columns = [str(c) for c in frame.columns]
-    frame.columns = columns
-    if target not in columns:
-        raise DatasetError("target", f"must be a column of the file ({_list(columns)}), got {target!r}")
-    if features is None:
-        features = [c for c in columns if c != target]
+    names = [str(c) for c in frame.columns]
+    frame.columns = names
+    if target not in names:
+        raise DatasetError("target", f"must be a column of the file ({_list(names)}), got {target!r}")
+    for name in (columns or {}):
+        if name not in names:
+            raise DatasetError(f"columns.{name}", f"must be a column of the file ({_list(names)}), got {name!r}")
+        if name == target:
+            raise DatasetError(f"columns.{name}", "is the target column: it has no feature kind")
+    if features is None:  # every column but the target and those marked id or drop
+        features = [c for c in names if c != target and (columns or {}).get(c) not in ("id", "drop")]
     for i, col in enumerate(features):
-        if col not in columns:
-            raise DatasetError(f"features.{i}", f"must be a column of the file ({_list(columns)}), got {col!r}")
+        if col not in names:
+            raise DatasetError(f"features.{i}", f"must be a column of the file ({_list(names)}), got {col!r}")
         if col == target:
             raise DatasetError(f"features.{i}", f"must not be the target column, got {col!r}")
     if not features:
-        raise DatasetError("features", "the file has no feature column besides the target")
+        raise DatasetError("columns" if columns else "features", "no feature column is left besides the target"
+                           + (" after id/drop" if columns else ""))
+    keep = list(dict.fromkeys([*features, *(n for n, k in (columns or {}).items() if k == "id")]))
+    frame = frame[[*keep, target]]
+    missing_target = frame[target].isna().to_numpy()
+    notes = ()
+    if missing_target.any():
+        notes = (f"{int(missing_target.sum())} of {len(frame)} rows have no target value ({target!r}): left out",)
+        frame = frame.loc[~missing_target].reset_index(drop=True)
+    return frame, features, notes
+
+
+def _mixed(features) -> bool:
+    """Any non-numeric column or any missing value: the table needs an encoding."""
+    import pandas as pd
+
+    return any(not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)) for _, s in features.items()) \
+        or bool(features.isna().to_numpy().any())
+
+
+def _numeric_arrays(frame, features: list[str], target: str, task: Task):
     x = np.empty((len(frame), len(features)), dtype=np.float64)
     for j, col in enumerate(features):
         x[:, j] = _numeric_column(frame[col], "features")
-    _no_missing(frame[target].isna().to_numpy(), "target", f"target column {target!r}")
-    _no_missing(np.isnan(x).any(axis=1), "features", "a feature column")
     y = _numeric_column(frame[target], "target") if task == "regression" else frame[target].to_numpy()
     return x, y, features
+
+
+def _table_dataset(frame, features: list[str], target: str, task: Task, columns: dict[str, str],
+                   validation: float, test: float, seed: int, notes: tuple[str, ...]) -> Dataset:
+    """A mixed-type table: kinds inferred (or given), the encoding fitted on the training rows only."""
+    from models.tabular import TableEncoder, TableError, infer_kinds
+
+    try:
+        kinds = infer_kinds(frame[[c for c in frame.columns if c in features or columns.get(c) == "id"] + [target]],
+                            target, columns)
+    except TableError as e:
+        raise DatasetError(f"columns.{e.column}", e.message) from None
+    if not any(k in ("numeric", "boolean", "categorical") for k in kinds.values()):
+        raise DatasetError("columns", f"no feature column is left after drop/id ({_list(list(kinds))})")
+    y_raw = _numeric_column(frame[target], "target") if task == "regression" else frame[target].to_numpy()
+    y, labels = _encode_target(y_raw, task)
+    idx = _split_indices(y, task, validation, test, seed)
+    encoder = TableEncoder.fit(frame.iloc[idx[0]], kinds)
+    x = encoder.encode(frame)
+    names = encoder.encoded_names
+    dataset = _split(x, y, names, labels, task, None, idx, scaled=True)
+    spec = DataSpec(**{**dataset.spec.__dict__, "table": encoder})
+    return Dataset(**{**dataset.__dict__, "spec": spec, "notes": notes})
 
 
 def _numeric_column(series, key: str) -> np.ndarray:
@@ -173,28 +237,22 @@ def _numeric_column(series, key: str) -> np.ndarray:
     )
 
 
-def _no_missing(mask: np.ndarray, key: str, what: str) -> None:
-    rows = np.flatnonzero(mask)
-    if rows.size:
-        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if rows.size > 5 else "")
-        raise DatasetError(key, f"{what} has {rows.size} missing value(s) (rows {shown}); fill or drop them first")
-
-
 def _encode_target(y: np.ndarray, task: Task) -> tuple[np.ndarray, tuple | None]:
     if task == "regression":
         return y.astype(np.float32), None
     labels, codes = np.unique(y, return_inverse=True)
+    if len(labels) < 2:
+        raise DatasetError("target", f"needs at least 2 classes, got {len(labels)} ({_list([str(v) for v in labels])})")
     if task == "binary" and len(labels) != 2:
         raise DatasetError("task", f"binary needs exactly 2 target classes, got {len(labels)}")
-    if len(labels) < 2:
-        raise DatasetError("target", f"needs at least 2 classes, got {len(labels)}")
     return codes.astype(np.int32), tuple(label.item() if hasattr(label, "item") else label for label in labels)
 
 
-def _split(x, y, names, labels, task, image_shape, validation, test, seed) -> Dataset:
+def _split_indices(y: np.ndarray, task: Task, validation: float, test: float, seed: int):
+    """(train, validation, test) row indices: stratified by class, deterministic in the seed."""
     from sklearn.model_selection import train_test_split
 
-    n = len(x)
+    n = len(y)
     if n < MIN_ROWS:
         raise DatasetError("", f"too few rows to split into train, validation and test: need at least {MIN_ROWS}, got {n}")
     stratify = y if task != "regression" else None
@@ -206,12 +264,18 @@ def _split(x, y, names, labels, task, image_shape, validation, test, seed) -> Da
         )
     except ValueError as e:
         raise DatasetError("split", f"cannot split {n} rows by class: {e}") from None
+    return idx_train, idx_val, idx_test
+
+
+def _split(x, y, names, labels, task, image_shape, idx, *, scaled: bool = False) -> Dataset:
+    idx_train, idx_val, idx_test = idx
     x = x.astype(np.float32)
     x_train = x[idx_train]
     # A feature constant on the train rows (a blank pixel) keeps unit scale, as in scikit-learn's
     # StandardScaler: dividing by its zero variance would blow up any other value it takes later.
-    variance = x_train.var(axis=0)
+    variance = x_train.var(axis=0) if not scaled else np.ones(x.shape[1])
     variance[variance < 1e-12] = 1.0
+    mean = x_train.mean(axis=0) if not scaled else np.zeros(x.shape[1])
     target_mean, target_std = 0.0, 1.0
     if task == "regression":
         target_mean, target_std = float(y[idx_train].mean()), float(y[idx_train].std() or 1.0)
@@ -220,7 +284,7 @@ def _split(x, y, names, labels, task, image_shape, validation, test, seed) -> Da
         feature_names=tuple(names),
         class_labels=labels,
         image_shape=tuple(image_shape) if image_shape else None,
-        feature_mean=tuple(float(v) for v in x_train.mean(axis=0)),
+        feature_mean=tuple(float(v) for v in mean),
         feature_var=tuple(float(v) for v in variance),
         target_mean=target_mean,
         target_std=target_std,

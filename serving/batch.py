@@ -30,10 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator:
+def _chunks(path: Path, columns: list[str], chunk_rows: int, *, raw: bool = False) -> Iterator:
     import pandas as pd
 
     if _FORMATS[path.suffix.lower()] == "csv":
+        if raw:  # a table model: empty cells are missing values, its encoding judges each value
+            yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows)
+            return
         # Strings stay strings here so that a bad value is reported, not guessed.
         yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows, dtype=str, keep_default_na=False)
     else:
@@ -92,6 +95,9 @@ def score_file(model, input_path: Path, output: Path, errors_path: Path, *, chun
     import pandas as pd
     from tqdm.auto import tqdm
 
+    table = model.table
+    if table is not None:  # a table model's id columns travel with its predictions
+        keep = list(dict.fromkeys([*(c for c in table.ids if c in _header(input_path)), *keep]))
     columns = list(dict.fromkeys([*model.feature_names, *keep]))
     writer = _Writer(output)
     invalid_rows = 0
@@ -99,14 +105,19 @@ def score_file(model, input_path: Path, output: Path, errors_path: Path, *, chun
     start, offset = time.perf_counter(), 0
     bar = tqdm(total=_total_rows(input_path), unit="row", unit_scale=True, disable=not progress, file=sys.stderr)
     try:
-        for chunk in _chunks(input_path, columns, chunk_rows):
+        for chunk in _chunks(input_path, columns, chunk_rows, raw=table is not None):
             rows = np.arange(offset, offset + len(chunk))
             offset += len(chunk)
-            features = chunk[model.feature_names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
-            ok = np.isfinite(features).all(axis=1)
+            if table is not None:
+                features, wrong = table.encode_rows(chunk)
+                ok = np.ones(len(chunk), dtype=bool)
+                ok[list(wrong)] = False
+                reasons = [f"{column!r}: {message}" for _, (column, message) in sorted(wrong.items())]
+            else:
+                features = chunk[model.feature_names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+                ok = np.isfinite(features).all(axis=1)
+                reasons = [_reason(model.feature_names, r) for r in chunk.loc[~ok, model.feature_names].itertuples(index=False)]
             if not ok.all():
-                bad = chunk.loc[~ok, model.feature_names]
-                reasons = [_reason(model.feature_names, r) for r in bad.itertuples(index=False)]
                 report = pd.DataFrame({"row": rows[~ok], "reason": reasons})
                 report.to_csv(errors_path, mode="a" if errors_started else "w", header=not errors_started, index=False)
                 errors_started = True

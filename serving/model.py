@@ -10,11 +10,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serving.registry import ResolvedModel, ServingError, Store
+
+if TYPE_CHECKING:
+    from models.tabular import TableEncoder
 
 
 class InvalidInput(ServingError):
@@ -29,20 +32,28 @@ class LoadedModel:
     task: str
     feature_names: list[str]
     class_labels: list[Any] | None
-    forward: Any  # compiled: float32 [n, n_features] -> float32 [n, n_outputs]
+    forward: Any  # compiled: float32 [n, input_width] -> float32 [n, n_outputs]
     n_outputs: int = 1
     loaded_at: float = field(default_factory=time.time)
     info: dict[str, Any] = field(default_factory=dict)
+    table: TableEncoder | None = None  # raw records -> model inputs, for a mixed-type table's model
 
     @property
     def n_features(self) -> int:
         return len(self.feature_names)
+
+    @property
+    def input_width(self) -> int:
+        return self.table.width if self.table is not None else self.n_features
 
     # -- input -------------------------------------------------------------------------
     def rows_from_instances(self, instances: Sequence[Sequence[float]]) -> np.ndarray:
         """A float32 matrix from positional rows; each row must have one value per feature."""
         if len(instances) == 0:
             raise InvalidInput("instances: must hold at least one row, got []")
+        if self.table is not None:
+            raise InvalidInput(f"instances: this model takes named records with its raw columns "
+                               f"({', '.join(self.feature_names[:5])}{', ...' if self.n_features > 5 else ''}); send records")
         for i, row in enumerate(instances):
             if len(row) != self.n_features:
                 raise InvalidInput(f"instances.{i}: the model expects {self.n_features} values "
@@ -53,6 +64,8 @@ class LoadedModel:
         """A float32 matrix from named rows, in the model's feature order."""
         if len(records) == 0:
             raise InvalidInput("records: must hold at least one row, got []")
+        if self.table is not None:
+            return self.encode_records(records)
         expected = set(self.feature_names)
         for i, record in enumerate(records):
             if record.keys() != expected:
@@ -61,8 +74,22 @@ class LoadedModel:
                 parts = ([f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []) + (
                     [f"unknown {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"] if unknown else [])
                 raise InvalidInput(f"records.{i}: feature names do not match the model: {'; '.join(parts)}")
+        for i, record in enumerate(records):
+            for name in self.feature_names:
+                value = record[name]
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise InvalidInput(f"records.{i}: {name!r} must be a finite number, got {value!r}")
         matrix = np.array([[record[n] for n in self.feature_names] for record in records], dtype=np.float32)
         return self._finite(matrix, "records")
+
+    def encode_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Raw records of a table model (null = missing, unseen category = its (other) slot)."""
+        from models.tabular import TableError
+
+        try:
+            return self.table.encode(self.table.frame_from_records(records))
+        except TableError as e:
+            raise InvalidInput(f"records.{e.row}: {e.column!r}: {e.message}") from None
 
     def _finite(self, x: np.ndarray, key: str) -> np.ndarray:
         bad = ~np.isfinite(x)
@@ -102,19 +129,19 @@ def load(uri: str, store: Store) -> LoadedModel:
 
 
 def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
-    """Load an MLflow Keras model directory and compile its forward pass."""
+    """Load a workbench model folder (its contract: models.contract) and compile its forward pass."""
     import keras
     import tensorflow as tf
-    import yaml
 
-    mlmodel = path / "MLmodel"
-    if not mlmodel.is_file():
-        raise ServingError(f"{resolved.uri}: no MLmodel file in {path}")
-    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
-    if "feature_names" not in meta or "task" not in meta:
-        raise ServingError(f"{resolved.uri}: not a workbench model (its MLmodel metadata lacks feature_names/task)")
-    model = keras.saving.load_model(path / "data" / "model.keras", compile=False)
-    n = len(meta["feature_names"])
+    from models.contract import ContractError, ModelContract
+
+    try:
+        contract = ModelContract.read(path)
+        model = keras.saving.load_model(ModelContract.network_file(path), compile=False)
+    except ContractError as e:
+        raise ServingError(f"{resolved.uri}: {e}") from None
+    table = contract.table
+    n = table.width if table is not None else len(contract.feature_names)
 
     @tf.function(input_signature=[tf.TensorSpec([None, n], tf.float32)], reduce_retracing=True)
     def forward(x):
@@ -130,5 +157,5 @@ def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
         if np.allclose(fast(probe), np.asarray(forward(probe)), rtol=1e-4, atol=1e-5):
             forward = fast
     info = {key.removeprefix("workbench."): value for key, value in resolved.tags.items() if key.startswith("workbench.")}
-    return LoadedModel(resolved, meta["task"], list(meta["feature_names"]), meta.get("class_labels"), forward,
-                       n_outputs=n_outputs, info=info)
+    return LoadedModel(resolved, contract.task, contract.feature_names, contract.class_labels, forward,
+                       n_outputs=n_outputs, info=info, table=table)

@@ -57,7 +57,10 @@ async def model_info(request: Request) -> ModelInfo:
     m = current_model(request)
     r = m.resolved
     return ModelInfo(uri=r.uri, name=r.name, version=r.version, alias=r.alias, run_id=r.run_id, task=m.task,
-                     feature_names=m.feature_names, class_labels=m.class_labels, input_shape=[None, m.n_features],
+                     feature_names=m.feature_names, class_labels=m.class_labels, input_shape=[None, m.input_width],
+                     columns=None if m.table is None else [
+                         {"name": c.name, "kind": c.kind, "missing_rate": round(c.missing_rate, 4),
+                          **({"levels": len(c.levels)} if c.kind == "categorical" else {})} for c in m.table.columns],
                      loaded_at=m.loaded_at, details=m.info)
 
 

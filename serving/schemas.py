@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 Number = StrictFloat | StrictInt  # JSON numbers only: "1.5" as a string is an error, not a guess
+# A raw table value: a number, a string (a category), a boolean, or null (missing). Whether it fits
+# its column is the model's to say (serving.model), naming the column.
+Value = StrictFloat | StrictInt | StrictBool | StrictStr | None
 
 
 class PredictRequest(BaseModel):
@@ -25,7 +28,8 @@ class PredictRequest(BaseModel):
     )
 
     instances: list[list[Number]] | None = Field(default=None, description="rows of feature values in the model's order")
-    records: list[dict[str, Number]] | None = Field(default=None, description="rows as {feature name: value}")
+    records: list[dict[str, Value]] | None = Field(
+        default=None, description="rows as {column: value}; a table model takes strings, booleans and null (missing)")
 
     @model_validator(mode="after")
     def _one_of(self) -> PredictRequest:
@@ -52,6 +56,8 @@ class ModelInfo(BaseModel):
     feature_names: list[str]
     class_labels: list[Any] | None
     input_shape: list[int | None]
+    columns: list[dict[str, Any]] | None = Field(
+        default=None, description="a table model's raw columns: name, kind, missing rate in training, vocabulary size")
     loaded_at: float
     details: dict[str, Any] = Field(description="registry tags: study, trial number, params, test metrics")
 

@@ -51,6 +51,8 @@ class DatasetSection(_Section):
     target: str | None = None
     features: list[str] | None = None
     image_shape: list[int] | None = None
+    # Column kinds of a file, overriding the inferred ones (models.tabular).
+    columns: dict[str, Literal["numeric", "categorical", "boolean", "drop", "id"]] | None = None
     split: SplitSection = SplitSection()
 
     @model_validator(mode="after")
@@ -59,6 +61,8 @@ class DatasetSection(_Section):
             raise FieldError("name", "give exactly one of name (a bundled dataset) or path (a CSV/Parquet file)")
         if self.path is not None and self.target is None:
             raise FieldError("target", "required key is missing: the target column of the file")
+        if self.columns and self.path is None:
+            raise FieldError("columns", "column kinds apply to a file dataset (path), not to a bundled one")
         if self.image_shape is not None and (not self.image_shape or min(self.image_shape) < 1):
             raise FieldError("image_shape", f"must be positive sizes like [8, 8, 1], got {self.image_shape}")
         return self

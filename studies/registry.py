@@ -36,11 +36,13 @@ class Registry:
             return False
 
     def load_keras(self, run_id: str) -> keras.Model:
-        """The run's model as a compiled Keras model (for evaluation), fetched by serving's loader."""
-        import mlflow.keras
+        """The run's network as a compiled Keras model (for evaluation), fetched by serving's loader."""
+        import keras
+
+        from models.contract import ModelContract
 
         path = self.store.download(self.store.resolve(f"runs:/{run_id}/model"))
-        return mlflow.keras.load_model(str(path))
+        return keras.saving.load_model(ModelContract.network_file(path))
 
     def version_for_run(self, name: str, run_id: str) -> Any | None:
         found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

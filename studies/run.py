@@ -85,10 +85,18 @@ def load_data(loaded):
         return load_dataset(
             name=ds.name, path=loaded.data_path, target=ds.target, features=ds.features, task=loaded.task,
             image_shape=tuple(ds.image_shape) if ds.image_shape else None,
-            validation=ds.split.validation, test=ds.split.test, seed=loaded.config.study.seed,
+            validation=ds.split.validation, test=ds.split.test, seed=loaded.config.study.seed, columns=ds.columns,
         )
     except DatasetError as e:
         raise ConfigError.single(str(loaded.source), f"dataset.{e.key}".rstrip("."), e.message) from None
+
+
+def describe_data(data) -> list[str]:
+    """The column kinds of a mixed-type table and what loading left out (empty for plain arrays)."""
+    table = data.spec.table
+    lines = [f"data: {len(data.x_train)} train / {len(data.x_val)} validation / {len(data.x_test)} test rows, "
+             f"{len(table.feature_names)} columns -> {table.width} model inputs", *table.describe()] if table else []
+    return lines + [f"data: {note}" for note in data.notes]
 
 
 def quiet_libraries() -> None:
@@ -142,6 +150,9 @@ def _open(loaded, args: argparse.Namespace) -> Session:
     settings = Settings()
     cfg = loaded.config
     data = load_data(loaded)
+    if args.worker_index is None:  # once per study command, not once per worker
+        for line in describe_data(data):
+            print(line)
     quiet_libraries()
     url = resolve_url(args.storage, settings.optuna_storage, cfg.study.storage, settings.default_storage())
     # KerasTuner re-runs a trial it lost itself: its studies never queue a stale trial again.

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import optuna
 
     from models import DataSpec
+    from models.contract import ModelContract
     from studies.config import LoadedConfig
 
 # Optuna state -> MLflow run status.
@@ -473,29 +474,45 @@ def _warm_requirement_checks() -> None:
 
 
 def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path:
-    """Save the Keras model as an MLflow model (signature + what serving needs) into a temp dir."""
+    """Save the Keras model as an MLflow model carrying its contract (models.contract) into a temp dir:
+    the Keras flavor for all-numeric data, a pyfunc taking raw records for a mixed-type table."""
     import mlflow.keras
     import numpy as np
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
+    from models.contract import ModelContract
+
+    contract = ModelContract.from_spec(spec)
+    metadata = contract.metadata(study=tags.get(STUDY_TAG), trial_number=tags.get("optuna.trial_number"))
+    path = Path(tempfile.mkdtemp(prefix="workbench-model-")) / "model"
+    if contract.table is not None:
+        return _save_table_model(model, contract, metadata, path)
     outputs = 1 if spec.task != "multiclass" else spec.n_classes
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype("float32"), (-1, spec.n_features), "features")]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, outputs))]),
     )
-    metadata = {
-        "task": spec.task,
-        "feature_names": list(spec.feature_names),
-        "class_labels": None if spec.class_labels is None else [_plain(v) for v in spec.class_labels],
-        "study": tags.get(STUDY_TAG),
-        "trial_number": tags.get("optuna.trial_number"),
-    }
-    path = Path(tempfile.mkdtemp(prefix="workbench-model-")) / "model"
     mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=list(pip_requirements()), metadata=metadata)
     return path
 
 
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+def _save_table_model(model: keras.Model, contract: ModelContract, metadata: dict[str, Any], path: Path) -> Path:
+    """A mixed-type table's model: an MLflow pyfunc (serving.pyfunc.TableModel) holding the network
+    and its encoding, with the raw columns as its signature."""
+    import mlflow.pyfunc
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
+    from serving.pyfunc import TableModel
+
+    parts = path.parent / "parts"
+    parts.mkdir()
+    model.save(parts / "model.keras")
+    table = contract.write_table(parts)
+    signature = ModelSignature(inputs=Schema([ColSpec(AnyType() if c.raw_type == "any" else c.raw_type, c.name, required=False)
+                                              for c in contract.table.columns]))
+    mlflow.pyfunc.save_model(str(path), python_model=TableModel(), signature=signature, metadata=metadata,
+                             artifacts={"keras_model": str(parts / "model.keras"), "table": str(table)},
+                             pip_requirements=list(pip_requirements()))
+    return path

@@ -94,6 +94,9 @@ def test_readme_commands_work_on_the_embedded_default(tmp_path):
     assert "@champion moved back from v2 to v1" in text
     assert '"model_name":"breast_cancer_mlp"' in text.replace(" ", "")
     assert (repo / ".workbench" / "scored.parquet").is_file()
+    # The mixed-type table: raw records with an unseen category and a null, the raw file scored in full.
+    assert re.search(r'"model_name":"churn_mlp".*"classes":\["no","yes"\]', text.replace(" ", ""))
+    assert len((repo / ".workbench" / "churn-scored.csv").read_text().splitlines()) == 2001
     assert list((repo / ".workbench" / "reports").glob("compare-*.html"))
     left = stray(files_in(repo) - before)
     assert not left, f"files written outside .workbench/: {left}"

@@ -66,7 +66,6 @@ def test_file_dataset_errors(tmp_path):
         (dict(path=tmp_path / "d.txt", target="y", task="regression"), "path", "must be a .csv or .parquet file"),
         (dict(path=path, target="nope", task="regression"), "target", "must be a column of the file"),
         (dict(path=path, target="y", features=["a", "zz"], task="regression"), "features.1", "got 'zz'"),
-        (dict(path=path, target="y", task="regression"), "features", "column 'label' is not numeric"),
         (dict(path=path, target="y", features=["a", "y"], task="regression"), "features.1", "must not be the target"),
         (dict(path=path, target="label", features=["a"], task="regression"), "target", "column 'label' is not numeric"),
         (dict(path=path, target="b", features=["a"], task="binary"), "task", "binary needs exactly 2 target classes, got 5"),
@@ -76,14 +75,18 @@ def test_file_dataset_errors(tmp_path):
         with pytest.raises(DatasetError) as info:
             load_dataset(**kwargs)
         assert info.value.key == key and message in info.value.message, (kwargs, info.value.key, info.value.message)
+    # String feature columns are no longer refused: the file is a mixed-type table (models.tabular).
+    mixed = load_dataset(path=path, target="y", task="regression")
+    assert mixed.spec.table is not None and mixed.spec.table.feature_names == ["a", "b", "flag", "label", "text"]
 
 
 def test_missing_values_and_tiny_files(tmp_path):
     frame = _frame()
     frame.loc[[3, 7], "a"] = np.nan
     frame.to_csv(tmp_path / "gaps.csv", index=False)
-    with pytest.raises(DatasetError, match=r"2 missing value\(s\) \(rows 3, 7\)"):
-        load_dataset(path=tmp_path / "gaps.csv", target="y", features=["a"], task="regression")
+    # Missing feature values are imputed (training mean) and flagged, not refused.
+    gaps = load_dataset(path=tmp_path / "gaps.csv", target="y", features=["a"], task="regression")
+    assert gaps.spec.feature_names == ("a", "a__missing") and np.isfinite(gaps.x_train).all()
     _frame(6).to_csv(tmp_path / "tiny.csv", index=False)
     with pytest.raises(DatasetError, match="too few rows to split into train, validation and test: need at least 10, got 6"):
         load_dataset(path=tmp_path / "tiny.csv", target="y", features=["a"], task="regression")

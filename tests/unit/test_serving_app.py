@@ -84,6 +84,10 @@ def _row(data, **changes):
         ({"instances": [[0.0] * 30, [0.0] * 29]}, 422, "instances.1: the model expects 30 values (mean radius, mean texture, mean perimeter, mean area, mean smoothness, ...), got 29"),
         ("records-missing", 422, "records.0: feature names do not match the model: missing mean radius"),
         ("records-unknown", 422, "unknown colour"),
+        # Records may carry strings, booleans and null for table models; a numeric model still refuses them.
+        ("records-string", 422, "records.0: 'mean radius' must be a finite number, got '1.5'"),
+        ("records-bool", 422, "records.0: 'mean radius' must be a finite number, got True"),
+        ("records-null", 422, "records.0: 'mean radius' must be a finite number, got nan"),
     ],
 )
 def test_bad_input_is_a_4xx_that_names_the_problem(binary, payload, status, message):
@@ -94,6 +98,8 @@ def test_bad_input_is_a_4xx_that_names_the_problem(binary, payload, status, mess
         payload = {"records": [row]}
     elif payload == "records-unknown":
         payload = {"records": [_row(data, colour=1.0)]}
+    elif isinstance(payload, str):
+        payload = {"records": [_row(data, **{"mean radius": {"string": "1.5", "bool": True, "null": None}[payload[8:]]})]}
     r = client.post("/predict", json=payload)
     assert r.status_code == status, r.text
     assert message in r.text

@@ -1,0 +1,298 @@
+"""Mixed-type tables: column kinds, and the preprocessing that travels inside a registered model.
+
+`TableEncoder` is fitted on the training split only and turns raw records (numbers, strings,
+booleans, missing values) into the float matrix the network takes:
+- numeric: missing values filled with the training mean, standardised, plus a `<name>__missing`
+  indicator when the training split had missing values in that column;
+- boolean: 0/1 (true/false, yes/no, y/n, t/f, 1/0 in any case), missing filled with the training
+  rate, plus an indicator like numeric;
+- categorical: one-hot over the training vocabulary, with a `(missing)` slot and an `(other)` slot
+  that takes levels seen fewer than `rare_count(rows)` times in training and any level never seen.
+Its `to_dict()` is the contract a registered model carries (`table.json`); serving rebuilds it with
+`from_dict()`, so training and serving share one encoding. Nothing here knows Keras or MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+KINDS = ("numeric", "categorical", "boolean", "drop", "id")
+MISSING, OTHER = "(missing)", "(other)"
+RARE_COUNT = 5  # a level seen fewer times in the training split folds into (other) (see rare_count)
+MAX_LEVELS = 1000  # the most frequent levels kept per column; the rest fold into (other)
+ID_MIN_ROWS = 20  # a string column whose values are all distinct over at least this many rows looks like an id
+_TRUE = frozenset({"true", "yes", "y", "t", "1"})
+_FALSE = frozenset({"false", "no", "n", "f", "0"})
+
+
+class TableError(ValueError):
+    """A column that cannot be used as asked; `column` names it."""
+
+    def __init__(self, column: str, message: str, row: int | None = None) -> None:
+        super().__init__(f"{column!r}: {message}" if row is None else f"row {row}: {column!r}: {message}")
+        self.column, self.message, self.row = column, message, row
+
+
+@dataclass(frozen=True)
+class Column:
+    """One raw feature column and what its encoding learned from the training split."""
+
+    name: str
+    kind: str  # numeric | boolean | categorical
+    missing_rate: float = 0.0
+    mean: float = 0.0  # numeric: fill value and centre; boolean: fill value (the rate of true)
+    std: float = 1.0
+    indicator: bool = False
+    levels: tuple[str, ...] = ()  # categorical vocabulary, most frequent first
+    raw_type: str = "any"  # what its raw values were in training: double, boolean, string or any (mixed)
+
+    @property
+    def outputs(self) -> list[str]:
+        """Names of the encoded columns this column produces."""
+        if self.kind == "categorical":
+            return [f"{self.name}={level}" for level in (MISSING, OTHER, *self.levels)]
+        return [self.name, *([f"{self.name}__missing"] if self.indicator else [])]
+
+
+@dataclass(frozen=True)
+class TableEncoder:
+    columns: tuple[Column, ...]
+    ids: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    _slots: dict[str, dict[str, int]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for col in self.columns:
+            if col.kind == "categorical":
+                self._slots[col.name] = {level: i + 2 for i, level in enumerate(col.levels)}
+
+    # -- what it is ---------------------------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        """The raw feature columns a record must carry, in order."""
+        return [c.name for c in self.columns]
+
+    @property
+    def encoded_names(self) -> list[str]:
+        return [name for c in self.columns for name in c.outputs]
+
+    @property
+    def width(self) -> int:
+        return sum(len(c.outputs) for c in self.columns)
+
+    def describe(self) -> list[str]:
+        """A short table: column, kind, missing %, levels (printed once when a study starts)."""
+        lines = [f"{'column':<24}{'kind':<13}{'missing':>8}  levels"]
+        for c in self.columns:
+            levels = f"{len(c.levels)} + (missing), (other)" if c.kind == "categorical" else ""
+            lines.append(f"{c.name[:23]:<24}{c.kind:<13}{100 * c.missing_rate:>7.1f}%  {levels}")
+        lines += [f"{name[:23]:<24}{'id':<13}{'':>8}  (not a feature; carried through batch scoring)" for name in self.ids]
+        lines += [f"{name[:23]:<24}{'drop':<13}" for name in self.dropped]
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": 1, "columns": [{**asdict(c), "levels": list(c.levels)} for c in self.columns],
+                "ids": list(self.ids), "dropped": list(self.dropped)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TableEncoder:
+        columns = tuple(Column(**{**c, "levels": tuple(c.get("levels") or ())}) for c in data["columns"])
+        return cls(columns, tuple(data.get("ids") or ()), tuple(data.get("dropped") or ()))
+
+    # -- fitting ------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, frame, kinds: Mapping[str, str]) -> TableEncoder:
+        """Learn the encoding of every feature column (kind numeric/boolean/categorical) from the
+        training rows in `frame`; `kinds` also names id and drop columns."""
+        columns = []
+        for name, kind in kinds.items():
+            if kind not in ("numeric", "boolean", "categorical"):
+                continue
+            series = frame[name]
+            missing = series.isna().to_numpy()
+            rate = float(missing.mean()) if len(series) else 0.0
+            raw = _raw_type(series[~missing], kind)
+            if kind == "categorical":
+                values = _strings(series[~missing])
+                uniques, counts = np.unique(np.asarray(values, dtype=object), return_counts=True) if values else ([], [])
+                rare = rare_count(len(frame))
+                ranked = sorted((-int(n), str(v)) for v, n in zip(uniques, counts, strict=True) if n >= rare)
+                columns.append(Column(name, kind, rate, levels=tuple(v for _, v in ranked[:MAX_LEVELS]), raw_type=raw))
+                continue
+            values = _numbers(series, name) if kind == "numeric" else _booleans(series, name)
+            seen = values[~np.isnan(values)]
+            mean = float(seen.mean()) if seen.size else 0.0
+            std = float(seen.std()) if kind == "numeric" and seen.size else 1.0
+            columns.append(Column(name, kind, rate, mean, std if std > 1e-12 else 1.0, indicator=bool(missing.any()),
+                                  raw_type=raw))
+        ids = tuple(n for n, k in kinds.items() if k == "id")
+        dropped = tuple(n for n, k in kinds.items() if k == "drop")
+        return cls(tuple(columns), ids, dropped)
+
+    # -- encoding -----------------------------------------------------------------------
+    def encode(self, frame) -> np.ndarray:
+        """The float32 matrix of `frame`'s rows; a value of the wrong type raises TableError."""
+        matrix, bad = self.encode_rows(frame)
+        if bad:
+            row, (column, message) = next(iter(bad.items()))
+            raise TableError(column, message, row)
+        return matrix
+
+    def encode_rows(self, frame) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+        """The matrix, and for each row (position) that cannot be encoded the first column at
+        fault and why; those rows are left as zeros."""
+        n = len(frame)
+        out = np.zeros((n, self.width), dtype=np.float32)
+        bad: dict[int, tuple[str, str]] = {}
+        j = 0
+        for c in self.columns:
+            series = frame[c.name]
+            if c.kind == "categorical":
+                slots = self._slots[c.name]
+                missing = series.isna().to_numpy()
+                codes = np.ones(n, dtype=np.int64)  # (other)
+                codes[missing] = 0
+                present = np.flatnonzero(~missing)
+                if present.size:
+                    codes[present] = [slots.get(v, 1) for v in _strings(series.iloc[present])]
+                out[np.arange(n), j + codes] = 1.0
+            else:
+                raw_missing = series.isna().to_numpy()
+                values = (_numbers if c.kind == "numeric" else _booleans)(series, c.name, strict=False)
+                wrong = np.isnan(values) & ~raw_missing
+                for row in np.flatnonzero(wrong):
+                    want = "a number" if c.kind == "numeric" else "a boolean (true/false, yes/no)"
+                    bad.setdefault(int(row), (c.name, f"must be {want}, got {series.iloc[row]!r}"))
+                missing = np.isnan(values)
+                filled = np.where(missing, c.mean, values)
+                out[:, j] = (filled - c.mean) / c.std if c.kind == "numeric" else filled
+                if c.indicator:
+                    out[:, j + 1] = missing
+            j += len(c.outputs)
+        return out, bad
+
+    def frame_from_records(self, records: Sequence[Mapping[str, Any]]):
+        """A DataFrame of JSON records (null = missing); a missing or unknown column raises TableError."""
+        import pandas as pd
+
+        expected = set(self.feature_names)
+        allowed = expected | set(self.ids)
+        for i, record in enumerate(records):
+            missing = [n for n in self.feature_names if n not in record]
+            if missing:
+                raise TableError(missing[0], f"required column is missing (columns: {_names(self.feature_names)})", i)
+            unknown = sorted(set(record) - allowed)
+            if unknown:
+                raise TableError(unknown[0], f"not a column of the model (columns: {_names(self.feature_names)})", i)
+        return pd.DataFrame({n: pd.Series([r[n] for r in records], dtype=object) for n in self.feature_names})
+
+
+def rare_count(rows: int) -> int:
+    """Fewer training occurrences than this fold a level into (other): RARE_COUNT, lowered for small
+    training splits (1% of the rows, at least 2) so a small table keeps its categories."""
+    return min(RARE_COUNT, max(2, rows // 100))
+
+
+def infer_kinds(frame, target: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each column's kind (target excluded), overrides applied; raises TableError for a column that
+    cannot be used: entirely missing, an override that cannot hold, or a likely identifier."""
+    import pandas as pd
+
+    overrides = dict(overrides or {})
+    kinds: dict[str, str] = {}
+    for name in frame.columns:
+        if name == target:
+            continue
+        series = frame[name]
+        kind = overrides.get(name)
+        if kind in ("drop", "id"):
+            kinds[name] = kind
+            continue
+        present = series.dropna()
+        if present.empty:
+            raise TableError(name, f"is entirely missing: drop it (columns: {{{name}: drop}})")
+        guessed = _guess(series, present)
+        if kind is None:
+            if guessed == "categorical" and len(present) >= ID_MIN_ROWS and present.nunique() == len(present) \
+                    and not pd.api.types.is_numeric_dtype(series):
+                raise TableError(name, f"looks like an identifier (all {len(present)} values distinct, e.g. "
+                                       f"{present.iloc[0]!r}): mark it id (columns: {{{name}: id}}) or drop it")
+            kind = guessed
+        elif kind == "numeric" and guessed not in ("numeric",) and not pd.api.types.is_bool_dtype(series):
+            bad = _numbers(series, name, strict=False)
+            example = present.iloc[int(np.flatnonzero(np.isnan(bad[series.notna().to_numpy()]))[0])]
+            raise TableError(name, f"cannot be numeric: values like {example!r} are not numbers")
+        elif kind == "boolean" and guessed != "boolean":
+            raise TableError(name, f"cannot be boolean: values like {present.iloc[0]!r} are not true/false, yes/no")
+        kinds[name] = kind
+    return kinds
+
+
+def _guess(series, present) -> str:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(series):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(series):
+        return "numeric"
+    uniques = present.unique()
+    tokens = {str(v).strip().lower() for v in uniques[:8]}
+    if len(uniques) <= 8 and tokens and all(t in _TRUE or t in _FALSE for t in tokens) and not tokens <= {"0", "1"}:
+        return "boolean"  # yes/no, True/False, Y/N in any case; 0/1 stays numeric
+    if np.isfinite(_numbers(present, "", strict=False)).all():
+        return "numeric"
+    return "categorical"
+
+
+def _raw_type(present, kind: str) -> str:
+    """The type a client sends for this column (the model signature's): numbers for numeric columns;
+    booleans or strings as they were in training; `any` when the training values were mixed."""
+    import pandas as pd
+
+    if kind == "numeric":
+        return "double"
+    if pd.api.types.is_bool_dtype(present):
+        return "boolean"
+    return "string" if all(isinstance(v, str) for v in present.tolist()) else "any"
+
+
+def _strings(series) -> list[str]:
+    """Category values as strings: 3, 3.0 and "3" are the same level."""
+    out = []
+    for v in series.tolist():
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        out.append(str(v))
+    return out
+
+
+def _numbers(series, name: str, strict: bool = True) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(series):
+        return series.astype("float64").to_numpy()
+    values = pd.to_numeric(series.map(lambda v: v if not isinstance(v, bool) else math.nan), errors="coerce") \
+        if series.dtype == object else pd.to_numeric(series, errors="coerce")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _booleans(series, name: str, strict: bool = True) -> np.ndarray:
+    out = np.full(len(series), np.nan)
+    for i, v in enumerate(series.tolist()):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        if isinstance(v, (bool, np.bool_)):
+            out[i] = float(v)
+            continue
+        token = str(int(v) if isinstance(v, float) and v.is_integer() else v).strip().lower()
+        out[i] = 1.0 if token in _TRUE else 0.0 if token in _FALSE else np.nan
+    return out
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
