@@ -38,7 +38,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "mlp": Family(
-        "mlp", "models.mlp", frozenset({"n_layers", "units", "dropout", "activation", "batch_norm", "l2"})
+        "mlp", "models.mlp", frozenset({"n_layers", "units", "dropout", "activation", "batch_norm", "l2",
+                                        # a mixed-type table's preprocessing choices (models._common.table_view)
+                                        "numeric_scaling", "categorical_encoding", "embedding_dim"})
     ),
     "cnn": Family(
         "cnn",

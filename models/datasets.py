@@ -174,8 +174,8 @@ def _read_file(path: Path, target: str | None, features: list[str] | None, colum
         if col == target:
             raise DatasetError(f"features.{i}", f"must not be the target column, got {col!r}")
     if not features:
-        raise DatasetError("columns" if columns else "features", "no feature column is left besides the target"
-                           + (" after id/drop" if columns else ""))
+        raise DatasetError("columns" if columns else "features", "must leave at least one feature column "
+                           + ("after drop/id" if columns else "besides the target") + ", got none")
     keep = list(dict.fromkeys([*features, *(n for n, k in (columns or {}).items() if k == "id")]))
     frame = frame[[*keep, target]]
     missing_target = frame[target].isna().to_numpy()
@@ -213,7 +213,7 @@ def _table_dataset(frame, features: list[str], target: str, task: Task, columns:
     except TableError as e:
         raise DatasetError(f"columns.{e.column}", e.message) from None
     if not any(k in ("numeric", "boolean", "categorical") for k in kinds.values()):
-        raise DatasetError("columns", f"no feature column is left after drop/id ({_list(list(kinds))})")
+        raise DatasetError("columns", f"must leave at least one feature column after drop/id, got none ({_list(list(kinds))})")
     y_raw = _numeric_column(frame[target], "target") if task == "regression" else frame[target].to_numpy()
     y, labels = _encode_target(y_raw, task)
     idx = _split_indices(y, task, validation, test, seed)
@@ -269,7 +269,7 @@ def _split_indices(y: np.ndarray, task: Task, validation: float, test: float, se
 
 def _split(x, y, names, labels, task, image_shape, idx, *, scaled: bool = False) -> Dataset:
     idx_train, idx_val, idx_test = idx
-    x = x.astype(np.float32)
+    x = x.astype(np.float32, copy=False)
     x_train = x[idx_train]
     # A feature constant on the train rows (a blank pixel) keeps unit scale, as in scikit-learn's
     # StandardScaler: dividing by its zero variance would blow up any other value it takes later.
@@ -291,7 +291,7 @@ def _split(x, y, names, labels, task, image_shape, idx, *, scaled: bool = False)
     )
     digest = hashlib.sha256()
     for part in (x, y, idx_train, idx_val, idx_test):
-        digest.update(np.ascontiguousarray(part).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(part)).cast("B"))  # no copy of a contiguous array
     return Dataset(
         spec, x_train, y[idx_train], x[idx_val], y[idx_val], x[idx_test], y[idx_test], digest.hexdigest()[:16]
     )

@@ -6,7 +6,7 @@ from typing import Any
 
 import keras
 
-from models._common import compile_for_task, head, per_layer, regularizer, scaled_input
+from models._common import compile_for_task, head, per_layer, regularizer, scaled_input, table_view
 from models.datasets import DataSpec
 
 
@@ -19,6 +19,7 @@ def build(params: dict[str, Any], spec: DataSpec) -> keras.Model:
     activation = params.get("activation", "relu")
     reg = regularizer(params)
     inputs, x = scaled_input(spec)
+    x = table_view(x, spec, params)
     for i in range(n_layers):
         x = keras.layers.Dense(int(units[i]), kernel_regularizer=reg, name=f"dense_{i}")(x)
         if params.get("batch_norm", False):

@@ -50,6 +50,13 @@ class Column:
     indicator: bool = False
     levels: tuple[str, ...] = ()  # categorical vocabulary, most frequent first
     raw_type: str = "any"  # what its raw values were in training: double, boolean, string or any (mixed)
+    median: float = 0.0  # numeric: for robust scaling (a searchable choice the network applies)
+    iqr: float = 1.0
+
+    @property
+    def n_outputs(self) -> int:
+        """How many encoded columns this column produces."""
+        return len(self.levels) + 2 if self.kind == "categorical" else 1 + self.indicator
 
     @property
     def outputs(self) -> list[str]:
@@ -65,11 +72,17 @@ class TableEncoder:
     ids: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     _slots: dict[str, dict[str, int]] = field(default_factory=dict, compare=False, repr=False)
+    _index: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # pandas Index per categorical
+    _offsets: list[int] = field(default_factory=list, compare=False, repr=False)  # first encoded column of each, then the width
 
     def __post_init__(self) -> None:
+        offset = 0
         for col in self.columns:
             if col.kind == "categorical":
                 self._slots[col.name] = {level: i + 2 for i, level in enumerate(col.levels)}
+            self._offsets.append(offset)
+            offset += col.n_outputs
+        self._offsets.append(offset)
 
     # -- what it is ---------------------------------------------------------------------
     @property
@@ -83,7 +96,7 @@ class TableEncoder:
 
     @property
     def width(self) -> int:
-        return sum(len(c.outputs) for c in self.columns)
+        return self._offsets[-1]
 
     def describe(self) -> list[str]:
         """A short table: column, kind, missing %, levels (printed once when a study starts)."""
@@ -109,6 +122,8 @@ class TableEncoder:
     def fit(cls, frame, kinds: Mapping[str, str]) -> TableEncoder:
         """Learn the encoding of every feature column (kind numeric/boolean/categorical) from the
         training rows in `frame`; `kinds` also names id and drop columns."""
+        import pandas as pd
+
         columns = []
         for name, kind in kinds.items():
             if kind not in ("numeric", "boolean", "categorical"):
@@ -118,18 +133,22 @@ class TableEncoder:
             rate = float(missing.mean()) if len(series) else 0.0
             raw = _raw_type(series[~missing], kind)
             if kind == "categorical":
-                values = _strings(series[~missing])
-                uniques, counts = np.unique(np.asarray(values, dtype=object), return_counts=True) if values else ([], [])
+                present = series[~missing]
+                if isinstance(present.dtype, pd.CategoricalDtype) or not pd.api.types.is_string_dtype(present):
+                    present = pd.Series(_strings(present), dtype=object)
+                counts = present.value_counts(sort=False)  # hashed, not sorted strings
                 rare = rare_count(len(frame))
-                ranked = sorted((-int(n), str(v)) for v, n in zip(uniques, counts, strict=True) if n >= rare)
+                ranked = sorted((-int(n), str(v)) for v, n in counts.items() if n >= rare)
                 columns.append(Column(name, kind, rate, levels=tuple(v for _, v in ranked[:MAX_LEVELS]), raw_type=raw))
                 continue
             values = _numbers(series, name) if kind == "numeric" else _booleans(series, name)
             seen = values[~np.isnan(values)]
             mean = float(seen.mean()) if seen.size else 0.0
             std = float(seen.std()) if kind == "numeric" and seen.size else 1.0
-            columns.append(Column(name, kind, rate, mean, std if std > 1e-12 else 1.0, indicator=bool(missing.any()),
-                                  raw_type=raw))
+            std = std if std > 1e-12 else 1.0
+            q1, median, q3 = (float(v) for v in np.percentile(seen, [25, 50, 75])) if seen.size else (0.0, mean, 1.0)
+            columns.append(Column(name, kind, rate, mean, std, indicator=bool(missing.any()), raw_type=raw,
+                                  median=median, iqr=q3 - q1 if q3 - q1 > 1e-12 else std))
         ids = tuple(n for n, k in kinds.items() if k == "id")
         dropped = tuple(n for n, k in kinds.items() if k == "drop")
         return cls(tuple(columns), ids, dropped)
@@ -153,14 +172,7 @@ class TableEncoder:
         for c in self.columns:
             series = frame[c.name]
             if c.kind == "categorical":
-                slots = self._slots[c.name]
-                missing = series.isna().to_numpy()
-                codes = np.ones(n, dtype=np.int64)  # (other)
-                codes[missing] = 0
-                present = np.flatnonzero(~missing)
-                if present.size:
-                    codes[present] = [slots.get(v, 1) for v in _strings(series.iloc[present])]
-                out[np.arange(n), j + codes] = 1.0
+                out[np.arange(n), j + self._codes(c, series)] = 1.0
             else:
                 raw_missing = series.isna().to_numpy()
                 values = (_numbers if c.kind == "numeric" else _booleans)(series, c.name, strict=False)
@@ -173,8 +185,56 @@ class TableEncoder:
                 out[:, j] = (filled - c.mean) / c.std if c.kind == "numeric" else filled
                 if c.indicator:
                     out[:, j + 1] = missing
-            j += len(c.outputs)
+            j += c.n_outputs
         return out, bad
+
+    def _codes(self, c: Column, series) -> np.ndarray:
+        """Slot of each value: 0 (missing), 1 (other: rare or unseen), 2.. the training levels."""
+        import pandas as pd
+
+        index = self._index.get(c.name)
+        if index is None:
+            index = self._index[c.name] = pd.Index(list(c.levels), dtype=object)
+        missing = series.isna().to_numpy()
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            series = series.astype(object)
+        if not pd.api.types.is_string_dtype(series):  # numbers or mixed values: 3, 3.0 and "3" are one level
+            series = pd.Series(_strings(series.where(~missing, "")), index=series.index, dtype=object)
+        found = index.get_indexer(np.asarray(series, dtype=object))  # hashed lookup, -1 when unseen
+        codes = np.where(found >= 0, found + 2, 1)
+        codes[missing] = 0
+        return codes
+
+    def encode_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """JSON records straight to the matrix, without pandas (the API's single-row path); the
+        same values as `encode(frame_from_records(records))`, TableError naming row and column."""
+        allowed = set(self.feature_names) | set(self.ids)
+        out = np.zeros((len(records), self.width), dtype=np.float32)
+        for i, record in enumerate(records):
+            if len(record) != len(self.columns) or not allowed.issuperset(record):
+                self.frame_from_records([record])  # raises the missing/unknown column error
+            j = 0
+            for c in self.columns:
+                try:
+                    value = record[c.name]
+                except KeyError:
+                    raise TableError(c.name, f"required column is missing (columns: {_names(self.feature_names)})", i) from None
+                if c.kind == "categorical":
+                    missing = value is None or isinstance(value, float) and math.isnan(value)
+                    out[i, j + (0 if missing else self._slots[c.name].get(_level(value), 1))] = 1.0
+                else:
+                    number = _number(value) if c.kind == "numeric" else _boolean(value)
+                    if number is _WRONG:
+                        want = "a number" if c.kind == "numeric" else "a boolean (true/false, yes/no)"
+                        raise TableError(c.name, f"must be {want}, got {value!r}", i)
+                    if number is None:
+                        out[i, j] = 0.0 if c.kind == "numeric" else c.mean
+                        if c.indicator:
+                            out[i, j + 1] = 1.0
+                    else:
+                        out[i, j] = (number - c.mean) / c.std if c.kind == "numeric" else number
+                j += c.n_outputs
+        return out
 
     def frame_from_records(self, records: Sequence[Mapping[str, Any]]):
         """A DataFrame of JSON records (null = missing); a missing or unknown column raises TableError."""
@@ -215,20 +275,21 @@ def infer_kinds(frame, target: str, overrides: Mapping[str, str] | None = None) 
             continue
         present = series.dropna()
         if present.empty:
-            raise TableError(name, f"is entirely missing: drop it (columns: {{{name}: drop}})")
+            raise TableError(name, f"must hold at least one value (or drop it: columns: {{{name}: drop}}), "
+                                   f"got {len(series)} missing values")
         guessed = _guess(series, present)
         if kind is None:
             if guessed == "categorical" and len(present) >= ID_MIN_ROWS and present.nunique() == len(present) \
                     and not pd.api.types.is_numeric_dtype(series):
-                raise TableError(name, f"looks like an identifier (all {len(present)} values distinct, e.g. "
-                                       f"{present.iloc[0]!r}): mark it id (columns: {{{name}: id}}) or drop it")
+                raise TableError(name, f"looks like an identifier: mark it id (columns: {{{name}: id}}) or drop it, "
+                                       f"got {len(present)} distinct values in {len(present)} rows, e.g. {present.iloc[0]!r}")
             kind = guessed
         elif kind == "numeric" and guessed not in ("numeric",) and not pd.api.types.is_bool_dtype(series):
             bad = _numbers(series, name, strict=False)
             example = present.iloc[int(np.flatnonzero(np.isnan(bad[series.notna().to_numpy()]))[0])]
-            raise TableError(name, f"cannot be numeric: values like {example!r} are not numbers")
+            raise TableError(name, f"must hold numbers to be numeric, got {example!r}")
         elif kind == "boolean" and guessed != "boolean":
-            raise TableError(name, f"cannot be boolean: values like {present.iloc[0]!r} are not true/false, yes/no")
+            raise TableError(name, f"must hold true/false or yes/no values to be boolean, got {present.iloc[0]!r}")
         kinds[name] = kind
     return kinds
 
@@ -238,13 +299,16 @@ def _guess(series, present) -> str:
 
     if pd.api.types.is_bool_dtype(series):
         return "boolean"
+    if isinstance(series.dtype, pd.CategoricalDtype):  # declared categorical, even with numeric codes
+        return "categorical"
     if pd.api.types.is_numeric_dtype(series):
         return "numeric"
     uniques = present.unique()
     tokens = {str(v).strip().lower() for v in uniques[:8]}
     if len(uniques) <= 8 and tokens and all(t in _TRUE or t in _FALSE for t in tokens) and not tokens <= {"0", "1"}:
         return "boolean"  # yes/no, True/False, Y/N in any case; 0/1 stays numeric
-    if np.isfinite(_numbers(present, "", strict=False)).all():
+    sample = present.iloc[:1000]  # most text columns show a word in their first rows
+    if np.isfinite(_numbers(sample, "", strict=False)).all() and np.isfinite(_numbers(present, "", strict=False)).all():
         return "numeric"
     return "categorical"
 
@@ -259,6 +323,36 @@ def _raw_type(present, kind: str) -> str:
     if pd.api.types.is_bool_dtype(present):
         return "boolean"
     return "string" if all(isinstance(v, str) for v in present.tolist()) else "any"
+
+
+_WRONG = object()  # a value that does not fit its column
+
+
+def _level(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _number(value: Any) -> float | None | object:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return _WRONG
+    if isinstance(value, (int, float)):
+        return None if isinstance(value, float) and math.isnan(value) else float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return _WRONG
+    return None if math.isnan(number) else number
+
+
+def _boolean(value: Any) -> float | None | object:
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    token = _level(value).strip().lower()
+    return 1.0 if token in _TRUE else 0.0 if token in _FALSE else _WRONG
 
 
 def _strings(series) -> list[str]:
@@ -282,15 +376,16 @@ def _numbers(series, name: str, strict: bool = True) -> np.ndarray:
 
 
 def _booleans(series, name: str, strict: bool = True) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(series):
+        return series.astype("float64").to_numpy()
+    tokens = {v: (1.0 if v in _TRUE else 0.0) for v in _TRUE | _FALSE}
+    present = series.notna()
     out = np.full(len(series), np.nan)
-    for i, v in enumerate(series.tolist()):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue
-        if isinstance(v, (bool, np.bool_)):
-            out[i] = float(v)
-            continue
-        token = str(int(v) if isinstance(v, float) and v.is_integer() else v).strip().lower()
-        out[i] = 1.0 if token in _TRUE else 0.0 if token in _FALSE else np.nan
+    if present.any():
+        text = series[present].map(_level).str.strip().str.lower()
+        out[present.to_numpy()] = text.map(tokens).to_numpy(dtype=np.float64, na_value=np.nan)
     return out
 
 

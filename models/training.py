@@ -90,6 +90,7 @@ def fit(
     report: Report | None = None,
     initial_epoch: int = 0,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    class_weight: dict[int, float] | None = None,
 ) -> FitResult:
     """Fit on the train split, validate each epoch, end with the best epoch's weights.
 
@@ -110,6 +111,7 @@ def fit(
         shuffle=True,
         verbose=0,
         callbacks=hooks,
+        class_weight=class_weight,
     )
     if guard.non_finite is not None:
         epoch, value = guard.non_finite
@@ -119,6 +121,13 @@ def fit(
     if stopped_by is None and guard.early_stopped:
         stopped_by = "early_stopping"
     return FitResult(logs, len(logs.get("loss", [])), stopped_by, guard.best_epoch)
+
+
+def balanced_class_weight(y: np.ndarray) -> dict[int, float]:
+    """Weights that give every class the same total weight in the loss: n / (classes * count),
+    scikit-learn's "balanced" rule. Validation and test losses stay unweighted."""
+    classes, counts = np.unique(np.asarray(y).astype(int), return_counts=True)
+    return {int(c): float(len(y) / (len(classes) * n)) for c, n in zip(classes, counts, strict=True)}
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, *, chunk: int = 8192) -> dict[str, float]:

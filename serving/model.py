@@ -87,7 +87,7 @@ class LoadedModel:
         from models.tabular import TableError
 
         try:
-            return self.table.encode(self.table.frame_from_records(records))
+            return self.table.encode_records(records)
         except TableError as e:
             raise InvalidInput(f"records.{e.row}: {e.column!r}: {e.message}") from None
 
@@ -133,6 +133,7 @@ def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
     import keras
     import tensorflow as tf
 
+    import models.layers  # noqa: F401  (registers the workbench's own layers before loading)
     from models.contract import ContractError, ModelContract
 
     try:

@@ -16,12 +16,12 @@ TunerType = Literal["random", "bayesian", "hyperband"]
 
 # Metrics the objective may name, by task; `val_*` are computed each epoch, so they can prune.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("val_loss", "val_accuracy", "val_auc"),
+    "binary": ("val_loss", "val_accuracy", "val_auc", "val_pr_auc"),
     "multiclass": ("val_loss", "val_accuracy"),
     "regression": ("val_loss", "val_mae", "val_rmse"),
 }
 STATIC_METRICS = ("n_params",)  # known after building; cannot prune
-MAXIMIZED = ("val_accuracy", "val_auc")
+MAXIMIZED = ("val_accuracy", "val_auc", "val_pr_auc")
 
 
 class _Section(BaseModel):
@@ -195,6 +195,8 @@ class TrainingSection(_Section):
     epochs: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1)
     early_stopping_patience: int | None = Field(default=5, ge=1)
+    # balanced: each class weighs the same in the training loss (imbalanced classes); classification only.
+    class_weight: Literal["balanced"] | None = None
 
 
 class TrackingSection(_Section):

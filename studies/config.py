@@ -191,6 +191,9 @@ def check_consistency(loaded: LoadedConfig) -> None:
         key = "objective.metric" if cfg.objective.metric is not None else f"objective.metrics.{i}.name"
         if spec.name not in allowed_metrics:
             raise ConfigError.single(src, key, f"must be one of {', '.join(allowed_metrics)} for a {loaded.task} task, got {spec.name!r}")
+    if cfg.training.class_weight is not None and loaded.task == "regression":
+        raise ConfigError.single(src, "training.class_weight", "applies to classification tasks (binary, multiclass), "
+                                 f"got {cfg.training.class_weight!r} for a regression task")
     if not cfg.multi_objective and specs[0].name in STATIC_METRICS:
         raise ConfigError.single(src, "objective.metric", f"{specs[0].name!r} alone needs no training; pair it with a val_* metric in metrics")
     if cfg.engine == "keras_tuner":

@@ -78,6 +78,11 @@ class Objective:
         self.monitor = first.name if first.name.startswith("val_") else "val_loss"
         direction = first.resolved_direction() if first.name.startswith("val_") else "minimize"
         self.mode = "min" if direction == "minimize" else "max"
+        self.class_weight: dict[int, float] | None = None
+        if cfg.training.class_weight == "balanced":
+            from models.training import balanced_class_weight
+
+            self.class_weight = balanced_class_weight(data.y_train)
 
     def set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         """Write several user attributes; one transaction on the workbench storage."""
@@ -210,6 +215,7 @@ class Objective:
             mode=self.mode,
             patience=cfg.training.early_stopping_patience,
             report=report,
+            class_weight=self.class_weight,
             **options,
         )
         metrics["epochs_run"] = float(result.epochs_run)

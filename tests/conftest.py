@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CHURN = ROOT / "configs" / "data" / "churn.csv"  # the shipped mixed-type table
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -69,3 +71,23 @@ def tiny_config(space: Path, **sections) -> dict:
     }
     config.update(sections)
     return config
+
+
+@pytest.fixture(scope="session")
+def churn_study(tmp_path_factory):
+    """One tiny churn study (2 trials, 2 epochs) on the shipped table, registered as `churn_tiny`:
+    (its config, the runner's exit code); the embedded stores are in the config's folder, `home/`."""
+    from studies.run import main as run_main
+
+    tmp = tmp_path_factory.mktemp("churn")
+    patch = pytest.MonkeyPatch()
+    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    patch.setenv("WORKBENCH_HOME", str(tmp / "home"))
+    space = ROOT / "search_spaces" / "mlp_table.yaml"
+    config = tmp / "churn.yaml"
+    config.write_text(json.dumps(tiny_config(
+        space, study={"name": "churn_tiny", "seed": 5}, budget={"n_trials": 2},
+        dataset={"path": str(CHURN), "target": "churn", "columns": {"customer_id": "id"}},
+        model={"family": "mlp", "task": "binary"}, objective={"metric": "val_auc", "direction": "maximize"})))
+    yield config, run_main([str(config)])
+    patch.undo()

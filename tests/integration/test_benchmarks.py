@@ -46,3 +46,8 @@ def test_search_efficiency_quick():
     lines = _quick("benchmarks/search_efficiency.py", {})
     assert any(line.startswith("optuna ") for line in lines) and any(line.startswith("kt_hyperband ") for line in lines)
     assert lines[-1].startswith("headline: optuna time to reach KT Hyperband's best / KT Hyperband's time")
+
+
+def test_tabular_quick():
+    last = _quick("benchmarks/tabular.py", {})[-1]
+    assert last.startswith("trial ours/peer = ") and "req/s ours/noop" in last and "batch ours/floor" in last

@@ -124,7 +124,11 @@ def _error(write_config, tiny_space, **changes) -> str:
         ({"dataset__path": "x.csv"}, "dataset.name: give exactly one of name"),
         ({"model__task": "regression"}, "model.task: 'breast_cancer' is a binary dataset, got 'regression'"),
         ({"model__family": "cnn"}, "model.family: 'cnn' needs image-shaped data"),
-        ({"objective": {"metric": "val_rmse"}}, "objective.metric: must be one of val_loss, val_accuracy, val_auc, n_params for a binary task, got 'val_rmse'"),
+        ({"objective": {"metric": "val_rmse"}}, "objective.metric: must be one of val_loss, val_accuracy, val_auc, val_pr_auc, n_params for a binary task, got 'val_rmse'"),
+        ({"dataset": {"name": "diabetes"}, "model": {"family": "mlp", "task": "regression"}, "training": {"class_weight": "balanced"}},
+         "training.class_weight: applies to classification tasks (binary, multiclass), got 'balanced' for a regression task"),
+        ({"training__class_weight": "inverse"}, "training.class_weight: Input should be 'balanced'"),
+        ({"dataset__columns": {"a": "numeric"}}, "dataset.columns: column kinds apply to a file dataset (path), not to a bundled one"),
         ({"objective": {"metric": "val_loss", "metrics": [{"name": "val_loss"}]}}, "objective.metric: give exactly one of metric"),
         ({"objective": {"metrics": [{"name": "val_loss"}, {"name": "n_params"}]}, "pruner": {"type": "median"}}, "pruner.type: Optuna cannot prune multi-objective studies"),
         ({"objective": {"metrics": [{"name": "val_loss"}, {"name": "val_loss"}]}}, "objective.metrics.1.name: must be unique"),
@@ -147,6 +151,11 @@ def _error(write_config, tiny_space, **changes) -> str:
 )
 def test_config_errors(write_config, tiny_space, changes, expected):
     assert expected in _error(write_config, tiny_space, **changes)
+
+
+def test_ranking_metrics_are_maximised_by_default(write_config, tiny_space):
+    loaded = load_config(write_config(tiny_config(tiny_space, objective={"metric": "val_pr_auc"})))
+    assert loaded.config.directions == ["maximize"]
 
 
 def test_space_params_must_belong_to_the_family(write_config, tmp_path):

@@ -83,3 +83,21 @@ def test_sgd_trains_a_regression_in_target_units_without_diverging():
     params = {"units": [49], "activation": "tanh", "optimizer": "sgd", "learning_rate": 4e-4, "l2": 1.4e-5}
     result = fit(FAMILIES["mlp"].build(params, data.spec), data, epochs=3, batch_size=64)
     assert np.isfinite(result.history["loss"]).all() and result.history["val_mae"][-1] < 100
+
+
+def test_balanced_class_weight_gives_each_class_the_same_total_weight():
+    from models.training import balanced_class_weight
+
+    y = np.array([0, 0, 0, 1])
+    weights = balanced_class_weight(y)
+    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
+    assert sum(weights[int(c)] for c in y[y == 0]) == pytest.approx(sum(weights[int(c)] for c in y[y == 1]))
+    data = load_dataset(name="breast_cancer", seed=0)
+    trained = []
+    for class_weight in (None, {0: 3.0, 1: 0.5}):
+        keras.utils.set_random_seed(0)
+        model = FAMILIES["mlp"].build({"units": [8]}, data.spec)
+        result = fit(model, data, epochs=1, batch_size=64, class_weight=class_weight)
+        trained.append(result.history["loss"][0])
+        assert {"val_auc", "val_pr_auc"} <= set(result.history)  # ranking metrics on every epoch
+    assert trained[0] != pytest.approx(trained[1], rel=1e-3)  # the weights reach the training loss

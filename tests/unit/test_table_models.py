@@ -17,31 +17,12 @@ from serving.model import load
 from serving.registry import Store
 from serving.settings import ServingSettings
 from studies.run import main as run_main
-from tests.conftest import ROOT, tiny_config
-
-CHURN = ROOT / "configs" / "data" / "churn.csv"
-
-
-@pytest.fixture(scope="module")
-def churn_model(tmp_path_factory):
-    """One tiny churn study (2 trials, 2 epochs) on the shipped table, registered as `churn_tiny`."""
-    tmp = tmp_path_factory.mktemp("churn")
-    patch = pytest.MonkeyPatch()
-    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    patch.setenv("WORKBENCH_HOME", str(tmp / "home"))
-    space = ROOT / "search_spaces" / "mlp.yaml"
-    config = tmp / "churn.yaml"
-    config.write_text(json.dumps(tiny_config(
-        space, study={"name": "churn_tiny", "seed": 5}, budget={"n_trials": 2},
-        dataset={"path": str(CHURN), "target": "churn", "columns": {"customer_id": "id"}},
-        model={"family": "mlp", "task": "binary"}, objective={"metric": "val_auc", "direction": "maximize"})))
-    yield config, run_main([str(config)])
-    patch.undo()
+from tests.conftest import CHURN, ROOT
 
 
 @pytest.fixture
-def served(churn_model, monkeypatch, tmp_path_factory):
-    config, code = churn_model
+def served(churn_study, monkeypatch):
+    config, code = churn_study
     assert code == 0
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("WORKBENCH_HOME", str(config.parent / "home"))
@@ -117,3 +98,57 @@ def test_batch_scores_the_raw_file_in_order_with_ids_and_errors(served, tmp_path
     record = json.loads(frame.drop(columns=["customer_id"]).head(1).to_json(orient="records"))
     api = client.post("/predict", json={"records": record}).json()
     assert scored.loc[0, "probability_yes"] == pytest.approx(api["probabilities"][0][1], abs=1e-5)
+
+
+@pytest.mark.parametrize("params", [
+    {"categorical_encoding": "embedding", "embedding_dim": 3, "numeric_scaling": "robust"},
+    {"categorical_encoding": "one_hot", "numeric_scaling": "standard"},
+])
+def test_searchable_preprocessing_choices_train_save_and_load_safely(params):
+    import keras
+
+    from models import FAMILIES, load_dataset
+    from models.training import fit
+    from serving.model import from_directory
+    from serving.registry import ResolvedModel
+    from studies.tracking import save_model
+
+    data = load_dataset(path=CHURN, target="churn", task="binary", columns={"customer_id": "id"}, seed=1)
+    keras.utils.set_random_seed(0)
+    model = FAMILIES["mlp"].build({**params, "units": [8]}, data.spec)
+    names = {layer.name for layer in model.layers}
+    table = data.spec.table
+    contract = next(i for i, c in enumerate(table.columns) if c.name == "contract")
+    assert (f"embedding_{contract}" in names) == (params["categorical_encoding"] == "embedding")
+    if params["numeric_scaling"] == "robust":  # (raw - median) / IQR of the training split
+        robust = keras.Model(model.inputs, model.get_layer("robust").output)(data.x_train).numpy()
+        tenure = table.columns[0]
+        raw = data.x_train[:, 0] * tenure.std + tenure.mean
+        np.testing.assert_allclose(robust[:, 0], (raw - tenure.median) / tenure.iqr, rtol=1e-4, atol=1e-4)
+    fit(model, data, epochs=1, batch_size=64)
+    path = save_model(model, data.spec, {"optuna.study_name": "t", "optuna.trial_number": "0"})
+    served = from_directory(path, ResolvedModel(str(path), None, None, None, None))  # Keras safe mode: no lambdas
+    np.testing.assert_allclose(np.asarray(served.forward(data.x_test[:32])), model(data.x_test[:32]).numpy(), atol=1e-5)
+
+
+def test_the_table_space_compiles_for_both_engines():
+    import keras_tuner
+
+    from search_spaces import compile_space, keras_tuner_problems, load_space, to_hyperparameters
+
+    space = load_space(ROOT / "search_spaces" / "mlp_table.yaml")
+    assert {"categorical_encoding", "embedding_dim", "numeric_scaling"} <= set(compile_space(space))
+    assert keras_tuner_problems(space) == []
+    hp = to_hyperparameters(space)
+    assert isinstance(hp, keras_tuner.HyperParameters) and "embedding_dim" in {p.name for p in hp.space}
+
+
+def test_the_same_command_resumes_a_table_study(churn_study, monkeypatch, capsys):
+    config, code = churn_study
+    assert code == 0
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WORKBENCH_HOME", str(config.parent / "home"))
+    capsys.readouterr()
+    assert run_main([str(config)]) == 0  # same data hash and space: the study is found, its budget is met
+    err = capsys.readouterr().err
+    assert "study 'churn_tiny' already has 2 finished trials (budget 2)" in err

@@ -37,10 +37,10 @@ def test_kinds_are_inferred_from_dtypes_and_values_and_overrides_win():
 
 
 @pytest.mark.parametrize(("change", "overrides", "column", "message"), [
-    (lambda f: f.assign(size=np.nan), {"id": "id"}, "size", "is entirely missing: drop it (columns: {size: drop})"),
-    (lambda f: f, {"id": "id", "colour": "numeric"}, "colour", "cannot be numeric: values like 'red' are not numbers"),
-    (lambda f: f, {"id": "id", "colour": "boolean"}, "colour", "cannot be boolean"),
-    (lambda f: f, {}, "id", "looks like an identifier (all 200 values distinct, e.g. 'row-0'): mark it id"),
+    (lambda f: f.assign(size=np.nan), {"id": "id"}, "size", "must hold at least one value (or drop it: columns: {size: drop}), got 200 missing values"),
+    (lambda f: f, {"id": "id", "colour": "numeric"}, "colour", "must hold numbers to be numeric, got 'red'"),
+    (lambda f: f, {"id": "id", "colour": "boolean"}, "colour", "must hold true/false or yes/no values to be boolean, got"),
+    (lambda f: f, {}, "id", "looks like an identifier: mark it id (columns: {id: id}) or drop it, got 200 distinct values in 200 rows, e.g. 'row-0'"),
 ])
 def test_columns_that_cannot_be_used_are_refused_by_name(change, overrides, column, message):
     with pytest.raises(TableError) as info:
@@ -107,11 +107,11 @@ def test_a_table_file_is_encoded_from_its_training_split_only(tmp_path):
 
 @pytest.mark.parametrize(("columns", "change", "key", "message"), [
     ({"id": "id", "weight": "numeric"}, None, "columns.weight", "must be a column of the file"),
-    ({"id": "id", "colour": "numeric"}, None, "columns.colour", "cannot be numeric: values like 'red'"),
+    ({"id": "id", "colour": "numeric"}, None, "columns.colour", "must hold numbers to be numeric, got 'red'"),
     ({"id": "id", "size": "drop", "colour": "drop", "shape": "drop", "flag": "drop", "member": "drop"}, None,
-     "columns", "no feature column is left"),
+     "columns", "must leave at least one feature column after drop/id, got none"),
     ({"id": "id"}, lambda f: f.assign(label="cat"), "target", "needs at least 2 classes, got 1"),
-    (None, None, "columns.id", "looks like an identifier"),
+    (None, None, "columns.id", "looks like an identifier: mark it id"),
 ])
 def test_table_mistakes_name_the_config_key(tmp_path, columns, change, key, message):
     path = tmp_path / "t.csv"
@@ -129,4 +129,22 @@ def test_the_runner_reports_a_table_mistake_with_file_and_key_path(tmp_path, hom
                                       model={"family": "mlp", "task": "binary"}))
     assert run_main([str(config)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"{config}: dataset.columns.colour: cannot be numeric: values like 'red' are not numbers")
+        f"{config}: dataset.columns.colour: must hold numbers to be numeric, got 'red'")
+
+
+def test_the_records_path_encodes_exactly_as_the_frame_path():
+    frame = table()
+    frame["code"] = pd.Series(np.arange(len(frame)) % 4, dtype="category")  # a category of integers
+    enc = TableEncoder.fit(frame, infer_kinds(frame, "label", {"id": "id"}))
+    records = [
+        {"size": 3, "colour": "red", "shape": "round", "flag": "YES", "member": True, "code": 2},
+        {"size": "4.5", "colour": None, "shape": float("nan"), "flag": 0, "member": "n", "code": 2.0},
+        {"size": None, "colour": 7, "shape": "hexagon", "flag": None, "member": None, "code": "3"},
+    ]
+    np.testing.assert_array_equal(enc.encode_records(records), enc.encode(enc.frame_from_records(records)))
+    slots = dict(zip(enc.encoded_names, enc.encode_records(records)[2], strict=True))
+    assert slots["code=3"] == 1.0 and slots[f"colour={OTHER}"] == 1.0 and slots["size__missing"] == 1.0
+    for bad, column in (({"size": True}, "size"), ({"flag": "maybe"}, "flag")):
+        with pytest.raises(TableError) as info:
+            enc.encode_records([records[0] | bad])
+        assert info.value.column == column and info.value.row == 0
