@@ -50,7 +50,13 @@ def test_raw_records_get_the_same_answer_from_the_api_and_mlflow_pyfunc(served, 
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["classes"] == ["no", "yes"] and set(body["predictions"]) <= {"no", "yes"} and len(body["predictions"]) == 4
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.tracking_uri)  # pyfunc finds models:/ URIs through the environment
+    # mlflow.pyfunc finds models:/ URIs through MLflow's process-wide URIs (which other tests may have
+    # set with mlflow.set_tracking_uri): point them at this store for this test only.
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", store.tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", store.registry_uri)
     pyfunc = mlflow.pyfunc.load_model("models:/churn_tiny@champion")
     answer = pyfunc.predict(pd.DataFrame(records))
     assert list(answer["prediction"]) == body["predictions"]
