@@ -141,7 +141,7 @@ class TableEncoder:
                 ranked = sorted((-int(n), str(v)) for v, n in counts.items() if n >= rare)
                 columns.append(Column(name, kind, rate, levels=tuple(v for _, v in ranked[:MAX_LEVELS]), raw_type=raw))
                 continue
-            values = _numbers(series, name) if kind == "numeric" else _booleans(series, name)
+            values = _numbers(series) if kind == "numeric" else _booleans(series)
             seen = values[~np.isnan(values)]
             mean = float(seen.mean()) if seen.size else 0.0
             std = float(seen.std()) if kind == "numeric" and seen.size else 1.0
@@ -175,7 +175,7 @@ class TableEncoder:
                 out[np.arange(n), j + self._codes(c, series)] = 1.0
             else:
                 raw_missing = series.isna().to_numpy()
-                values = (_numbers if c.kind == "numeric" else _booleans)(series, c.name, strict=False)
+                values = (_numbers if c.kind == "numeric" else _booleans)(series)
                 wrong = np.isnan(values) & ~raw_missing
                 for row in np.flatnonzero(wrong):
                     want = "a number" if c.kind == "numeric" else "a boolean (true/false, yes/no)"
@@ -285,7 +285,7 @@ def infer_kinds(frame, target: str, overrides: Mapping[str, str] | None = None) 
                                        f"got {len(present)} distinct values in {len(present)} rows, e.g. {present.iloc[0]!r}")
             kind = guessed
         elif kind == "numeric" and guessed not in ("numeric",) and not pd.api.types.is_bool_dtype(series):
-            bad = _numbers(series, name, strict=False)
+            bad = _numbers(series)
             example = present.iloc[int(np.flatnonzero(np.isnan(bad[series.notna().to_numpy()]))[0])]
             raise TableError(name, f"must hold numbers to be numeric, got {example!r}")
         elif kind == "boolean" and guessed != "boolean":
@@ -308,7 +308,7 @@ def _guess(series, present) -> str:
     if len(uniques) <= 8 and tokens and all(t in _TRUE or t in _FALSE for t in tokens) and not tokens <= {"0", "1"}:
         return "boolean"  # yes/no, True/False, Y/N in any case; 0/1 stays numeric
     sample = present.iloc[:1000]  # most text columns show a word in their first rows
-    if np.isfinite(_numbers(sample, "", strict=False)).all() and np.isfinite(_numbers(present, "", strict=False)).all():
+    if np.isfinite(_numbers(sample)).all() and np.isfinite(_numbers(present)).all():
         return "numeric"
     return "categorical"
 
@@ -365,7 +365,8 @@ def _strings(series) -> list[str]:
     return out
 
 
-def _numbers(series, name: str, strict: bool = True) -> np.ndarray:
+def _numbers(series) -> np.ndarray:
+    """Numbers of a column: NaN where missing or not a number (a bool column gives 0/1; a stray true in text does not)."""
     import pandas as pd
 
     if pd.api.types.is_bool_dtype(series):
@@ -375,7 +376,8 @@ def _numbers(series, name: str, strict: bool = True) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _booleans(series, name: str, strict: bool = True) -> np.ndarray:
+def _booleans(series) -> np.ndarray:
+    """0/1 of a column (NaN where missing or not a boolean token)."""
     import pandas as pd
 
     if pd.api.types.is_bool_dtype(series):
