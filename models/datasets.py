@@ -6,7 +6,7 @@ Nothing here knows Keras, Optuna or MLflow; errors name the dataset key at fault
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -124,7 +124,7 @@ def load_dataset(
     y, labels = _encode_target(y, task)
     idx = _split_indices(y, task, validation, test, seed)
     dataset = _split(x, y, names, labels, task, image_shape, idx)
-    return Dataset(**{**dataset.__dict__, "notes": notes})
+    return replace(dataset, notes=notes)
 
 
 def _load_bundled(name: str, task: Task | None, image_shape: tuple[int, ...] | None):
@@ -208,8 +208,7 @@ def _table_dataset(frame, features: list[str], target: str, task: Task, columns:
     from models.tabular import TableEncoder, TableError, infer_kinds
 
     try:
-        kinds = infer_kinds(frame[[c for c in frame.columns if c in features or columns.get(c) == "id"] + [target]],
-                            target, columns)
+        kinds = infer_kinds(frame, target, columns)  # _read_file kept the features, the ids and the target
     except TableError as e:
         raise DatasetError(f"columns.{e.column}", e.message) from None
     if not any(k in ("numeric", "boolean", "categorical") for k in kinds.values()):
@@ -221,8 +220,7 @@ def _table_dataset(frame, features: list[str], target: str, task: Task, columns:
     x = encoder.encode(frame)
     names = encoder.encoded_names
     dataset = _split(x, y, names, labels, task, None, idx, scaled=True)
-    spec = DataSpec(**{**dataset.spec.__dict__, "table": encoder})
-    return Dataset(**{**dataset.__dict__, "spec": spec, "notes": notes})
+    return replace(dataset, spec=replace(dataset.spec, table=encoder), notes=notes)
 
 
 def _numeric_column(series, key: str) -> np.ndarray:

@@ -74,6 +74,8 @@ class TableEncoder:
     _slots: dict[str, dict[str, int]] = field(default_factory=dict, compare=False, repr=False)
     _index: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # pandas Index per categorical
     _offsets: list[int] = field(default_factory=list, compare=False, repr=False)  # first encoded column of each, then the width
+    _features: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    _allowed: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # features and ids
 
     def __post_init__(self) -> None:
         offset = 0
@@ -83,6 +85,8 @@ class TableEncoder:
             self._offsets.append(offset)
             offset += col.n_outputs
         self._offsets.append(offset)
+        object.__setattr__(self, "_features", frozenset(c.name for c in self.columns))
+        object.__setattr__(self, "_allowed", self._features | set(self.ids))
 
     # -- what it is ---------------------------------------------------------------------
     @property
@@ -178,8 +182,7 @@ class TableEncoder:
                 values = (_numbers if c.kind == "numeric" else _booleans)(series)
                 wrong = np.isnan(values) & ~raw_missing
                 for row in np.flatnonzero(wrong):
-                    want = "a number" if c.kind == "numeric" else "a boolean (true/false, yes/no)"
-                    bad.setdefault(int(row), (c.name, f"must be {want}, got {series.iloc[row]!r}"))
+                    bad.setdefault(int(row), (c.name, f"must be {_WANT[c.kind]}, got {series.iloc[row]!r}"))
                 missing = np.isnan(values)
                 filled = np.where(missing, c.mean, values)
                 out[:, j] = (filled - c.mean) / c.std if c.kind == "numeric" else filled
@@ -208,25 +211,19 @@ class TableEncoder:
     def encode_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """JSON records straight to the matrix, without pandas (the API's single-row path); the
         same values as `encode(frame_from_records(records))`, TableError naming row and column."""
-        allowed = set(self.feature_names) | set(self.ids)
         out = np.zeros((len(records), self.width), dtype=np.float32)
         for i, record in enumerate(records):
-            if len(record) != len(self.columns) or not allowed.issuperset(record):
-                self.frame_from_records([record])  # raises the missing/unknown column error
+            self._check_columns(record, i)
             j = 0
             for c in self.columns:
-                try:
-                    value = record[c.name]
-                except KeyError:
-                    raise TableError(c.name, f"required column is missing (columns: {_names(self.feature_names)})", i) from None
+                value = record[c.name]
                 if c.kind == "categorical":
                     missing = value is None or isinstance(value, float) and math.isnan(value)
                     out[i, j + (0 if missing else self._slots[c.name].get(_level(value), 1))] = 1.0
                 else:
                     number = _number(value) if c.kind == "numeric" else _boolean(value)
                     if number is _WRONG:
-                        want = "a number" if c.kind == "numeric" else "a boolean (true/false, yes/no)"
-                        raise TableError(c.name, f"must be {want}, got {value!r}", i)
+                        raise TableError(c.name, f"must be {_WANT[c.kind]}, got {value!r}", i)
                     if number is None:
                         out[i, j] = 0.0 if c.kind == "numeric" else c.mean
                         if c.indicator:
@@ -236,19 +233,22 @@ class TableEncoder:
                 j += c.n_outputs
         return out
 
+    def _check_columns(self, record: Mapping[str, Any], row: int) -> None:
+        """Every feature column present, nothing but features and ids; else TableError naming one."""
+        if self._features.issubset(record) and self._allowed.issuperset(record):
+            return
+        missing = [n for n in self.feature_names if n not in record]
+        if missing:
+            raise TableError(missing[0], f"required column is missing (columns: {_names(self.feature_names)})", row)
+        unknown = sorted(set(record) - self._allowed)
+        raise TableError(unknown[0], f"not a column of the model (columns: {_names(self.feature_names)})", row)
+
     def frame_from_records(self, records: Sequence[Mapping[str, Any]]):
         """A DataFrame of JSON records (null = missing); a missing or unknown column raises TableError."""
         import pandas as pd
 
-        expected = set(self.feature_names)
-        allowed = expected | set(self.ids)
         for i, record in enumerate(records):
-            missing = [n for n in self.feature_names if n not in record]
-            if missing:
-                raise TableError(missing[0], f"required column is missing (columns: {_names(self.feature_names)})", i)
-            unknown = sorted(set(record) - allowed)
-            if unknown:
-                raise TableError(unknown[0], f"not a column of the model (columns: {_names(self.feature_names)})", i)
+            self._check_columns(record, i)
         return pd.DataFrame({n: pd.Series([r[n] for r in records], dtype=object) for n in self.feature_names})
 
 
@@ -326,6 +326,7 @@ def _raw_type(present, kind: str) -> str:
 
 
 _WRONG = object()  # a value that does not fit its column
+_WANT = {"numeric": "a number", "boolean": "a boolean (true/false, yes/no)"}  # what a column's values must be
 
 
 def _level(value: Any) -> str:

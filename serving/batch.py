@@ -96,8 +96,6 @@ def score_file(model, input_path: Path, output: Path, errors_path: Path, *, chun
     from tqdm.auto import tqdm
 
     table = model.table
-    if table is not None:  # a table model's id columns travel with its predictions
-        keep = list(dict.fromkeys([*(c for c in table.ids if c in _header(input_path)), *keep]))
     columns = list(dict.fromkeys([*model.feature_names, *keep]))
     writer = _Writer(output)
     invalid_rows = 0
@@ -180,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     header = _header(args.input)
-    missing = [c for c in [*model.feature_names, *args.keep] if c not in header]
+    keep = args.keep
+    if model.table is not None:  # a table model's id columns travel with its predictions
+        keep = list(dict.fromkeys([*(c for c in model.table.ids if c in header), *keep]))
+    missing = [c for c in [*model.feature_names, *keep] if c not in header]
     if missing:
         print(f"--input: the file lacks column(s) {', '.join(missing[:10])} that the model needs", file=sys.stderr)
         return EXIT_USAGE
     errors = args.errors or args.output.with_name(args.output.name + ".errors.csv")
     errors.unlink(missing_ok=True)
-    counts = score_file(model, args.input, args.output, errors, chunk_rows=args.chunk_rows, keep=args.keep)
+    counts = score_file(model, args.input, args.output, errors, chunk_rows=args.chunk_rows, keep=keep)
     r = model.resolved
     print(f"scored {counts['rows_scored']} of {counts['rows_total']} rows with {r.name or uri} v{r.version} "
           f"in {counts['seconds']} s ({counts['rows_per_second']} rows/s) -> {args.output}")
