@@ -23,10 +23,11 @@ run: install
 test: install
 	scripts/stack.sh up mlflow
 	eval "$$(scripts/stack.sh env --tests)"; \
-	  $(PY) -m pytest; status=$$?; scripts/stack.sh down; exit $$status
+	  $(PY) -m pytest --durations=15; status=$$?; scripts/stack.sh down; exit $$status
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Re-resolve every dependency from pyproject.toml into constraints.txt (a scratch venv, newest versions).
 lock:

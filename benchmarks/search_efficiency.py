@@ -107,7 +107,7 @@ def evaluate(storage: str, name: str, budget: float):
     """The study's curve cut at `budget` seconds of running trials."""
     import optuna
 
-    from studies.compare import curve
+    from studies.reporting.best_so_far import curve
 
     c = curve(optuna.load_study(study_name=name, storage=storage))
     keep = [i for i, t in enumerate(c.seconds) if t <= budget + 1e-9]

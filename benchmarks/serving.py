@@ -195,7 +195,7 @@ def bench_batch(model, model_dir: Path, data, rows: int, workdir: Path) -> list[
     import pandas as pd
 
     from serving.model import from_directory
-    from serving.registry import ResolvedModel
+    from serving.store import ResolvedModel
 
     rng = np.random.default_rng(0)
     x = (data.x_train[rng.integers(0, len(data.x_train), rows)] * rng.normal(1, 0.05, (rows, data.x_train.shape[1]))).astype(np.float32)

@@ -7,7 +7,7 @@ A trial here trains nothing and never sleeps: it samples the MLP search space, r
 (report + should_prune, median pruner), writes the user attributes a real trial writes, and
 ends. Two contenders run the same work side by side, alternating, on fresh studies:
 
-- ours:    the workbench's own path (studies.objective.Objective with its training step replaced,
+- ours:    the workbench's own path (studies.engines.objective.Objective with its training step replaced,
            the resilient RDB storage with a heartbeat thread, our callbacks, optional MLflow tracker);
 - vanilla: plain Optuna on the same URL (`optuna.create_study(storage=url)`), the same calls.
 
@@ -21,6 +21,7 @@ study; --sampler tpe measures that too).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -48,10 +49,10 @@ def child(mode: str, url: str, study_name: str, target: int, go: Path, sampler: 
     import optuna
 
     from search_spaces import optuna_suggest, sample
+    from studies.cli import quiet_libraries
     from studies.config import load_config
-    from studies.objective import Objective
-    from studies.run import quiet_libraries
-    from studies.study import BUDGET_STATES
+    from studies.engines.objective import Objective
+    from studies.storage.study import BUDGET_STATES
 
     quiet_libraries()
     loaded = load_config(str(ROOT / "configs" / "breast_cancer.yaml"), [f"sampler.type={sampler}", "sampler.options={}"])
@@ -77,20 +78,20 @@ def child(mode: str, url: str, study_name: str, target: int, go: Path, sampler: 
     else:
         from types import SimpleNamespace
 
-        from studies.samplers import read_completed_once_per_trial
+        from studies.config.samplers import read_completed_once_per_trial
         from studies.storage import open_storage
-        from studies.study import improves
+        from studies.storage.study import improves
 
         storage = open_storage(url, heartbeat_interval=30, max_retry=2)
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler_obj,
                                   pruner=read_completed_once_per_trial(pruner))
         tracker = None
         if tracking_uri:
-            from studies.tracking import Tracker
+            from studies.tracking import Tracker, close_stale_run
 
             tracker = Tracker(tracking_uri, study_name, artifact_location=None, log_models="none", flush_seconds=10)
             tracker.start_study(study, loaded, data_hash="bench", storage_url="bench")
-            storage.get_heartbeat_stale_trial_callback().on_stale = tracker.close_stale_run
+            storage.get_heartbeat_stale_trial_callback().on_stale = functools.partial(close_stale_run, tracker)
 
         class NoTraining(Objective):
             def _train(self, trial, params, seed, run_id, outcome, **_options):
@@ -101,10 +102,10 @@ def child(mode: str, url: str, study_name: str, target: int, go: Path, sampler: 
                     trial.report(value, epoch)
                     if trial.should_prune():
                         raise optuna.TrialPruned()
-                outcome["attrs"].update(dict.fromkeys(("n_params", "epochs_run", "fit_seconds", "best_epoch", "val_loss",
+                outcome.attrs.update(dict.fromkeys(("n_params", "epochs_run", "fit_seconds", "best_epoch", "val_loss",
                                                        "val_accuracy", "test_loss", "test_accuracy"), 1.0))
                 value = _values(params, EPOCHS)
-                outcome["metrics"].update({"best_val_loss": value})
+                outcome.metrics.update({"best_val_loss": value})
                 improves(trial.study, value)
                 return value
 

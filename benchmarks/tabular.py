@@ -67,7 +67,7 @@ def trial_times(loaded, data, epochs: int, rounds: int) -> dict[str, list[float]
 
     from models import FAMILIES
     from models.datasets import DataSpec
-    from studies.objective import Objective
+    from studies.engines.objective import Objective
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The peer trains on the very arrays the study holds: the same rows, already encoded, in numpy.
@@ -131,7 +131,7 @@ def http(model_dir: Path, record: dict, seconds: float, rounds: int, quick: bool
 
 def batch(model_dir: Path, frame, rounds: int) -> dict[str, float]:
     from serving.model import from_directory
-    from serving.registry import ResolvedModel
+    from serving.store import ResolvedModel
 
     model = from_directory(model_dir, ResolvedModel(str(model_dir), None, None, None, None))
     raw = frame.drop(columns=["target"])

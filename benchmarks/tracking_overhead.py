@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studies import tracking  # noqa: E402
+from studies.engines import runner  # noqa: E402
 from studies.run import main  # noqa: E402
+from studies.tracking.names import RUN_STATUS  # noqa: E402
 
 HTTP_CALLS = [0]
 
@@ -72,7 +74,7 @@ class NaiveTracker(tracking.Tracker):
         if model is not None and state == "COMPLETE":
             path = tracking.save_model(model, spec, tags)
             self.client.log_artifacts(run_id, str(path), "model")
-        self.client.set_terminated(run_id, status=tracking.RUN_STATUS.get(state, "FAILED"))
+        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
 
 
 def child(mode: str, config: str, n_trials: int, epochs: int, workdir: str) -> int:
@@ -85,7 +87,7 @@ def child(mode: str, config: str, n_trials: int, epochs: int, workdir: str) -> i
     if mode == "off":
         argv.append("--no-tracking")
     if mode == "naive":
-        tracking.Tracker = NaiveTracker
+        runner.Tracker = NaiveTracker  # the tracker the runner starts
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)

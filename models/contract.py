@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.errors import WorkbenchError
+
 if TYPE_CHECKING:
     from models.datasets import DataSpec
     from models.tabular import TableEncoder
@@ -23,7 +25,7 @@ TABLE_FILE = "table.json"
 NETWORK_FILES = ("data/model.keras", "artifacts/model.keras")
 
 
-class ContractError(ValueError):
+class ContractError(WorkbenchError, ValueError):
     """A folder that is not a workbench model."""
 
 
@@ -48,6 +50,8 @@ class ModelContract:
         return meta
 
     def write_table(self, folder: Path) -> Path:
+        if self.table is None:
+            raise ContractError("not a table model: there is no table encoding to write")
         path = folder / TABLE_FILE
         path.write_text(json.dumps(self.table.to_dict()))
         return path

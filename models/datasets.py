@@ -6,11 +6,14 @@ Nothing here knows Keras, Optuna or MLflow; errors name the dataset key at fault
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from models.errors import WorkbenchError
 
 if TYPE_CHECKING:
     from models.tabular import TableEncoder
@@ -38,7 +41,7 @@ BUNDLED: dict[str, Bundled] = {
 FILE_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
-class DatasetError(ValueError):
+class DatasetError(WorkbenchError, ValueError):
     """A problem with the data, naming the dataset key (`path`, `target`, `features`, ...)."""
 
     def __init__(self, key: str, message: str) -> None:
@@ -98,7 +101,7 @@ def load_dataset(
     validation: float = 0.2,
     test: float = 0.2,
     seed: int = 0,
-    columns: dict[str, str] | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> Dataset:
     """Load a bundled dataset by name, or a file by path, and split it deterministically.
 
@@ -111,6 +114,7 @@ def load_dataset(
         if task is None:
             raise DatasetError("task", "is required for a file dataset (binary, multiclass or regression)")
         frame, features, notes = _read_file(Path(path), target, features, columns)
+        assert target is not None  # _read_file raised DatasetError("target", ...) otherwise
         if columns or image_shape is None and _mixed(frame[features]):
             return _table_dataset(frame, features, target, task, columns or {}, validation, test, seed, notes)
         x, y, names = _numeric_arrays(frame, features, target, task)
@@ -143,7 +147,7 @@ def _load_bundled(name: str, task: Task | None, image_shape: tuple[int, ...] | N
     return np.asarray(bunch.data, dtype=np.float64), np.asarray(y), names, info.task, image_shape or info.image_shape
 
 
-def _read_file(path: Path, target: str | None, features: list[str] | None, columns: dict[str, str] | None):
+def _read_file(path: Path, target: str | None, features: list[str] | None, columns: Mapping[str, str] | None):
     """The file's target and feature columns, rows with a missing target left out (and said)."""
     import pandas as pd
 
@@ -179,7 +183,7 @@ def _read_file(path: Path, target: str | None, features: list[str] | None, colum
     keep = list(dict.fromkeys([*features, *(n for n, k in (columns or {}).items() if k == "id")]))
     frame = frame[[*keep, target]]
     missing_target = frame[target].isna().to_numpy()
-    notes = ()
+    notes: tuple[str, ...] = ()
     if missing_target.any():
         notes = (f"{int(missing_target.sum())} of {len(frame)} rows have no target value ({target!r}): left out",)
         frame = frame.loc[~missing_target].reset_index(drop=True)
@@ -202,7 +206,7 @@ def _numeric_arrays(frame, features: list[str], target: str, task: Task):
     return x, y, features
 
 
-def _table_dataset(frame, features: list[str], target: str, task: Task, columns: dict[str, str],
+def _table_dataset(frame, features: list[str], target: str, task: Task, columns: Mapping[str, str],
                    validation: float, test: float, seed: int, notes: tuple[str, ...]) -> Dataset:
     """A mixed-type table: kinds inferred (or given), the encoding fitted on the training rows only."""
     from models.tabular import TableEncoder, TableError, infer_kinds
@@ -289,7 +293,8 @@ def _split(x, y, names, labels, task, image_shape, idx, *, scaled: bool = False)
     )
     digest = hashlib.sha256()
     for part in (x, y, idx_train, idx_val, idx_test):
-        digest.update(memoryview(np.ascontiguousarray(part)).cast("B"))  # no copy of a contiguous array
+        # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12 (mypy checks as 3.11)
+        digest.update(memoryview(np.ascontiguousarray(part)).cast("B"))  # type: ignore[arg-type]  # no copy of a contiguous array
     return Dataset(
         spec, x_train, y[idx_train], x[idx_val], y[idx_val], x[idx_test], y[idx_test], digest.hexdigest()[:16]
     )

@@ -14,12 +14,15 @@ Its `to_dict()` is the contract a registered model carries (`table.json`); servi
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
 import numpy as np
+
+from models.errors import WorkbenchError
 
 KINDS = ("numeric", "categorical", "boolean", "drop", "id")
 MISSING, OTHER = "(missing)", "(other)"
@@ -30,7 +33,7 @@ _TRUE = frozenset({"true", "yes", "y", "t", "1"})
 _FALSE = frozenset({"false", "no", "n", "f", "0"})
 
 
-class TableError(ValueError):
+class TableError(WorkbenchError, ValueError):
     """A column that cannot be used as asked; `column` names it."""
 
     def __init__(self, column: str, message: str, row: int | None = None) -> None:
@@ -325,7 +328,11 @@ def _raw_type(present, kind: str) -> str:
     return "string" if all(isinstance(v, str) for v in present.tolist()) else "any"
 
 
-_WRONG = object()  # a value that does not fit its column
+class _Wrong(enum.Enum):
+    WRONG = "wrong"  # a value that does not fit its column
+
+
+_WRONG: Final = _Wrong.WRONG
 _WANT = {"numeric": "a number", "boolean": "a boolean (true/false, yes/no)"}  # what a column's values must be
 
 
@@ -333,7 +340,7 @@ def _level(value: Any) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def _number(value: Any) -> float | None | object:
+def _number(value: Any) -> float | None | Literal[_Wrong.WRONG]:
     if value is None:
         return None
     if isinstance(value, bool):
@@ -347,7 +354,7 @@ def _number(value: Any) -> float | None | object:
     return None if math.isnan(number) else number
 
 
-def _boolean(value: Any) -> float | None | object:
+def _boolean(value: Any) -> float | None | Literal[_Wrong.WRONG]:
     if value is None or isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, (bool, np.bool_)):

@@ -45,11 +45,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from models.errors import ExitCode
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 LOOPBACK = "127.0.0.1"
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # Third-party images and what stands in for them here (by image repository, any tag).
 STAND_INS = {
@@ -65,9 +66,6 @@ class StackError(Exception):
 
 
 # --------------------------------------------------------------------------- variables
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
-
 
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines (comments, blank lines and `export ` ignored; quotes removed)."""
@@ -99,31 +97,19 @@ def project_variables(environ: dict[str, str] | None = None, root: Path = ROOT) 
 
 
 def interpolate(value: str, variables: dict[str, str], where: str) -> str:
-    """Compose's interpolation: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}."""
-    def sub(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name = m.group(1) or m.group(4)
-        op, arg = m.group(2), m.group(3) or ""
-        current = variables.get(name)
-        if op == ":-":
-            return current if current else arg
-        if op == "-":
-            return arg if current is None else current
-        if op in (":?", "?") and (current is None or (op == ":?" and not current)):
-            raise StackError(f"{where}: {name}: {arg or 'required variable is not set'}")
-        return current or ""
-    return _VAR.sub(sub, value)
+    """Compose's interpolation ($$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}):
+    the study configs' interpolator, with an unset plain variable read as empty, as compose does."""
+    return interpolate_tree(value, variables, where)
 
 
 def interpolate_tree(node, variables: dict[str, str], where: str = "compose.yaml"):
-    if isinstance(node, dict):
-        return {k: interpolate_tree(v, variables, f"{where}.{k}") for k, v in node.items()}
-    if isinstance(node, list):
-        return [interpolate_tree(v, variables, f"{where}.{i}") for i, v in enumerate(node)]
-    if isinstance(node, str):
-        return interpolate(node, variables, where)
-    return node
+    from models.errors import ConfigError
+    from studies.config.interpolation import interpolate as interpolate_yaml
+
+    try:
+        return interpolate_yaml(node, where, environ=variables, strict=False)
+    except ConfigError as e:
+        raise StackError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -813,10 +799,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{s.name}{' (job)' if s.job else ''}: {what}\n  {shlex.join(s.argv) or '(stand-in)'}")
     except StackError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     except KeyboardInterrupt:
-        return 130
-    return EXIT_OK
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Search spaces: a YAML schema, its validation, and its compilation to Optuna distributions."""
+"""Search spaces: a YAML schema, its validation, and its compilation to Optuna distributions.
+
+Depends on Optuna and pydantic only; mistakes in a space file are `SpaceError`s.
+"""
 
 from search_spaces._compile import (
     compile_space,
@@ -9,25 +12,25 @@ from search_spaces._compile import (
     sample,
     to_distribution,
 )
-from search_spaces._keras_tuner import keras_tuner_problems, params_from_values, to_hyperparameters
-from search_spaces._load import load_space, parse_space
-from search_spaces._schema import (
+from search_spaces._hyperparameters import keras_tuner_problems, params_from_values, to_hyperparameters
+from search_spaces._load import load_space, parse_space, read_yaml
+from search_spaces._params import (
     CategoricalParam,
     FixedParam,
     FloatParam,
     IntParam,
     SearchSpace,
 )
-from search_spaces.errors import ConfigError, WorkbenchError
+from search_spaces._problems import FieldError, SpaceError, problems_from_validation
 
 __all__ = [
     "CategoricalParam",
-    "ConfigError",
+    "FieldError",
     "FixedParam",
     "FloatParam",
     "IntParam",
     "SearchSpace",
-    "WorkbenchError",
+    "SpaceError",
     "compile_space",
     "conditions_hold",
     "from_flat",
@@ -37,6 +40,8 @@ __all__ = [
     "optuna_suggest",
     "params_from_values",
     "parse_space",
+    "problems_from_validation",
+    "read_yaml",
     "sample",
     "to_distribution",
     "to_hyperparameters",

@@ -12,7 +12,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from search_spaces._schema import (
+from search_spaces._params import (
     CategoricalParam,
     FixedParam,
     FloatParam,
@@ -21,7 +21,7 @@ from search_spaces._schema import (
     layer_counts,
     same_value,
 )
-from search_spaces.errors import FieldError
+from search_spaces._problems import FieldError
 
 if TYPE_CHECKING:
     import optuna

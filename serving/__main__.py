@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from models.errors import ExitCode
+
 
 def main() -> int:
     import uvicorn
@@ -14,7 +16,7 @@ def main() -> int:
     # Each worker process loads the model once; workers and replicas share no state.
     uvicorn.run("serving.app:app", host=s.serving_host, port=s.serving_port, workers=s.serving_workers,
                 log_level="warning", access_log=False)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -15,20 +15,20 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from serving.registry import ServingError
 from serving.routes import router
 from serving.settings import ServingSettings
+from serving.store import ServingError
 
 if TYPE_CHECKING:
     from serving.model import LoadedModel
-    from serving.registry import Store
+    from serving.store import Store
 
 
 class ModelHolder:
     """The current model; `swap` is atomic (one reference assignment)."""
 
-    def __init__(self, uri: str, store: Store | None) -> None:
-        self.uri = uri
+    def __init__(self, uri: str | None, store: Store | None) -> None:
+        self.uri = uri  # None: the one registered model with a @champion (Store.default_uri), found at load
         self.store = store
         self.current: LoadedModel | None = None
         self.error: str | None = None
@@ -39,6 +39,10 @@ class ModelHolder:
         from serving.model import load
 
         async with self._lock:
+            if self.store is None:  # a fixed model: /reload and start-up check first, _poll ignores failures
+                raise ServingError("this holder has no model store: nothing to reload")
+            if self.uri is None:
+                self.uri = await asyncio.to_thread(self.store.default_uri)
             old = self.current.resolved.version if self.current else None
             if not force and self.current is not None:
                 now = await asyncio.to_thread(self.store.current_version, self.uri)
@@ -57,7 +61,7 @@ def create_app(settings: ServingSettings | None = None, holder: ModelHolder | No
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.holder is None:
-            from serving.registry import Store
+            from serving.store import Store
 
             app.state.holder = ModelHolder(settings.serving_model_uri, Store.at(settings))
         h = app.state.holder
@@ -72,7 +76,7 @@ def create_app(settings: ServingSettings | None = None, holder: ModelHolder | No
             poller.cancel()
 
     app = FastAPI(title="Workbench model API", version="1", lifespan=lifespan,
-                  description="Predictions from the registered model (models:/<name>@champion by default).")
+                  description="Predictions from a registered model (SERVING_MODEL_URI, e.g. models:/<name>@champion).")
     app.state.holder = holder
     app.state.settings = settings
 

@@ -13,8 +13,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INVALID_ROWS = 0, 1, 2, 3
+from models.errors import ExitCode
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -22,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.batch", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, type=Path, help="CSV or Parquet file with one column per feature")
     p.add_argument("--output", required=True, type=Path, help="where predictions go (.csv or .parquet)")
-    p.add_argument("--model", help="model URI (default: SERVING_MODEL_URI, models:/<name>@champion)")
+    p.add_argument("--model", help="model URI (default: SERVING_MODEL_URI, else the one registered model with a @champion)")
     p.add_argument("--errors", type=Path, help="invalid rows (default: <output>.errors.csv)")
     p.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (memory use scales with it)")
     p.add_argument("--keep", nargs="*", default=[], metavar="COLUMN", help="input columns to copy into the output (e.g. an id)")
@@ -68,7 +73,8 @@ class _Writer:
     """Appends chunks to a CSV or Parquet file."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.kind, self._parquet, self._csv_started = path, _FORMATS[path.suffix.lower()], None, False
+        self.path, self.kind, self._csv_started = path, _FORMATS[path.suffix.lower()], False
+        self._parquet: pq.ParquetWriter | None = None  # opened with the first chunk's schema
 
     def write(self, frame) -> None:
         if self.kind == "csv":
@@ -158,25 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     for path, what in ((args.input, "--input"), (args.output, "--output")):
         if path.suffix.lower() not in _FORMATS:
             print(f"{what}: must be a .csv or .parquet file, got {str(path)!r}", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitCode.USAGE
     if not args.input.is_file():
         print(f"--input: file not found, got {str(args.input)!r}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if args.chunk_rows < 1:
         print(f"--chunk-rows: must be >= 1, got {args.chunk_rows}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     from serving.model import load
-    from serving.registry import ServingError, Store
     from serving.settings import ServingSettings
+    from serving.store import ServingError, Store
 
     settings = ServingSettings()
     store = Store.at(settings)
-    uri = args.model or settings.serving_model_uri
     try:
+        uri = args.model or settings.serving_model_uri or store.default_uri()
         model = load(uri, store)
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     header = _header(args.input)
     keep = args.keep
     if model.table is not None:  # a table model's id columns travel with its predictions
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [c for c in [*model.feature_names, *keep] if c not in header]
     if missing:
         print(f"--input: the file lacks column(s) {', '.join(missing[:10])} that the model needs", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     errors = args.errors or args.output.with_name(args.output.name + ".errors.csv")
     errors.unlink(missing_ok=True)
     counts = score_file(model, args.input, args.output, errors, chunk_rows=args.chunk_rows, keep=keep)
@@ -201,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: could not record the job in MLflow: {e}", file=sys.stderr)
     if counts["rows_invalid"]:
         print(f"{counts['rows_invalid']} invalid row(s) were not scored; see {errors}", file=sys.stderr)
-        return EXIT_INVALID_ROWS
-    return EXIT_OK
+        return ExitCode.INVALID_ROWS
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

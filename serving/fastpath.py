@@ -47,14 +47,22 @@ def numpy_forward(model) -> Callable[[Array], Array] | None:
         if kind == "Normalization":
             mean = np.asarray(layer.mean, dtype=np.float32).reshape(1, -1)
             scale = np.maximum(np.sqrt(np.asarray(layer.variance, dtype=np.float32)), 1e-7).reshape(1, -1)
-            steps.append(lambda x, m=mean, s=scale: (x - m) / s)
+
+            def normalize(x: Array, m: Array = mean, s: Array = scale) -> Array:
+                return (x - m) / s
+
+            steps.append(normalize)
         elif kind == "Dense":
             kernel, *bias = (np.asarray(w, dtype=np.float32) for w in layer.get_weights())
             act = _activation(layer.activation.__name__)
             if act is None:
                 return None
             b = bias[0] if bias else np.zeros(kernel.shape[1], dtype=np.float32)
-            steps.append(lambda x, k=kernel, b=b, a=act: a(x @ k + b))
+
+            def dense(x: Array, k: Array = kernel, b: Array = b, a: Callable[[Array], Array] = act) -> Array:
+                return a(x @ k + b)
+
+            steps.append(dense)
         elif kind == "Activation":
             act = _activation(layer.activation.__name__)
             if act is None:
@@ -63,10 +71,18 @@ def numpy_forward(model) -> Callable[[Array], Array] | None:
         elif kind == "BatchNormalization":
             gamma, beta, mean, var = (np.asarray(w, dtype=np.float32) for w in layer.get_weights())
             scale = gamma / np.sqrt(var + layer.epsilon)
-            steps.append(lambda x, s=scale, o=beta - mean * scale: x * s + o)
+
+            def batch_norm(x: Array, s: Array = scale, o: Array = beta - mean * scale) -> Array:
+                return x * s + o
+
+            steps.append(batch_norm)
         elif kind == "Rescaling":
-            scale, offset = np.float32(layer.scale), np.float32(layer.offset)
-            steps.append(lambda x, s=scale, o=offset: x * s + o)
+            factor, offset = np.float32(layer.scale), np.float32(layer.offset)
+
+            def rescale(x: Array, s: np.float32 = factor, o: np.float32 = offset) -> Array:
+                return x * s + o
+
+            steps.append(rescale)
         else:
             return None
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.registry import ResolvedModel, ServingError, Store
+from serving.store import ResolvedModel, ServingError, Store
 
 if TYPE_CHECKING:
     from models.tabular import TableEncoder
@@ -60,7 +60,7 @@ class LoadedModel:
                                    f"({', '.join(self.feature_names[:5])}{', ...' if self.n_features > 5 else ''}), got {len(row)}")
         return self._finite(np.asarray(instances, dtype=np.float32), "instances")
 
-    def rows_from_records(self, records: Sequence[Mapping[str, float]]) -> np.ndarray:
+    def rows_from_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """A float32 matrix from named rows, in the model's feature order."""
         if len(records) == 0:
             raise InvalidInput("records: must hold at least one row, got []")
@@ -86,6 +86,8 @@ class LoadedModel:
         """Raw records of a table model (null = missing, unseen category = its (other) slot)."""
         from models.tabular import TableError
 
+        if self.table is None:
+            raise ServingError(f"{self.resolved.uri}: not a table model, it has no raw-record encoding (use rows_from_records)")
         try:
             return self.table.encode_records(records)
         except TableError as e:

@@ -7,8 +7,8 @@ import json
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from serving.model import InvalidInput, LoadedModel
-from serving.registry import ServingError
 from serving.schemas import ModelInfo, PredictRequest, PredictResponse, ReloadResponse
+from serving.store import ServingError
 
 router = APIRouter()
 
@@ -26,10 +26,15 @@ async def predict(body: PredictRequest, request: Request) -> Response:
     model = current_model(request)  # this request keeps this model even if a reload swaps it
     limit = request.app.state.settings.serving_max_rows
     rows = body.instances if body.instances is not None else body.records
+    assert rows is not None  # PredictRequest's validator: exactly one of instances and records
     if len(rows) > limit:
         raise HTTPException(413, detail=f"{len(rows)} rows in one request; the limit is {limit}")
     try:
-        x = model.rows_from_instances(body.instances) if body.instances is not None else model.rows_from_records(body.records)
+        if body.instances is not None:
+            x = model.rows_from_instances(body.instances)
+        else:
+            assert body.records is not None  # as above: a body without instances has records
+            x = model.rows_from_records(body.records)
     except InvalidInput as e:
         raise HTTPException(422, detail=str(e)) from None
     # Serialised here, not by FastAPI's response-model pass: the schema above documents it.

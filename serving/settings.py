@@ -34,7 +34,8 @@ class MlflowLocation(BaseSettings):
 class ServingSettings(MlflowLocation):
     """Environment settings of the API and of batch scoring."""
 
-    serving_model_uri: str = Field(default="models:/breast_cancer_mlp@champion", description="SERVING_MODEL_URI")
+    serving_model_uri: str | None = Field(default=None, description="SERVING_MODEL_URI: the model to serve; unset: "
+                                          "the one registered model with a @champion")
     serving_max_rows: int = Field(default=10_000, ge=1, description="rows per request")
     serving_max_body_bytes: int = Field(default=10_000_000, ge=1024, description="request body size")
     serving_poll_seconds: float = Field(default=0.0, ge=0, description="follow the alias every N s (0: off)")

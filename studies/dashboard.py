@@ -10,37 +10,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from models.errors import ExitCode
+from studies.cli import run_with_config, study_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m studies.dashboard", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="a study config; its storage is the one shown")
-    p.add_argument("--storage", metavar="URL", help="Optuna storage URL (as for studies.run)")
+    p = argparse.ArgumentParser(prog="python -m studies.dashboard", parents=[study_flags()],
+                                description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY.PATH=VALUE")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from studies.config import run_cli
-
-    return run_cli(args.config, args.overrides, lambda loaded: _serve(loaded, args))
+    return run_with_config(args, lambda loaded: _serve(loaded, args))
 
 
 def _serve(loaded, args: argparse.Namespace) -> int:
     import optuna
     import optuna_dashboard
 
-    from studies.run import quiet_libraries
-    from studies.settings import Settings
-    from studies.storage import open_storage, redact, resolve_url
+    from studies.environment import Settings
+    from studies.storage import open_storage, redact
 
-    quiet_libraries()
     settings = Settings()
-    url = resolve_url(args.storage, settings.optuna_storage, loaded.config.study.storage, settings.default_storage())
+    url = settings.storage_url(args.storage, loaded.config.study.storage)
     storage = open_storage(url)  # checks the storage answers before the server starts
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -55,10 +50,10 @@ def _serve(loaded, args: argparse.Namespace) -> int:
         optuna_dashboard.run_server(storage, host=args.host, port=args.port)
     except OSError as e:  # the port is taken, the address is not ours
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     except KeyboardInterrupt:
         pass
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

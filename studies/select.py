@@ -1,136 +1,50 @@
 """`python -m studies.select CONFIG`: register the study's winning model and move the aliases.
 
-The winner (best trial, or a Pareto trial chosen by `registry.primary` within `registry.limits`)
-is evaluated again on the held-out test split from its logged model, registered as a version of
-`registry.model_name` (once per run: selecting twice creates no second version), and becomes
-`@champion` if it beats the current champion's test metric, else `@challenger`.
+The rule (studies.selection.promote): the winner is evaluated on the test split, registered as a
+version of `registry.model_name`, and becomes `@champion` if it beats the current champion, else
+`@challenger`. `--force` makes it champion anyway; `--rollback` moves `@champion` back.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from serving.settings import MlflowLocation
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class Selection:
-    model_name: str
-    version: str
-    alias: str
-    created: bool
-    trial_number: int
-    metric: str
-    value: float
-    previous_champion: str | None
-
-    def describe(self) -> str:
-        made = "registered as" if self.created else "already registered as"
-        return (f"trial {self.trial_number} {made} {self.model_name} v{self.version}: {self.metric} = {self.value:.5g}; "
-                f"alias @{self.alias}" + (f" (was v{self.previous_champion})" if self.previous_champion else ""))
+from models.errors import ExitCode
+from studies.cli import run_with_config, study_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m studies.select", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="the study config the study was run with")
-    p.add_argument("--storage", metavar="URL", help="Optuna storage URL (as for studies.run)")
-    p.add_argument("--study-name", metavar="NAME")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY.PATH=VALUE")
+    p = argparse.ArgumentParser(prog="python -m studies.select", parents=[study_flags()],
+                                description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="make the winner @champion even if it does not beat the current one")
     p.add_argument("--rollback", action="store_true", help="move @champion back to the previous champion and exit")
     return p
 
 
-def select(loaded, study, data, location: MlflowLocation, *, force: bool = False) -> Selection:
-    """Pick, evaluate, register and alias the winner of a study."""
-    from models.training import evaluate
-    from serving.registry import Store
-    from studies.registry import Registry, RegistryError
-    from studies.selection import alias_for, criterion, pick_winner
-    from studies.tracking import RUN_ID_ATTR
-
-    cfg = loaded.config
-    name = cfg.registry.model_name or study.study_name
-    rule = criterion(cfg)
-    winner = pick_winner(study, cfg)
-    run_id = winner.user_attrs.get(RUN_ID_ATTR)
-    registry = Registry(Store.at(location))
-    if not run_id or not registry.has_model(run_id):
-        raise RegistryError(f"trial {winner.number} has no model logged in MLflow at {registry.tracking_uri} "
-                            "(was tracking off, or tracking.log_models none?)")
-    model = registry.load_keras(run_id)
-    metrics = {f"test_{k}": v for k, v in evaluate(model, data.x_test, data.y_test).items()}
-    metrics["n_params"] = float(model.count_params())
-    value = metrics[rule.metric]
-    tags = {
-        "workbench.study": study.study_name,
-        "workbench.trial_number": str(winner.number),
-        "workbench.params": json.dumps(winner.params, sort_keys=True),
-        "workbench.data_hash": data.fingerprint,
-        "workbench.compare_metric": rule.metric,
-        "workbench.compare_value": repr(value),
-        **{f"workbench.{k}": repr(v) for k, v in metrics.items()},
-    }
-    description = (f"Trial {winner.number} of study {study.study_name!r}: {rule.metric} = {value:.6g} on the test split; "
-                   f"params {json.dumps(winner.params, sort_keys=True)}")
-    version, created = registry.register(name, run_id, tags=tags, description=description)
-    champion = registry.by_alias(name, "champion")
-    number = str(version.version)
-    if champion is not None and str(champion.version) == number:
-        return Selection(name, number, "champion", created, winner.number, rule.metric, value, None)
-    champion_value = float(champion.tags["workbench.compare_value"]) if champion is not None and "workbench.compare_value" in champion.tags else None
-    alias = alias_for(value, champion_value, rule, force=force)
-    previous = None
-    if alias == "champion":
-        why = "forced" if force and champion_value is not None and not rule.better(value, champion_value) else (
-            "first champion" if champion is None else f"beats v{champion.version} ({rule.metric} {champion_value:.6g})")
-        previous = registry.make_champion(name, number, reason=f"study {study.study_name} trial {winner.number}: {why}")
-    else:
-        registry.make_challenger(name, number,
-                                 reason=f"does not beat v{champion.version} ({rule.metric} {champion_value:.6g})")
-    return Selection(name, number, alias, created, winner.number, rule.metric, value, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from studies.config import run_cli
-
-    overrides = [*args.overrides, *([f"study.name={args.study_name}"] if args.study_name else [])]
-    return run_cli(args.config, overrides, lambda loaded: _main(loaded, args))
+    return run_with_config(args, lambda loaded: _select(loaded, args))
 
 
-def _main(loaded, args) -> int:
-
-    from serving.registry import Store
-    from studies.registry import Registry
-    from studies.run import load_data, quiet_libraries
-    from studies.selection import NoWinner
-    from studies.settings import Settings
-    from studies.study import load_existing
+def _select(loaded, args: argparse.Namespace) -> int:
+    from serving.store import Store
+    from studies.engines.session import load_data, prepare_tensorflow
+    from studies.environment import Settings
+    from studies.selection import Registry, select
+    from studies.storage.study import load_existing
 
     settings = Settings()
-    quiet_libraries()
     name = loaded.config.registry.model_name or loaded.study_name
     if args.rollback:
         old, new = Registry(Store.at(settings)).rollback(name)
         print(f"{name}: @champion moved back from v{old} to v{new}")
-        return EXIT_OK
+        return ExitCode.OK
     study = load_existing(loaded, args.storage, settings)
-    try:
-        result = select(loaded, study, load_data(loaded), settings, force=args.force)
-    except NoWinner as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(result.describe())
-    return EXIT_OK
+    prepare_tensorflow(settings)  # the winner is evaluated again: Keras, quietly unless --verbose
+    print(select(loaded, study, load_data(loaded), settings, force=args.force).describe())
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 from mlflow import MlflowClient
 
-from studies.study import derive_seed
+from studies.storage.study import derive_seed
 from tests.conftest import tiny_config
 from tests.integration.test_postgres_runner import finish, run_cli
 from tests.integration.test_tracking_server import runs_of, stack_env

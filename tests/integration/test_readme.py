@@ -100,3 +100,22 @@ def test_readme_commands_work_on_the_embedded_default(tmp_path):
     assert list((repo / ".workbench" / "reports").glob("compare-*.html"))
     left = stray(files_in(repo) - before)
     assert not left, f"files written outside .workbench/: {left}"
+    # The study commands print their own lines only: no library start-up or INFO lines.
+    noisy = [f"{command}: {line}" for command, output in outputs(text) if command.startswith(("make run", "python -m studies."))
+             for line in output.splitlines() if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy[:20])
+
+
+NOISE = re.compile(r"absl::InitializeLog|oneDNN|cpu_feature_guard|ExperimentalWarning| INFO |Downloading artifacts|"
+                   r"UserWarning|DeprecationWarning|FutureWarning")
+
+
+def outputs(text: str) -> list[tuple[str, str]]:
+    """(command, what it printed) for each command the README script echoed."""
+    parts = re.split(r"^\+ README\.md:\d+: (.*)$", text, flags=re.M)
+    return list(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_outputs_split_the_log_by_command():
+    log = "setup\n+ README.md:3: make run\nline a\n+ README.md:9: python -m serving &\nline b\n"
+    assert outputs(log) == [("make run", "\nline a\n"), ("python -m serving &", "\nline b\n")]

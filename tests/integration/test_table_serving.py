@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from serving.model import load
-from serving.registry import Store
 from serving.settings import ServingSettings
+from serving.store import Store
 from tests.conftest import CHURN
 
 

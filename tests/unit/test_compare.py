@@ -9,8 +9,8 @@ import mlflow
 import optuna
 import pytest
 
-from studies.compare import busy_seconds, curve
 from studies.compare import main as compare_main
+from studies.reporting.best_so_far import busy_seconds, curve
 from tests.conftest import tiny_config
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)

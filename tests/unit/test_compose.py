@@ -144,7 +144,7 @@ def _fields(cls) -> set[str]:
 def test_every_variable_the_code_reads_is_set_for_the_services_that_need_it():
     from serving.settings import ServingSettings
     from studies.config import load_config
-    from studies.settings import Settings
+    from studies.environment import Settings
 
     needs = {
         "study": (Settings, {"OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "WORKBENCH_HOME"}),
@@ -174,7 +174,7 @@ def test_every_variable_a_service_sets_is_read_by_something():
     import mlflow.environment_variables
 
     from serving.settings import ServingSettings
-    from studies.settings import Settings
+    from studies.environment import Settings
 
     botocore_text = "".join(open(m.__file__).read() for m in (botocore.configprovider, botocore.credentials))
     image_reads = {"postgres": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"},
@@ -218,11 +218,11 @@ def test_the_init_script_creates_the_databases_the_services_use():
 def test_the_study_job_is_the_runner_on_one_config_and_the_dashboard_shows_it():
     import inspect
 
-    import studies.run
+    import studies.engines.runner
 
     job = compose_argv("study")
     assert job[:3] == ["python", "-m", "studies.run"] and len(job) == 4 and (ROOT / job[3]).is_file()
-    assert "from studies.select import select" in inspect.getsource(studies.run)  # the run ends by selecting
+    assert "from studies.selection import select" in inspect.getsource(studies.engines.runner)  # the run ends by selecting
     # One process under init, so `docker compose stop` reaches the runner's SIGTERM handling.
     assert RAW["study"]["init"] is True and SERVICES["study"].stop_seconds >= 30
     assert compose_argv("dashboard") == ["python", "-m", "studies.dashboard", job[3], "--host", "0.0.0.0", "--port", "8080"]

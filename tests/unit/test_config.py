@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces import ConfigError, compile_space, load_space
+from models.errors import ConfigError
+from search_spaces import compile_space, load_space
 from studies.config import interpolate, load_config
 from tests.conftest import ROOT, tiny_config
 

@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy.exc
 from mlflow import MlflowClient
 
+from studies.engines.workers import worker_argv
 from studies.faults import RetryLog, is_transient, retry_call
 from studies.run import main as run_main
-from studies.study import derive_seed, sampler_seed
-from studies.workers import worker_argv
+from studies.storage.study import derive_seed, sampler_seed
 from tests.conftest import tiny_config
 
 
@@ -175,7 +175,7 @@ def test_sigterm_during_optunas_own_steps_leaves_no_trial_running(home, write_co
 
 
 def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
-    from studies.workers import Interrupted, SignalStop, signals_deferred
+    from studies.engines.workers import Interrupted, SignalStop, signals_deferred
 
     stop = SignalStop()
     reached = []
@@ -218,7 +218,7 @@ def test_processes_creating_a_fresh_sqlite_storage_at_once_all_open_it(tmp_path)
 
 
 def test_a_lost_schema_race_opens_the_storage_again(tmp_path, monkeypatch):
-    import studies.storage as storage_module
+    import studies.storage.rdb as storage_module
 
     real = storage_module.resilient_storage_class()
     calls = []

@@ -139,7 +139,7 @@ def _kt_config(space, **sections) -> dict:
      "KerasTuner optimises one objective"),
 ])
 def test_engine_settings_are_checked(write_config, tiny_space, sections, path, message):
-    from search_spaces import ConfigError
+    from models.errors import ConfigError
 
     cfg = write_config(_kt_config(tiny_space, **sections))
     with pytest.raises(ConfigError) as e:
@@ -149,7 +149,7 @@ def test_engine_settings_are_checked(write_config, tiny_space, sections, path, m
 
 
 def test_keras_tuner_section_needs_the_engine(write_config, tiny_space):
-    from search_spaces import ConfigError
+    from models.errors import ConfigError
 
     cfg = write_config(tiny_config(tiny_space, keras_tuner={"tuner": "random"}))
     with pytest.raises(ConfigError, match="keras_tuner: only used with engine: keras_tuner"):
@@ -267,7 +267,7 @@ def test_sigterm_fails_the_running_trial_and_the_same_command_resumes(home, writ
 
     from tests.conftest import ROOT
 
-    cfg = write_config(_kt_config(tiny_space, budget={"n_trials": 4}, keras_tuner={"tuner": "random"},
+    cfg = write_config(_kt_config(tiny_space, budget={"n_trials": 2}, keras_tuner={"tuner": "random"},
                                   training={"epochs": 30, "batch_size": 16, "early_stopping_patience": None}))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     storage = f"sqlite:///{home / 'optuna.db'}"
@@ -309,5 +309,5 @@ def test_sigterm_fails_the_running_trial_and_the_same_command_resumes(home, writ
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     after = optuna.load_study(study_name="tiny", storage=storage).trials
-    assert [t.state.name for t in after].count("COMPLETE") == 4
+    assert [t.state.name for t in after].count("COMPLETE") == 2
     assert "RUNNING" not in [t.state.name for t in after]

@@ -13,11 +13,11 @@ import pytest
 
 from models import load_dataset
 from serving.model import load
-from serving.registry import ModelNotFound, Store
 from serving.settings import MlflowLocation, ServingSettings
-from studies.registry import Registry
+from serving.store import ModelNotFound, Store
 from studies.run import main as run_main
 from studies.select import main as select_main
+from studies.selection.registry import Registry
 from tests.conftest import tiny_config
 
 
@@ -57,6 +57,13 @@ def test_every_model_uri_form_loads_from_the_projects_store(home, tmp_path, writ
     for uri, model in answers.items():
         np.testing.assert_allclose(model.predict_arrays(rows)[1], reference, rtol=1e-5, err_msg=uri)
     np.testing.assert_allclose(Registry(store).load_keras(champion.run_id)(rows).numpy()[:, 0], reference[:, 1], rtol=1e-5)
+    # SERVING_MODEL_URI unset: the one model with a @champion; with two, an error naming both.
+    assert store.default_uri() == "models:/uri_model@champion"
+    store.client.create_registered_model("other_model")
+    other = store.client.create_model_version("other_model", source=str(folder))
+    store.client.set_registered_model_alias("other_model", "champion", other.version)
+    with pytest.raises(ModelNotFound, match=r"SERVING_MODEL_URI is not set and models with a @champion: other_model, uri_model"):
+        store.default_uri()
     assert not decoy.exists() and not list((tmp_path / "cwd").iterdir())
 
 
@@ -64,6 +71,8 @@ def test_a_missing_model_names_the_store_it_looked_in(home, decoy):
     store = Store.at(MlflowLocation())
     with pytest.raises(ModelNotFound, match=r"cannot resolve models:/nope@champion at sqlite:///.*/home/mlflow.db"):
         load("models:/nope@champion", store)
+    with pytest.raises(ModelNotFound, match="no registered model has a @champion yet"):
+        store.default_uri()
     assert not decoy.exists()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from studies.samplers import read_completed_once_per_trial
+from studies.config.samplers import read_completed_once_per_trial
 
 
 def _curve_objective(trial: optuna.Trial) -> float:

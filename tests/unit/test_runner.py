@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from studies.run import main as run_main
-from studies.study import SPACE_HASH
+from studies.storage.study import SPACE_HASH
 from tests.conftest import tiny_config
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from studies._schema import StudyConfig
+from studies.config.sections import StudyConfig
 from studies.run import main as run_main
 from studies.select import main as select_main
 from studies.selection import NoWinner, alias_for, criterion, pick_winner

@@ -13,8 +13,8 @@ from models import FAMILIES, load_dataset
 from models.training import fit
 from serving.app import ModelHolder, create_app
 from serving.model import from_directory
-from serving.registry import ResolvedModel
 from serving.settings import ServingSettings
+from serving.store import ResolvedModel
 from studies.tracking import save_model
 
 

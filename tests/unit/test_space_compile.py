@@ -6,8 +6,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from search_spaces import compile_space, from_flat, grid_values, optuna_suggest, parse_space, sample
-from search_spaces.errors import FieldError
+from search_spaces import FieldError, compile_space, from_flat, grid_values, optuna_suggest, parse_space, sample
 
 SPACE = parse_space(
     {

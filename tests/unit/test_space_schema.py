@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from search_spaces import ConfigError, FixedParam, IntParam, parse_space
+from search_spaces import FixedParam, IntParam, parse_space
+from search_spaces import SpaceError as ConfigError
 
 
 def space(**params):

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from serving.app import ModelHolder, create_app
 from serving.batch import main as batch_main
 from serving.model import load
-from serving.registry import Store
 from serving.settings import ServingSettings
+from serving.store import Store
 from studies.run import main as run_main
 from tests.conftest import CHURN, ROOT
 
@@ -116,7 +116,7 @@ def test_searchable_preprocessing_choices_train_save_and_load_safely(params):
     from models import FAMILIES, load_dataset
     from models.training import fit
     from serving.model import from_directory
-    from serving.registry import ResolvedModel
+    from serving.store import ResolvedModel
     from studies.tracking import save_model
 
     data = load_dataset(path=CHURN, target="churn", task="binary", columns={"customer_id": "id"}, seed=1)

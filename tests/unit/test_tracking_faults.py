@@ -6,9 +6,10 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from studies import tracking
 from studies.run import main as run_main
-from studies.study import improves
+from studies.storage.study import improves
+from studies.tracking import client as tracking_client
+from studies.tracking import flatten_params
 from tests.conftest import tiny_config
 
 
@@ -19,7 +20,7 @@ def main(argv):
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(tracking, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(tracking_client, "RETRY_DELAY", 0.0)
 
 
 def test_a_failing_log_marks_the_run_failed_and_keeps_the_trial(home, write_config, tiny_space, monkeypatch, capsys):
@@ -99,4 +100,4 @@ def test_improves_is_best_so_far_or_pareto(directions, done, new, expected):
 
 
 def test_flatten_params():
-    assert tracking.flatten_params({"units": [8, 4], "lr": 0.1}) == {"units_0": 8, "units_1": 4, "lr": 0.1}
+    assert flatten_params({"units": [8, 4], "lr": 0.1}) == {"units_0": 8, "units_1": 4, "lr": 0.1}

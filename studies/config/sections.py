@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from search_spaces.errors import FieldError
+from search_spaces import FieldError
 
 Direction = Literal["minimize", "maximize"]
 SamplerType = Literal["tpe", "random", "cmaes", "gp", "qmc", "grid", "nsga2"]

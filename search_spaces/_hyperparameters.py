@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from search_spaces._compile import sample
-from search_spaces._schema import (
+from search_spaces._params import (
     CategoricalParam,
     FixedParam,
     FloatParam,

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from search_spaces import ConfigError
+from models.errors import ConfigError
 
 if TYPE_CHECKING:
     import optuna
 
     from studies.config import LoadedConfig
+    from studies.environment import Settings
 
 SPACE_HASH = "workbench:space_hash"
 SPACE = "workbench:space"
@@ -121,7 +123,7 @@ def improves(study: optuna.Study, values: float | tuple[float, ...]) -> bool:
     return True
 
 
-def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = frozenset(), requeue: bool = True) -> None:
+def reclaim(study: optuna.Study, storage: Any, *, dead_workers: Collection[str] = frozenset(), requeue: bool = True) -> None:
     """Fail trials whose worker is gone and run the storage's stale-trial callback on them
     (queue a retry, close the MLflow run). Stale by heartbeat, or RUNNING on a worker known dead
     (host:pid in `dead_workers`: no need to wait for its heartbeat to expire). Without `requeue`
@@ -150,14 +152,14 @@ def reclaim(study: optuna.Study, storage: Any, *, dead_workers: set[str] = froze
             notify(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
 
 
-def load_existing(loaded: LoadedConfig, storage_flag: str | None, settings: Any) -> optuna.Study:
+def load_existing(loaded: LoadedConfig, storage_flag: str | None, settings: Settings) -> optuna.Study:
     """The config's study from the storage (same precedence as the runner), for tools that read
     a finished study (select, replay); a missing study is a StorageError naming it."""
     import optuna
 
-    from studies.storage import StorageError, open_storage, redact, resolve_url
+    from studies.storage.rdb import StorageError, open_storage, redact
 
-    url = resolve_url(storage_flag, settings.optuna_storage, loaded.config.study.storage, settings.default_storage())
+    url = settings.storage_url(storage_flag, loaded.config.study.storage)
     try:
         return optuna.load_study(study_name=loaded.study_name, storage=open_storage(url))
     except KeyError:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.errors import WorkbenchError
+
 if TYPE_CHECKING:
     from serving.settings import MlflowLocation
 
@@ -22,8 +24,8 @@ _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
 _LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")  # an MLflow 3 logged model id
 
 
-class ServingError(Exception):
-    """Root of the errors serving raises on purpose."""
+class ServingError(WorkbenchError):
+    """Root of the errors serving raises on purpose (under the project's root error)."""
 
 
 class ModelNotFound(ServingError):
@@ -71,6 +73,21 @@ class Store:
             raise ModelNotFound(f"cannot resolve {uri} at {self.registry_uri}: {_first_line(e)}") from None
         return ResolvedModel(uri, name, str(mv.version), alias, mv.run_id, dict(mv.tags))
 
+    def default_uri(self) -> str:
+        """The model to serve when SERVING_MODEL_URI is unset: the one registered model with a
+        `@champion`; none or several is an error that lists them."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            names = [m.name for m in self.client.search_registered_models(max_results=1000) if "champion" in (m.aliases or {})]
+        except MlflowException as e:
+            raise ModelNotFound(f"cannot list registered models at {self.registry_uri}: {_first_line(e)}") from None
+        if len(names) == 1:
+            return f"models:/{names[0]}@champion"
+        found = f"models with a @champion: {', '.join(sorted(names))}" if names else "no registered model has a @champion yet"
+        raise ModelNotFound(f"SERVING_MODEL_URI is not set and {found} at {self.registry_uri}; "
+                            "set it, e.g. SERVING_MODEL_URI=models:/<name>@champion")
+
     def current_version(self, uri: str) -> str | None:
         """The version an alias URI points at now (cheap: one request)."""
         return self.resolve(uri).version
@@ -96,6 +113,7 @@ class Store:
         handed to MLflow's downloader: MLflow 3 resolves it against the process-wide registry URI
         (`./mlflow.db` when MLFLOW_TRACKING_URI is unset), ignoring the URIs it is given."""
         if resolved.version:
+            assert resolved.name is not None  # Store.resolve sets a version only with the model's name
             return self.client.get_model_version_download_uri(resolved.name, resolved.version)
         logged = _LOGGED_MODEL_URI.match(resolved.uri)
         if logged:

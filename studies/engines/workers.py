@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 # How long stopping workers get to record their running trial as FAIL before being killed.
 STOP_GRACE_SECONDS = 30.0
@@ -30,7 +31,12 @@ def interruption_reason(e: KeyboardInterrupt) -> str:
     return f"interrupted ({e})" if str(e) else "interrupted"
 
 
-_deferral = {"depth": 0, "pending": None}
+class _Deferral(TypedDict):
+    depth: int  # nesting of signals_deferred sections
+    pending: int | None  # a signal that arrived inside one, raised when the outermost ends
+
+
+_deferral: _Deferral = {"depth": 0, "pending": None}
 
 
 @contextmanager

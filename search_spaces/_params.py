@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from search_spaces.errors import FieldError
+from search_spaces._problems import FieldError
 
 # bool first: YAML `true` must stay a bool, not become 1.
 Scalar = StrictBool | StrictInt | StrictFloat | StrictStr

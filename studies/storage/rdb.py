@@ -1,15 +1,15 @@
-"""Optuna storage: resolve the URL, open it with connection checks, report failures plainly."""
+"""An Optuna RDB storage (SQLite, PostgreSQL, AWS RDS): opened with connection checks, its calls
+retried across a lost connection, its failures reported plainly with the password masked."""
 
 from __future__ import annotations
 
 import functools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search_spaces.errors import WorkbenchError
+from models.errors import WorkbenchError
 from studies.faults import RetryLog, describe, is_transient, retry_call
 
 if TYPE_CHECKING:
@@ -44,14 +44,6 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url
-
-
-def resolve_url(flag: str | None, environment: str | None, configured: str | None, default: str) -> str:
-    """Precedence: --storage, then OPTUNA_STORAGE, then the config's study.storage, then the default."""
-    for candidate in (flag, environment, configured):
-        if candidate:
-            return candidate
-    return default
 
 
 @functools.cache
@@ -157,29 +149,38 @@ def open_storage(
     stale = None
     if heartbeat_interval is not None:
         stale = StaleTrialHandler(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry), on_stale)
-    for attempt in range(1, _CREATE_ATTEMPTS + 1):
-        try:
-            storage = resilient_storage_class()(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=None if heartbeat_interval is None else 2 * heartbeat_interval,
-                heartbeat_stale_trial_callback=stale,
-            )
-            break
-        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-            # Processes creating the schema of a fresh database at once: the losers find the
-            # winner's tables or rows, and simply open the storage again.
-            race = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in reason
-            if not race or attempt == _CREATE_ATTEMPTS:
-                raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
-            time.sleep(0.2 * attempt)
-    storage.retry_log = RetryLog()
+    def create() -> optuna.storages.RDBStorage:
+        storage = resilient_storage_class()(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=None if heartbeat_interval is None else 2 * heartbeat_interval,
+            heartbeat_stale_trial_callback=stale,
+        )
+        storage.retry_log = RetryLog()  # where its retried calls are recorded
+        return storage
+
+    try:
+        # Processes creating the schema of a fresh database at once: the losers find the
+        # winner's tables or rows, and simply open the storage again.
+        storage = retry_call(create, f"opening storage {redact(url)}", attempts=_CREATE_ATTEMPTS, delay=0.2,
+                             retry_if=_schema_race)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+        raise StorageError(f"cannot open storage {redact(url)}: {_reason(e)}") from None
     return storage
 
 
 _CREATE_ATTEMPTS = 5
+
+
+def _reason(e: BaseException) -> str:
+    return str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+
+
+def _schema_race(e: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in _reason(e)
 
 
 class StaleTrialHandler:

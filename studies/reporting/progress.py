@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from studies.study import BUDGET_STATES, state_counts
+from studies.storage.study import BUDGET_STATES, state_counts
 
 if TYPE_CHECKING:
     import optuna

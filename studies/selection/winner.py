@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from models.errors import WorkbenchError
+
 if TYPE_CHECKING:
     import optuna
 
-    from studies._schema import StudyConfig
+    from studies.config.sections import StudyConfig
 
 
-class NoWinner(Exception):
+class NoWinner(WorkbenchError):
     """No COMPLETE trial qualifies."""
 
 

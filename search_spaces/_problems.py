@@ -1,4 +1,4 @@
-"""User-facing configuration errors that point at a file and a key path."""
+"""Errors in a search-space file that point at the file and a key path."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ if TYPE_CHECKING:
 _KINDS = frozenset({"float", "int", "categorical", "fixed"})
 
 
-class WorkbenchError(Exception):
-    """Root of the errors this project raises on purpose."""
-
-
 class FieldError(ValueError):
     """Raised inside a validator to name the field (relative to the model) at fault."""
 
@@ -24,8 +20,11 @@ class FieldError(ValueError):
         self.message = message
 
 
-class ConfigError(WorkbenchError):
-    """One or more user mistakes in a YAML file: each is `<file>: <key path>: <message>`."""
+class SpaceError(ValueError):
+    """Problems in a YAML file read here (a search space): each is `<file>: <key path>: <message>`.
+
+    The study loader re-raises it as the project's ConfigError (models.errors): this package
+    depends on neither models nor studies."""
 
     def __init__(self, source: str, problems: Sequence[tuple[str, str]]) -> None:
         self.source = source
@@ -33,14 +32,12 @@ class ConfigError(WorkbenchError):
         super().__init__(str(self))
 
     @classmethod
-    def single(cls, source: str, path: str, message: str) -> ConfigError:
+    def single(cls, source: str, path: str, message: str) -> SpaceError:
         return cls(source, [(path, message)])
 
     def __str__(self) -> str:
-        return "\n".join(
-            f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
-            for path, message in self.problems
-        )
+        return "\n".join(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
+                         for path, message in self.problems)
 
 
 def join_path(*parts: Any) -> str:

@@ -6,12 +6,13 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from search_spaces.errors import WorkbenchError
+from models.errors import WorkbenchError
+from studies.faults import retry_call
 
 if TYPE_CHECKING:
     import keras
 
-    from serving.registry import Store
+    from serving.store import Store
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "workbench.champion_history"  # comma-separated versions, oldest first
@@ -19,6 +20,10 @@ HISTORY_TAG = "workbench.champion_history"  # comma-separated versions, oldest f
 
 class RegistryError(WorkbenchError):
     """The registry refused an operation, or the run has no model to register."""
+
+
+class _NotReady(Exception):
+    """A new model version whose files are still being copied."""
 
 
 class Registry:
@@ -64,11 +69,19 @@ class Registry:
             return existing, False
         version = self.client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
                                                    tags=tags, description=description)
-        for _ in range(60):  # wait for READY (file stores are immediate; servers may not be)
-            if self.client.get_model_version(name, version.version).status == "READY":
-                break
-            time.sleep(0.5)
-        return self.client.get_model_version(name, version.version), True
+
+        def ready() -> Any:
+            found = self.client.get_model_version(name, version.version)
+            if found.status != "READY":
+                raise _NotReady(found.status)
+            return found
+
+        # File and SQL stores are READY at once; a server copying artifacts may take a while.
+        try:
+            return retry_call(ready, f"waiting for {name} v{version.version}", attempts=60, delay=0.5, max_delay=0.5,
+                              retry_if=lambda e: isinstance(e, _NotReady)), True
+        except _NotReady:
+            return self.client.get_model_version(name, version.version), True
 
     def by_alias(self, name: str, alias: str) -> Any | None:
         from mlflow.exceptions import MlflowException

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
 
-from search_spaces import ConfigError, SearchSpace, load_space
-from search_spaces._load import read_yaml
-from search_spaces.errors import problems_from_validation
-from studies._schema import STATIC_METRICS, TASK_METRICS, StudyConfig
+from models.errors import ConfigError
+from search_spaces import SearchSpace, SpaceError, load_space, problems_from_validation, read_yaml
+from studies.config.interpolation import interpolate
+from studies.config.samplers import check_sampler_and_pruner
+from studies.config.sections import STATIC_METRICS, TASK_METRICS, StudyConfig
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+if TYPE_CHECKING:
+    from models.datasets import Task
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class LoadedConfig:
     source: Path
     space_path: Path
     data_path: Path | None
-    task: str
+    task: Task
 
     @property
     def study_name(self) -> str:
@@ -45,29 +48,7 @@ class LoadedConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def interpolate(data: Any, path: str = "", *, environ: dict[str, str] | None = None) -> Any:
-    """Replace `${VAR}`, `${VAR:-default}` (unset or empty) and `${VAR-default}` (unset) in strings."""
-    env = os.environ if environ is None else environ
-    if isinstance(data, dict):
-        return {k: interpolate(v, f"{path}.{k}" if path else str(k), environ=env) for k, v in data.items()}
-    if isinstance(data, list):
-        return [interpolate(v, f"{path}.{i}", environ=env) for i, v in enumerate(data)]
-    if not isinstance(data, str):
-        return data
-
-    def replace(match: re.Match[str]) -> str:
-        name, op, default = match.group(1), match.group(2), match.group(3)
-        value = env.get(name)
-        if op == ":-" and not value or op == "-" and value is None:
-            return default or ""
-        if value is None:
-            raise ConfigError.single("", path, f"environment variable {name} is not set (write ${{{name}:-default}} for a default)")
-        return value
-
-    return _VAR.sub(replace, data)
-
-
-def drop_options_of_replaced_types(data: dict[str, Any], overrides: list[str]) -> None:
+def drop_options_of_replaced_types(data: dict[str, Any], overrides: Sequence[str]) -> None:
     """A file's `sampler.options` / `pruner.options` were written for the file's type (TPE's
     n_startup_trials means nothing to RandomSampler): an override that changes the type drops them,
     in place. Options set by overrides themselves are applied afterwards and stay."""
@@ -119,18 +100,15 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def load_config(path: str | Path, overrides: list[str] = (), *, environ: dict[str, str] | None = None) -> LoadedConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, environ: dict[str, str] | None = None) -> LoadedConfig:
     """Read, interpolate, override and validate a study config and its search space."""
     source = Path(path)
-    raw = read_yaml(source, what="config file")
+    raw = _space_problems(lambda: read_yaml(source, what="config file"))
     if not isinstance(raw, dict):
         raise ConfigError.single(str(source), "", f"must be a mapping of sections, got {type(raw).__name__}")
     drop_options_of_replaced_types(raw, overrides)
     set_keys = [apply_override(raw, a)[0] for a in overrides]
-    try:
-        data = interpolate(raw, environ=environ)
-    except ConfigError as e:
-        raise ConfigError(str(source), e.problems) from None
+    data = interpolate(raw, str(source), environ=environ)
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as e:
@@ -140,11 +118,19 @@ def load_config(path: str | Path, overrides: list[str] = (), *, environ: dict[st
     space_path = _resolve(base, config.search_space)
     if not space_path.is_file():
         raise ConfigError.single(str(source), "search_space", f"file not found (relative paths start at {base}/), got {config.search_space!r}")
-    space = load_space(space_path)
+    space = _space_problems(lambda: load_space(space_path))
     data_path = _resolve(base, config.dataset.path) if config.dataset.path else None
     loaded = LoadedConfig(config, space, source, space_path, data_path, _task(config, source))
     check_consistency(loaded)
     return loaded
+
+
+def _space_problems(read: Callable[[], T]) -> T:
+    """A YAML or space problem found by search_spaces, as the project's ConfigError."""
+    try:
+        return read()
+    except SpaceError as e:
+        raise ConfigError(e.source, e.problems) from None
 
 
 def _mark_override(path: str, message: str, set_keys: list[str]) -> str:
@@ -154,7 +140,7 @@ def _mark_override(path: str, message: str, set_keys: list[str]) -> str:
     return message
 
 
-def _task(config: StudyConfig, source: Path) -> str:
+def _task(config: StudyConfig, source: Path) -> Task:
     from models.datasets import BUNDLED
 
     ds = config.dataset
@@ -203,28 +189,11 @@ def check_consistency(loaded: LoadedConfig) -> None:
         if problems:
             raise ConfigError(str(loaded.space_path), [(p, f"{m} (engine: keras_tuner in {src})") for p, m in problems])
         return
-    from studies.samplers import check_sampler_and_pruner
 
-    check_sampler_and_pruner(loaded)
+    check_sampler_and_pruner(cfg, src, loaded.space, str(loaded.space_path))
 
 
 def _bundled_image(name: str | None) -> bool:
     from models.datasets import BUNDLED
 
     return name is not None and name in BUNDLED and BUNDLED[name].image_shape is not None
-
-
-def run_cli(config: str, overrides: list[str], body) -> int:
-    """Load a config and run `body(loaded)`; user mistakes exit 2, runtime failures 1, both without a traceback."""
-    import sys
-
-    from search_spaces import WorkbenchError
-
-    try:
-        return body(load_config(config, overrides))
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1

@@ -29,15 +29,16 @@ import optuna
 from optuna.trial import TrialState
 
 from search_spaces import compile_space, params_from_values, to_hyperparameters
+from studies.engines.objective import Objective
+from studies.engines.workers import interruption_reason, signals_deferred
 from studies.faults import describe
-from studies.objective import Objective
-from studies.report import Progress
-from studies.study import BUDGET_STATES, sampler_seed, state_counts
+from studies.reporting.progress import Progress
+from studies.storage.study import BUDGET_STATES, sampler_seed, state_counts
 from studies.tracking import flatten_params
-from studies.workers import interruption_reason, signals_deferred
 
 if TYPE_CHECKING:
-    from studies.run import Session
+    from studies.engines.session import Session
+    from studies.tracking import TrialTracker
 
 TUNERS: dict[str, type] = {
     "random": keras_tuner.RandomSearch,
@@ -117,7 +118,8 @@ class Engine:
             trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
             trial = optuna.Trial(study, trial_id)
         self.live = _Live(trial, params, attrs)
-        self.live.exits.enter_context(get_heartbeat_thread(trial_id, study._storage))
+        # optuna's private BaseHeartbeatThread types __exit__ for Exception only, not BaseException
+        self.live.exits.enter_context(get_heartbeat_thread(trial_id, study._storage))  # type: ignore[arg-type]
 
     def build(self, hp: Any) -> Any:
         if self.live is None:
@@ -182,7 +184,7 @@ class _HyperModel(keras_tuner.HyperModel):
 
 
 def _tuner_class(base: type) -> type:
-    class WorkbenchTuner(base):  # type: ignore[misc, valid-type]
+    class WorkbenchTuner(base):
         def __init__(self, *args: Any, engine: Engine, **kwargs: Any) -> None:
             self.engine = engine
             super().__init__(*args, **kwargs)
@@ -240,7 +242,7 @@ def make_tuner(session: Session, engine: Engine, directory: Path) -> Any:
     )
 
 
-def run_keras_tuner(session: Session, tracker: Any, *, label: str | None = None) -> bool:
+def run_keras_tuner(session: Session, tracker: TrialTracker | None, *, label: str | None = None) -> bool:
     """This process's KerasTuner search on the session's study until the budget is spent.
     Returns whether it stopped on failures (budget.max_failed)."""
     from studies.storage import redact

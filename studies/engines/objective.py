@@ -6,23 +6,39 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from search_spaces import optuna_suggest, sample
+from studies.engines.workers import interruption_reason, signals_allowed, signals_deferred
 from studies.faults import RetryLog, describe, is_transient
-from studies.study import derive_seed, improves
-from studies.workers import interruption_reason, signals_allowed, signals_deferred
+from studies.storage.study import derive_seed, improves
 
 if TYPE_CHECKING:
+    import keras
+
     from models import Dataset
     from studies.config import LoadedConfig
-    from studies.tracking import Tracker
+    from studies.tracking import TrialTracker
 
 
 class TrialFailed(Exception):
     """This trial failed (diverged, bad combination, error in training); the study goes on."""
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial produced, filled in as it goes and handed to the tracker at its end."""
+
+    state: str = "FAIL"  # COMPLETE, PRUNED or FAIL
+    metrics: dict[str, float] = field(default_factory=dict)  # logged as the run's metrics
+    tags: dict[str, str] = field(default_factory=dict)  # the run's tags (fail reason, retries)
+    attrs: dict[str, Any] = field(default_factory=dict)  # the Optuna trial's user attributes
+    model: keras.Model | None = None  # the trained model (COMPLETE only)
+    is_best: bool = False  # best of the study so far: its model is logged under log_models: best
+    curve: dict[int, float] = field(default_factory=dict)  # epoch -> objective value (replays)
 
 
 def worker_label() -> str:
@@ -61,7 +77,7 @@ class Objective:
     (tag `workbench.retries`).
     """
 
-    def __init__(self, loaded: LoadedConfig, data: Dataset, tracker: Tracker | None = None, *,
+    def __init__(self, loaded: LoadedConfig, data: Dataset, tracker: TrialTracker | None = None, *,
                  storage: Any = None, max_retries: int = 2) -> None:
         self.loaded = loaded
         self.data = data
@@ -107,14 +123,14 @@ class Objective:
         seed = self.seed(trial)
         mark = self.retry_log.mark()
         lineage = retry_lineage(trial)
-        outcome: dict[str, Any] = {"state": "FAIL", "metrics": {}, "model": None, "tags": {}, "attrs": {}}
+        outcome = TrialOutcome()
         start_attrs: dict[str, Any] = {"seed": seed, "worker": self.worker, **(attrs or {})}
         run_tags = {"workbench.seed": str(seed), "workbench.worker": self.worker,
                     **{f"workbench.{k}": str(v) for k, v in (attrs or {}).items()}}
         if lineage:
             start_attrs["retry_of"] = lineage[-1]
             run_tags |= {"workbench.retry_of": str(lineage[-1]), "workbench.retry_lineage": ",".join(map(str, lineage))}
-        attrs: dict[str, Any] = outcome["attrs"]
+        attrs = outcome.attrs
         run_id = None
         try:
             # The runner defers signals around Optuna's bookkeeping (ask, tell); the trial's own
@@ -125,55 +141,56 @@ class Objective:
                 with signals_deferred():  # a run created but unknown here would stay RUNNING
                     run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
                 values = self._train(trial, params, seed, run_id, outcome, model=model, fit_options=fit_options)
-            outcome["state"] = "COMPLETE"
-            outcome["is_best"] = improves(trial.study, values)
+            outcome.state = "COMPLETE"
+            outcome.is_best = improves(trial.study, values)
             return values
         except optuna.TrialPruned:
-            outcome["state"] = "PRUNED"
+            outcome.state = "PRUNED"
             raise
         except KeyboardInterrupt as e:
             attrs["fail_reason"] = interruption_reason(e)
-            outcome["tags"]["optuna.fail_reason"] = attrs["fail_reason"]
+            outcome.tags["optuna.fail_reason"] = attrs["fail_reason"]
             raise
         except Exception as e:
             reason = describe(e)[:1000]
             if not is_transient(e):
-                attrs["fail_reason"] = outcome["tags"]["optuna.fail_reason"] = reason
+                attrs["fail_reason"] = outcome.tags["optuna.fail_reason"] = reason
                 raise TrialFailed(reason) from e
-            attrs["fail_reason"] = outcome["tags"]["optuna.fail_reason"] = f"transient: {reason}"
+            attrs["fail_reason"] = outcome.tags["optuna.fail_reason"] = f"transient: {reason}"
             try:
                 if len(lineage) < self.max_retries:
                     requeue(trial.study, trial, attrs["fail_reason"])
-                    outcome["tags"]["workbench.requeued"] = "true"
+                    outcome.tags["workbench.requeued"] = "true"
             except Exception:  # the storage itself is gone: stop this worker, the trial goes stale
                 raise e from None
             raise TrialFailed(attrs["fail_reason"]) from e
         finally:
             retried = self.retry_log.since(mark)
             if retried:
-                outcome["tags"]["workbench.retries"] = "; ".join(retried)[:8000]
+                outcome.tags["workbench.retries"] = "; ".join(retried)[:8000]
                 attrs["transient_retries"] = retried[-50:]
             if attrs:
                 _quietly(self.set_attrs, trial, attrs)
             if self.tracker is not None:
-                self.tracker.end_trial(run_id, state=outcome["state"], metrics=outcome["metrics"], tags=outcome["tags"],
-                                       model=outcome["model"], spec=self.data.spec, is_best=outcome.get("is_best", False))
+                self.tracker.end_trial(run_id, state=outcome.state, metrics=outcome.metrics, tags=outcome.tags,
+                                       model=outcome.model, spec=self.data.spec, is_best=outcome.is_best)
 
-    def replay(self, flat_params: dict[str, Any], params: dict[str, Any], seed: int, *, number: int) -> dict[str, Any]:
+    def replay(self, flat_params: dict[str, Any], params: dict[str, Any], seed: int, *, number: int) -> TrialOutcome:
         """Train once with fixed params and seed, outside any study: the per-epoch objective
-        values ("curve") and the attributes a trial would store ("attrs")."""
-        curve: dict[int, float] = {}
+        values (`curve`) and the attributes a trial would store (`attrs`)."""
+        outcome = TrialOutcome()
+        curve = outcome.curve
 
         class Replay(optuna.trial.FixedTrial):
             def report(self, value: float, step: int) -> None:
                 curve[step] = float(value)
 
-        outcome: dict[str, Any] = {"metrics": {}, "model": None, "tags": {}, "attrs": {}}
         try:
             self._train(Replay(flat_params, number=number), params, seed, None, outcome)
         except optuna.TrialPruned:  # cannot happen without a pruner; kept for clarity
             pass
-        return {"curve": curve, "attrs": outcome["attrs"], "metrics": outcome["metrics"]}
+        outcome.model = None
+        return outcome
 
     def build(self, params: dict[str, Any], seed: int) -> Any:
         """A fresh model for these params, its weights drawn from the trial's seed."""
@@ -185,17 +202,17 @@ class Objective:
         keras.utils.set_random_seed(seed)
         return FAMILIES[self.loaded.config.model.family].build(params, self.data.spec)
 
-    def _train(self, trial: optuna.Trial, params: dict[str, Any], seed: int, run_id: str | None,
-               outcome: dict[str, Any], *, model: Any = None, fit_options: dict[str, Any] | None = None) -> float | tuple[float, ...]:
+    def _train(self, trial: optuna.trial.BaseTrial, params: dict[str, Any], seed: int, run_id: str | None,
+               outcome: TrialOutcome, *, model: Any = None, fit_options: dict[str, Any] | None = None) -> float | tuple[float, ...]:
         from models.training import evaluate, fit
 
         cfg = self.loaded.config
         started = time.perf_counter()
         if model is None:
             model = self.build(params, seed)
-        metrics: dict[str, float] = outcome["metrics"]
+        metrics = outcome.metrics
         metrics["n_params"] = float(model.count_params())
-        attrs: dict[str, Any] = outcome["attrs"]
+        attrs = outcome.attrs
         attrs["n_params"] = int(model.count_params())
 
         def report(epoch: int, logs: dict[str, float]) -> bool:
@@ -234,7 +251,7 @@ class Objective:
         values = tuple(scores[s.name] if s.name in scores else metrics[s.name] for s in self.specs)
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"objective value is not finite: {values}")
-        outcome["model"] = model
+        outcome.model = model
         return values[0] if len(values) == 1 else values
 
 

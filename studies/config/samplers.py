@@ -6,14 +6,14 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any, Literal
 
-from search_spaces import ConfigError, grid_values
-from search_spaces.errors import FieldError
+from models.errors import ConfigError
+from search_spaces import FieldError, grid_values
 
 if TYPE_CHECKING:
     import optuna
 
-    from studies._schema import PrunerSection, SamplerSection
-    from studies.config import LoadedConfig
+    from search_spaces import SearchSpace
+    from studies.config.sections import PrunerSection, SamplerSection, StudyConfig
 
 SAMPLERS = {
     "tpe": "TPESampler",
@@ -78,8 +78,8 @@ def _coerce(cls: type, key: str, annotation: Any, value: Any, path: str) -> Any:
         return value
 
 
-def build_sampler(section: SamplerSection, seed: int, loaded: LoadedConfig) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded; grid search gets its grid from the search space."""
+def build_sampler(section: SamplerSection, seed: int, space: SearchSpace, space_source: str) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded; grid search gets its grid from the search space (read from `space_source`)."""
     import optuna
 
     if section.type == "gp":
@@ -96,9 +96,9 @@ def build_sampler(section: SamplerSection, seed: int, loaded: LoadedConfig) -> o
     fixed: dict[str, Any] = {"seed": seed}
     if section.type == "grid":
         try:
-            fixed["search_space"] = grid_values(loaded.space)
+            fixed["search_space"] = grid_values(space)
         except FieldError as e:
-            raise ConfigError.single(str(loaded.space_path), e.field, e.message) from None
+            raise ConfigError.single(space_source, e.field, e.message) from None
     options = dict(section.options)
     if section.type == "tpe":
         # Parallel workers: a running trial counts as a bad result while it runs, so workers do
@@ -120,15 +120,14 @@ def build_pruner(section: PrunerSection, path: str = "pruner") -> optuna.pruners
     return _construct(cls, section.options, path)
 
 
-def check_sampler_and_pruner(loaded: LoadedConfig) -> None:
+def check_sampler_and_pruner(cfg: StudyConfig, src: str, space: SearchSpace, space_source: str) -> None:
     """Build both once at load time so that a bad option fails before any data is read."""
-    cfg, src = loaded.config, str(loaded.source)
     try:
         if cfg.multi_objective and cfg.sampler.type in SINGLE_OBJECTIVE_ONLY:
             raise FieldError("sampler.type", f"{cfg.sampler.type!r} handles a single objective only; use tpe, nsga2, random, gp or qmc")
         if cfg.multi_objective and cfg.pruner.type != "none":
             raise FieldError("pruner.type", f"Optuna cannot prune multi-objective studies: use none, got {cfg.pruner.type!r}")
-        build_sampler(cfg.sampler, 0, loaded)
+        build_sampler(cfg.sampler, 0, space, space_source)
         build_pruner(cfg.pruner)
     except FieldError as e:
         raise ConfigError.single(src, e.field, e.message) from None
@@ -159,7 +158,8 @@ def _once_per_trial_class() -> type:
             key = (id(study), trial.number)
             if key != self._key or self._view is None:
                 self._key, self._view = key, _StudyView(study)
-            return self.inner.prune(self._view, trial)
+            # a duck-typed stand-in for the Study: optuna's pruners only query it
+            return self.inner.prune(self._view, trial)  # type: ignore[arg-type]
 
         def __repr__(self) -> str:
             return f"CompletedTrialsOncePerTrial({self.inner!r})"

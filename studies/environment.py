@@ -15,12 +15,22 @@ class Settings(MlflowLocation):
 
     optuna_storage: str | None = Field(default=None, description="Optuna storage URL (OPTUNA_STORAGE)")
     tf_threads: int | None = Field(default=None, ge=1, description="TensorFlow intra/inter-op threads (TF_THREADS)")
+    workbench_verbose: bool = Field(default=False, description="libraries' own logging (WORKBENCH_VERBOSE, set by --verbose)")
     heartbeat_seconds: int = Field(default=30, ge=1, description="seconds between trial heartbeats (HEARTBEAT_SECONDS); "
                                    "a trial is reclaimed after two missed beats")
+
+    @property
+    def verbose(self) -> bool:
+        return self.workbench_verbose
 
     def default_storage(self) -> str:
         """The embedded default: one SQLite file inside the project data folder."""
         return f"sqlite:///{(self.workbench_home / 'optuna.db').resolve()}"
+
+    def storage_url(self, flag: str | None = None, configured: str | None = None) -> str:
+        """The Optuna storage, by precedence: --storage, then OPTUNA_STORAGE, then the config's
+        study.storage, then the embedded default."""
+        return flag or self.optuna_storage or configured or self.default_storage()
 
     def artifact_root(self) -> str | None:
         """Where a new experiment keeps artifacts: a local folder for the embedded default; the

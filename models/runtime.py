@@ -1,0 +1,48 @@
+"""Importing TensorFlow and Keras once per process, with their start-up lines kept off the
+terminal and the thread pools fixed before the first model is built.
+
+TensorFlow 2.21 writes its start-up lines (`All log messages before absl::InitializeLog()`,
+`oneDNN custom operations are on`) from C++ straight to file descriptor 2, whatever
+TF_CPP_MIN_LOG_LEVEL says: a quiet import points that descriptor at /dev/null meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Output to file descriptor 2 (C++ logging included) is dropped inside the block; Python
+    errors raised in it still reach the terminal, after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_tensorflow(threads: int | None = None, *, quiet: bool = True) -> None:
+    """Import TensorFlow and Keras (~4 s) and fix TensorFlow's thread pools (None: its default).
+    The pools can only be set before TensorFlow's runtime starts (its first operation)."""
+    first = "tensorflow" not in sys.modules
+    if first:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if quiet else "0")
+    with stderr_silenced() if quiet and first else contextlib.nullcontext():
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        if threads:
+            with contextlib.suppress(RuntimeError):  # the runtime already runs: this process used TensorFlow before
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
+        tf.constant(0)  # the first operation starts the runtime, which logs too

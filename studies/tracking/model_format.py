@@ -1,0 +1,83 @@
+"""The saved-model format: a trained Keras model as an MLflow model folder carrying its contract
+(models.contract). All-numeric data: the Keras flavor; a mixed-type table: a pyfunc taking raw
+records (serving.pyfunc.TableModel)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.contract import ModelContract
+from studies.tracking.names import STUDY_TAG
+
+if TYPE_CHECKING:
+    import keras
+
+    from models import DataSpec
+
+
+@functools.cache
+def pip_requirements() -> tuple[str, ...]:
+    """Pinned requirements of a logged model, given explicitly (inferring them costs ~12 s a model)."""
+    from importlib import metadata
+
+    reqs = []
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "numpy", "mlflow"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return tuple(reqs)
+
+
+def warm_requirement_checks() -> None:
+    from mlflow.utils import requirements_utils
+
+    pip_requirements()
+    requirements_utils._init_packages_to_modules_map()
+
+
+def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path:
+    """Save the Keras model as an MLflow model carrying its contract (models.contract) into a temp dir:
+    the Keras flavor for all-numeric data, a pyfunc taking raw records for a mixed-type table."""
+    import mlflow.keras
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    contract = ModelContract.from_spec(spec)
+    metadata = contract.metadata(study=tags.get(STUDY_TAG), trial_number=tags.get("optuna.trial_number"))
+    path = Path(tempfile.mkdtemp(prefix="workbench-model-")) / "model"
+    if contract.table is not None:
+        return _save_table_model(model, contract, metadata, path)
+    outputs = 1 if spec.task != "multiclass" else spec.n_classes
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, spec.n_features), "features")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, outputs))]),
+    )
+    mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=list(pip_requirements()), metadata=metadata)
+    return path
+
+
+def _save_table_model(model: keras.Model, contract: ModelContract, metadata: dict[str, Any], path: Path) -> Path:
+    """A mixed-type table's model: an MLflow pyfunc (serving.pyfunc.TableModel) holding the network
+    and its encoding, with the raw columns as its signature."""
+    import mlflow.pyfunc
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    from serving.pyfunc import TableModel
+
+    parts = path.parent / "parts"
+    parts.mkdir()
+    model.save(parts / "model.keras")
+    table = contract.write_table(parts)
+    assert contract.table is not None  # only called for a table model's contract (save_model)
+    signature = ModelSignature(inputs=Schema([ColSpec(AnyType() if c.raw_type == "any" else c.raw_type, c.name, required=False)
+                                              for c in contract.table.columns]))
+    mlflow.pyfunc.save_model(str(path), python_model=TableModel(), signature=signature, metadata=metadata,
+                             artifacts={"keras_model": str(parts / "model.keras"), "table": str(table)},
+                             pip_requirements=list(pip_requirements()))
+    return path
