@@ -70,9 +70,7 @@ def quiet_libraries(*, verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow's first import
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    for name in ("mlflow", "alembic", "optuna", "tensorflow", "absl", "keras_tuner", "urllib3"):
+    for name in ("mlflow", "alembic", "tensorflow", "absl", "keras_tuner", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"(tensorflow|keras|google\.protobuf|mlflow)(\..*)?")
     import optuna

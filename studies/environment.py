@@ -19,10 +19,6 @@ class Settings(MlflowLocation):
     heartbeat_seconds: int = Field(default=30, ge=1, description="seconds between trial heartbeats (HEARTBEAT_SECONDS); "
                                    "a trial is reclaimed after two missed beats")
 
-    @property
-    def verbose(self) -> bool:
-        return self.workbench_verbose
-
     def default_storage(self) -> str:
         """The embedded default: one SQLite file inside the project data folder."""
         return f"sqlite:///{(self.workbench_home / 'optuna.db').resolve()}"

@@ -66,7 +66,7 @@ def prepare_tensorflow(settings: Settings) -> None:
     """Import TensorFlow/Keras (quietly unless --verbose) and fix its thread pools before the first trial."""
     from models.runtime import import_tensorflow
 
-    import_tensorflow(settings.tf_threads, quiet=not settings.verbose)
+    import_tensorflow(settings.tf_threads, quiet=not settings.workbench_verbose)
 
 
 def open_session(loaded: LoadedConfig, settings: Settings, *, storage_flag: str | None, worker_index: int | None,

@@ -1,7 +1,7 @@
 """MLflow tracking of a study: one parent run per study, one nested child run per trial.
 
 The studies package talks to MLflow only through `studies.tracking` (the registry side of
-selection goes through serving's loader). To keep logging off the critical path, a trial costs
+selection goes through serving's store). To keep logging off the critical path, a trial costs
 one synchronous request (creating its run); epoch metrics are buffered and sent in batches, and
 the end of a trial (final metrics, tags, model upload, status) is sent from a background thread
 (tracking.background) while the next trial trains.
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from studies.faults import describe
@@ -149,7 +148,7 @@ class Tracker:
         try:
             retry_step(finish, "writing the study summary")
         except TrackingError as e:
-            self._warn(str(e))
+            self.log.warn(str(e))
 
     # -- one trial -----------------------------------------------------------------------
     def start_trial(self, trial: optuna.Trial, params: dict[str, Any], tags: dict[str, str] | None = None) -> str | None:
@@ -161,7 +160,7 @@ class Tracker:
             run = retry_step(lambda: self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags),
                          f"creating the run of trial {trial.number}")
         except TrackingError as e:
-            self._warn(str(e))
+            self.log.warn(str(e))
             trial.set_user_attr("mlflow_error", str(e))
             return None
         run_id = run.info.run_id
@@ -180,7 +179,7 @@ class Tracker:
             self._pending.setdefault(run_id, []).extend(metrics)
         if time.monotonic() - self._last_flush.get(run_id, 0.0) >= self.flush_seconds:
             self._last_flush[run_id] = time.monotonic()
-            self._submit(run_id, lambda: self._flush(run_id), "logging epoch metrics")
+            self.log.submit(run_id, lambda: self._flush(run_id), "logging epoch metrics")
 
     def end_trial(self, run_id: str | None, *, state: str, metrics: dict[str, float], tags: dict[str, str],
                   model: keras.Model | None = None, spec: DataSpec | None = None, is_best: bool = False) -> None:
@@ -217,7 +216,7 @@ class Tracker:
             except Exception:
                 pass
 
-        self._submit(run_id, finish, f"finishing the run of a {state} trial", on_error=fail, cleanup=model_dir)
+        self.log.submit(run_id, finish, f"finishing the run of a {state} trial", on_error=fail, cleanup=model_dir)
 
     def _keep_model(self, is_best: bool) -> bool:
         return self.log_models == "all" or (self.log_models == "best" and is_best)
@@ -242,13 +241,6 @@ class Tracker:
             chunk, metrics = metrics[:_BATCH], metrics[_BATCH:]
             self.client.log_batch(run_id, metrics=chunk, params=param_list if first else [], tags=tag_list if first else [])
             first = False
-
-    def _submit(self, run_id: str, action: Callable[[], None], what: str, *,
-                on_error: Callable[[str], None] | None = None, cleanup: Path | None = None) -> None:
-        self.log.submit(run_id, action, what, on_error=on_error, cleanup=cleanup)
-
-    def _warn(self, message: str) -> None:
-        self.log.warn(message)
 
     @property
     def errors(self) -> list[str]:
