@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from studies.environment import Settings
 
 
+# A study attribute: the last run was interrupted, so a resume that finds the budget met still
+# ends the parent run and registers the winner.
+INTERRUPTED_ATTR = "workbench_interrupted"
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How this invocation runs the study (the runner's flags that are not config keys)."""
@@ -62,11 +67,15 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
     session = open_session(loaded, settings, storage_flag=options.storage, worker_index=options.worker_index,
                            allow_space_change=options.allow_space_change)
     study, cfg = session.study, loaded.config
-    if not options.is_worker and session.finished() >= session.target:
+    budget_met = not options.is_worker and session.finished() >= session.target
+    if budget_met:
         print(f"study {study.study_name!r} already has {session.finished()} finished trials (budget {session.target}); "
               "raise --n-trials to run more", file=sys.stderr)
-        print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names))
-        return ExitCode.OK
+        if not study.user_attrs.get(INTERRUPTED_ATTR):
+            print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names))
+            return ExitCode.OK
+        # The budget was met by a run that was then interrupted: no trial to run, but its parent
+        # run is still KILLED and its winner unregistered; finish those below.
     # Sequential on purpose: overlapping the MLflow import with TensorFlow's fought over the GIL
     # and took longer than the two one after the other.
     tracker = _start_tracking(session)
@@ -81,7 +90,9 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
             reclaim(study, session.storage)
             if tracker is not None:
                 reconcile(tracker, study)
-        if options.workers > 1 and not options.is_worker:
+        if budget_met:
+            pass
+        elif options.workers > 1 and not options.is_worker:
             failed = _coordinate(session, options, stop, stopped_workers)
         elif cfg.engine == "keras_tuner":
             prepare_tensorflow(settings)  # before keras_tuner's own import of TensorFlow
@@ -103,6 +114,8 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
     interrupted = stop.signum is not None
     if options.is_worker:
         return stop.exit_code() if interrupted else (ExitCode.FAILURE if failed else ExitCode.OK)
+    if interrupted != bool(study.user_attrs.get(INTERRUPTED_ATTR)):
+        _quietly(study.set_user_attr, INTERRUPTED_ATTR, interrupted)
     print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names))
     if interrupted:
         print("interrupted: running trials were recorded as FAIL (reason \"interrupted\"); run the same command to resume",
