@@ -60,6 +60,12 @@ class LoadedModel:
                                    f"({', '.join(self.feature_names[:5])}{', ...' if self.n_features > 5 else ''}), got {len(row)}")
         return self._finite(np.asarray(instances, dtype=np.float32), "instances")
 
+    def rows_from_array(self, x: np.ndarray, key: str) -> np.ndarray:
+        """A float32 matrix [n, n_features] from numeric tensors (the Open Inference Protocol)."""
+        if self.table is not None:
+            raise InvalidInput(f"{key}: this model takes its raw columns as named tensors")
+        return self._finite(np.asarray(x, dtype=np.float32), key)
+
     def rows_from_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """A float32 matrix from named rows, in the model's feature order."""
         if len(records) == 0:
@@ -125,9 +131,12 @@ class LoadedModel:
 
 def load(uri: str, store: Store) -> LoadedModel:
     """Resolve, download and compile a model logged by the workbench (a Keras MLflow model)."""
-    resolved = store.resolve(uri)
-    path = store.download(resolved)
-    return from_directory(path, resolved)
+    return fetch(store.resolve(uri), store)
+
+
+def fetch(resolved: ResolvedModel, store: Store) -> LoadedModel:
+    """Download and compile a model already pinned to a version."""
+    return from_directory(store.download(resolved), resolved)
 
 
 def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:

@@ -1,29 +1,43 @@
-"""Routes: /predict, /health, /ready, /model, /reload."""
+"""Routes: /predict, /health, /ready, /model, /reload, /metrics."""
 
 from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
+from serving.auth import require_admin
+from serving.metrics import CONTENT_TYPE
+from serving.middleware import VERSION_KEY
 from serving.model import InvalidInput, LoadedModel
-from serving.schemas import ModelInfo, PredictRequest, PredictResponse, ReloadResponse
+from serving.schemas import LoadedVersion, ModelInfo, PredictRequest, PredictResponse, ReloadResponse
 from serving.store import ServingError
+from serving.versions import Served
 
 router = APIRouter()
 
 
-def current_model(request: Request) -> LoadedModel:
-    holder = request.app.state.holder
-    if holder is None or holder.current is None:
-        raise HTTPException(503, detail=f"no model loaded{': ' + holder.error if holder is not None and holder.error else ''}")
-    return holder.current
+def served(request: Request) -> Served:
+    """What answers now (one snapshot: a reload during this request does not change it), or 503."""
+    models = request.app.state.models
+    if models is None or models.served is None:
+        raise HTTPException(503, detail=f"no model loaded{': ' + models.error if models is not None and models.error else ''}")
+    return models.served
+
+
+def observe_rows(request: Request, model: LoadedModel, rows: int) -> None:
+    """Tell the access log and metrics which version answered, and how many rows."""
+    request.scope[VERSION_KEY] = model.resolved.version or ""
+    metrics = request.app.state.metrics
+    if metrics is not None:
+        metrics.observe_rows(request.scope["route"].path, rows)
 
 
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, request: Request) -> Response:
-    """Score rows with the current model."""
-    model = current_model(request)  # this request keeps this model even if a reload swaps it
+    """Score rows with the champion."""
+    now = served(request)
+    model = now.champion
     limit = request.app.state.settings.serving_max_rows
     rows = body.instances if body.instances is not None else body.records
     assert rows is not None  # PredictRequest's validator: exactly one of instances and records
@@ -37,10 +51,16 @@ async def predict(body: PredictRequest, request: Request) -> Response:
             x = model.rows_from_records(body.records)
     except InvalidInput as e:
         raise HTTPException(422, detail=str(e)) from None
+    observe_rows(request, model, len(x))
+    answer = model.predict(x)
+    shadow = request.app.state.shadow
+    if shadow is not None and now.challenger is not None:  # scored later, off this request's path
+        shadow.offer(now, "instances" if body.instances is not None else "records", rows, answer["predictions"])
     # Serialised here, not by FastAPI's response-model pass: the schema above documents it.
     result = {"model_name": model.resolved.name, "model_version": model.resolved.version, "probabilities": None,
-              "classes": None, **model.predict(x)}
-    return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
+              "classes": None, **answer}
+    return Response(json.dumps(result, separators=(",", ":")), media_type="application/json",
+                    headers={"x-model-version": model.resolved.version or ""})
 
 
 @router.get("/health")
@@ -52,31 +72,43 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request) -> dict[str, str | None]:
     """A model is loaded and answering."""
-    model = current_model(request)
-    return {"status": "ready", "version": model.resolved.version}
+    return {"status": "ready", "version": served(request).champion.resolved.version}
 
 
 @router.get("/model", response_model=ModelInfo)
 async def model_info(request: Request) -> ModelInfo:
-    """Which model answers: name, version, alias, signature, test metrics, trial params."""
-    m = current_model(request)
+    """Which model answers (name, version, alias, signature, test metrics, trial params) and
+    every version this server holds."""
+    now = served(request)
+    m = now.champion
     r = m.resolved
     return ModelInfo(uri=r.uri, name=r.name, version=r.version, alias=r.alias, run_id=r.run_id, task=m.task,
                      feature_names=m.feature_names, class_labels=m.class_labels, input_shape=[None, m.input_width],
                      columns=None if m.table is None else [
                          {"name": c.name, "kind": c.kind, "missing_rate": round(c.missing_rate, 4),
                           **({"levels": len(c.levels)} if c.kind == "categorical" else {})} for c in m.table.columns],
-                     loaded_at=m.loaded_at, details=m.info)
+                     loaded_at=m.loaded_at, details=m.info,
+                     loaded=[LoadedVersion(version=v, role=role, run_id=now.versions[v].resolved.run_id if v in now.versions
+                                           else r.run_id) for role, (_, v) in now.roles().items()])
 
 
-@router.post("/reload", response_model=ReloadResponse)
+@router.post("/reload", response_model=ReloadResponse, dependencies=[Depends(require_admin)])
 async def reload(request: Request) -> ReloadResponse:
-    """Load the version the alias points at now (no restart); in-flight requests are not disturbed."""
-    holder = request.app.state.holder
-    if holder is None or holder.store is None:
+    """Load the versions the aliases point at now (no restart); in-flight requests are not disturbed."""
+    models = request.app.state.models
+    if models is None or models.store is None:
         raise HTTPException(409, detail="this server was started with a fixed model; nothing to reload")
     try:
-        old, new, swapped = await holder.reload()
+        outcome = await models.reload()
     except ServingError as e:
         raise HTTPException(503, detail=f"reload failed, still serving the previous model: {e}") from None
-    return ReloadResponse(previous_version=old, version=new, reloaded=swapped)
+    return ReloadResponse(previous_version=outcome.previous_version, version=outcome.version, reloaded=outcome.reloaded)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (SERVING_METRICS=false turns it off)."""
+    m = request.app.state.metrics
+    if m is None:
+        raise HTTPException(404, detail="metrics are off (SERVING_METRICS=false)")
+    return Response(m.exposition(), media_type=CONTENT_TYPE)

@@ -46,6 +46,12 @@ class PredictResponse(BaseModel):
     classes: list[Any] | None = Field(default=None, description="the class of each probability column")
 
 
+class LoadedVersion(BaseModel):
+    version: str
+    role: str = Field(description="champion (answers /predict), challenger (shadow), or 'pinned <v>'")
+    run_id: str | None
+
+
 class ModelInfo(BaseModel):
     uri: str
     name: str | None
@@ -60,6 +66,8 @@ class ModelInfo(BaseModel):
         default=None, description="a table model's raw columns: name, kind, missing rate in training, vocabulary size")
     loaded_at: float
     details: dict[str, Any] = Field(description="registry tags: study, trial number, params, test metrics")
+    loaded: list[LoadedVersion] = Field(default_factory=list, description="every version this server holds, by role")
+
 
 
 class ReloadResponse(BaseModel):

@@ -3,7 +3,8 @@
 The winner (best trial, or a Pareto trial chosen by `registry.primary` within `registry.limits`)
 is evaluated again on the held-out test split from its logged model, registered as a version of
 `registry.model_name` (once per run: selecting twice creates no second version), and becomes
-`@champion` if it beats the current champion's test metric, else `@challenger`.
+`@champion` if it beats the current champion's test metric, else `@challenger`. A challenger is
+promoted later on evidence from live traffic (serving.shadow) or a better test metric.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serving.store import Store
-from studies.selection.registry import Registry, RegistryError
-from studies.selection.winner import alias_for, criterion, pick_winner
+from studies.selection.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from studies.selection.winner import Criterion, alias_for, criterion, pick_winner
 from studies.tracking.names import RUN_ID_ATTR
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from models import Dataset
     from serving.settings import MlflowLocation
+    from serving.shadow import Evidence
     from studies.config import LoadedConfig
 
 
@@ -88,3 +90,84 @@ def select(loaded: LoadedConfig, study: optuna.Study, data: Dataset, location: M
         registry.make_challenger(name, number,
                                  reason=f"does not beat v{champion.version} ({rule.metric} {champion_value:.6g})")
     return Selection(name, number, alias, created, winner.number, rule.metric, value, previous)
+
+
+@dataclass(frozen=True)
+class ShadowRule:
+    """The live-traffic evidence a challenger needs: enough shadow requests, none failed, and
+    agreement with the champion (classification) or a small mean difference (regression)."""
+
+    min_requests: int
+    min_agreement: float | None = None
+    max_mean_abs_diff: float | None = None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    model_name: str
+    challenger: str
+    champion: str
+    promoted: bool
+    why: str
+
+    def describe(self) -> str:
+        if self.promoted:
+            return f"{self.model_name}: @challenger v{self.challenger} promoted to @champion (was v{self.champion}): {self.why}"
+        return f"{self.model_name}: @champion stays v{self.champion}; @challenger v{self.challenger} not promoted: {self.why}"
+
+
+def promote_challenger(location: MlflowLocation, name: str, rule: Criterion, shadow: ShadowRule | None) -> Promotion:
+    """Make `@challenger` the champion if its shadow evidence meets `shadow`, or if its test metric
+    beats the champion's (as a new selection would); the evidence is recorded on the version."""
+    from serving.shadow import read_evidence
+
+    registry = Registry(Store.at(location))
+    challenger, champion = registry.by_alias(name, CHALLENGER), registry.by_alias(name, CHAMPION)
+    if challenger is None or champion is None:
+        raise RegistryError(f"registered model {name!r} needs both a @champion and a @challenger to promote one "
+                            f"(it has {'no @champion' if champion is None else 'no @challenger'})")
+    new, old = str(challenger.version), str(champion.version)
+    reasons, refusals = [], []
+    ours, theirs = challenger.tags.get("workbench.compare_value"), champion.tags.get("workbench.compare_value")
+    if ours is not None and theirs is not None and rule.better(float(ours), float(theirs)):
+        reasons.append(f"{rule.metric} {float(ours):.6g} beats {float(theirs):.6g}")
+    else:
+        refusals.append(f"{rule.metric} {'unknown' if ours is None else f'{float(ours):.6g}'} does not beat "
+                        f"{'unknown' if theirs is None else f'{float(theirs):.6g}'}")
+    evidence = read_evidence(registry.client, name, old, new) if shadow is not None else None
+    if shadow is not None:
+        assert evidence is not None
+        verdict = _judge(evidence, shadow)
+        (refusals if verdict else reasons).append(verdict or f"shadow evidence: {evidence.describe()}")
+        t = evidence.total
+        registry.client.set_model_version_tag(name, new, "workbench.shadow_evidence", json.dumps(
+            {"champion": old, "requests": t.requests, "rows": t.rows, "errors": t.errors, "dropped": t.dropped,
+             "agreement": evidence.agreement, "mean_abs_diff": evidence.mean_abs_diff, "runs": evidence.runs,
+             "challenger_ms_per_request": round(1000 * t.challenger_seconds / t.requests, 4) if t.requests else None}))
+    if not reasons:
+        return Promotion(name, new, old, False, "; ".join(refusals))
+    why = "; ".join(reasons)
+    registry.make_champion(name, new, reason=f"promoted from @challenger: {why}")
+    return Promotion(name, new, old, True, why)
+
+
+def _judge(evidence: Evidence, shadow: ShadowRule) -> str | None:
+    """None if the evidence meets the rule, else why not."""
+    t = evidence.total
+    if t.requests < shadow.min_requests:
+        return f"{t.requests} shadow requests recorded, at least {shadow.min_requests} needed ({evidence.describe()})"
+    if t.errors:
+        return f"the challenger failed on {t.errors} of {t.requests} shadow requests"
+    if evidence.task == "regression":
+        if shadow.max_mean_abs_diff is None:
+            raise RegistryError("a regression model's shadow evidence is a mean difference: give --max-mean-abs-diff")
+        assert evidence.mean_abs_diff is not None  # requests >= min_requests >= 1 and no errors: rows were scored
+        if evidence.mean_abs_diff > shadow.max_mean_abs_diff:
+            return f"mean |difference| {evidence.mean_abs_diff:.4g} > {shadow.max_mean_abs_diff:g}"
+        return None
+    if shadow.min_agreement is None:
+        raise RegistryError("a classifier's shadow evidence is an agreement rate: give --min-agreement")
+    assert evidence.agreement is not None
+    if evidence.agreement < shadow.min_agreement:
+        return f"agreement {evidence.agreement:.4f} < {shadow.min_agreement:g} over {t.rows} rows"
+    return None

@@ -1,13 +1,16 @@
-"""Study -> select -> API subprocess -> predict, reload, batch: on the real server, PostgreSQL and S3."""
+"""Study -> select -> API subprocess -> predict, reload, shadow, Open Inference Protocol client,
+metrics, batch, SIGTERM -> promotion on the shadow evidence: on the real server, PostgreSQL and S3."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -15,8 +18,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from models import load_dataset
+from serving.shadow import read_evidence
 from tests.conftest import ROOT, tiny_config
 from tests.integration.test_postgres_runner import finish, run_cli
 
@@ -27,10 +32,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http(url: str, body: dict | None = None, method: str | None = None):
+def _http(url: str, body: dict | None = None, method: str | None = None, token: str | None = None):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method or ("POST" if body is not None else "GET"),
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json",
+                                          **({"authorization": f"Bearer {token}"} if token else {})})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -50,9 +56,12 @@ def test_study_select_serve_reload_and_batch(tmp_path, postgres_url, mlflow_uri,
 
     port = _free_port()
     api_env = {**os.environ, **env, "SERVING_MODEL_URI": f"models:/{model_name}@champion", "SERVING_PORT": str(port),
-               "TF_CPP_MIN_LOG_LEVEL": "3"}
-    api = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=api_env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+               "TF_CPP_MIN_LOG_LEVEL": "3", "SERVING_ADMIN_TOKEN": "tok", "SERVING_SHADOW_ALIAS": "challenger",
+               "SERVING_SHADOW_FRACTION": "1", "SERVING_SHADOW_LOG_SECONDS": "1", "SERVING_LOG_FORMAT": "json"}
+    log_path = tmp_path / "api.log"  # a file, not a pipe: a full pipe would block the server's logging
+    with log_path.open("w") as log_file:
+        api = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=api_env, stdout=log_file,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -82,10 +91,42 @@ def test_study_select_serve_reload_and_batch(tmp_path, postgres_url, mlflow_uri,
                                 capture_output=True, text=True, timeout=600)
         assert select.returncode == 0, select.stderr
         assert _http(f"{base}/model")["version"] == "1"
-        assert _http(f"{base}/reload", {}) == {"previous_version": "1", "version": "2", "reloaded": True}
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # SERVING_ADMIN_TOKEN guards /reload
+            _http(f"{base}/reload", {})
+        assert _http(f"{base}/reload", {}, token="tok") == {"previous_version": "1", "version": "2", "reloaded": True}
         assert _http(f"{base}/model")["version"] == "2"
+        first = answer
         answer = _http(f"{base}/predict", {"instances": rows.tolist()})
         assert answer["model_version"] == "2"
+
+        # v1 becomes @challenger: the server holds both and scores every request with v1 in the shadow.
+        MlflowClient(mlflow_uri).set_registered_model_alias(model_name, "challenger", "1")
+        assert _http(f"{base}/reload", {}, token="tok")["reloaded"] is True
+        assert [(v["version"], v["role"]) for v in _http(f"{base}/model")["loaded"]] == [("2", "champion"), ("1", "challenger")]
+        for row in rows:
+            assert _http(f"{base}/predict", {"instances": [row.tolist()]})["model_version"] == "2"
+
+        # A real Open Inference Protocol client (binary tensors by default) gets /predict's answers,
+        # from the champion and from version 1 by its version route.
+        import tritonclient.http as triton
+
+        oip = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        assert oip.is_server_live() and oip.is_server_ready() and oip.is_model_ready(model_name)
+        assert oip.get_model_metadata(model_name)["inputs"][0]["shape"] == [-1, 30]
+        tensor = triton.InferInput("input", list(rows.shape), "FP32")
+        tensor.set_data_from_numpy(rows.astype(np.float32))
+        result = oip.infer(model_name, [tensor])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), answer["probabilities"], atol=1e-6)
+        assert [v.decode() for v in result.as_numpy("label")] == answer["predictions"]
+        pinned = oip.infer(model_name, [tensor], model_version="1", outputs=[triton.InferRequestedOutput("probabilities",
+                                                                                                       binary_data=False)])
+        np.testing.assert_allclose(pinned.as_numpy("probabilities"), first["probabilities"], atol=1e-6)
+        oip.close()
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+            scrape = r.read().decode()
+        assert f'workbench_model_info{{name="{model_name}",role="challenger",version="1"}} 1.0' in scrape
+        assert 'workbench_shadow_requests_total{challenger_version="1",champion_version="2",outcome="scored"}' in scrape
+        assert 'workbench_http_requests_total{model_version="2",route="/v2/models/{name}/infer",status="2xx"} 1.0' in scrape
 
         # Batch scoring of a file gives the API's answers, in order; an invalid row is reported, not dropped.
         frame = pd.DataFrame(rows, columns=list(data.spec.feature_names))
@@ -112,6 +153,21 @@ def test_study_select_serve_reload_and_batch(tmp_path, postgres_url, mlflow_uri,
                              "--checks", "not_a_server_error", "--max-examples", "60", "--no-color"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)  # its cache stays out of the repo
         assert st.returncode == 0, st.stdout[-4000:]
+
+        # SIGTERM: in-flight requests finish, the shadow's last evidence is logged, exit 0.
+        api.send_signal(signal.SIGTERM)
+        assert api.wait(timeout=60) == 0, log_path.read_text()[-3000:]
     finally:
-        os.killpg(api.pid, 15)
-        api.wait(timeout=30)
+        if api.poll() is None:
+            os.killpg(api.pid, 9)
+            api.wait(timeout=30)
+    access = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(a.get("path") == "/predict" and a.get("model_version") == "2" and len(a["request_id"]) == 32 for a in access)
+    evidence = read_evidence(MlflowClient(mlflow_uri), model_name, "2", "1")
+    assert evidence.total.requests >= len(rows) + 1 and evidence.total.errors == 0, evidence.describe()
+    promote = subprocess.run([sys.executable, "-m", "studies.select", str(path2), "--promote-challenger", "--min-agreement",
+                              "0", "--min-requests", str(len(rows))], cwd=ROOT, env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=600)
+    assert promote.returncode == 0, promote.stderr
+    assert "@challenger v1 promoted to @champion (was v2)" in promote.stdout
+    assert f"shadow evidence: {evidence.total.requests} shadow requests" in promote.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 import yaml
@@ -59,6 +61,45 @@ def test_champion_challenger_force_rollback_and_idempotence(home, tmp_path, writ
     assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
     assert select_main([str(bad), "--rollback"]) == 1  # nothing older to go back to
     assert "no previous champion" in capsys.readouterr().err
+
+    # Promotion on live traffic: v2 (worse on the test split) is @challenger beside champion v1.
+    client.set_registered_model_alias("m", "challenger", "2")
+    assert select_main([str(bad), "--promote-challenger"]) == 0  # no shadow rule: only the test metric counts
+    assert "not promoted: test_loss" in capsys.readouterr().out
+    _shadow_traffic(home, requests=4)
+    assert select_main([str(bad), "--promote-challenger", "--min-agreement", "0", "--min-requests", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "not promoted: test_loss" in out and "does not beat" in out and "4 shadow requests recorded, at least 5 needed" in out
+    assert select_main([str(bad), "--promote-challenger", "--min-requests", "4", "--max-mean-abs-diff", "1"]) == 1
+    assert "a classifier's shadow evidence is an agreement rate: give --min-agreement" in capsys.readouterr().err
+    assert select_main([str(bad), "--promote-challenger", "--min-agreement", "0", "--min-requests", "4"]) == 0
+    assert "@challenger v2 promoted to @champion (was v1): shadow evidence: 4 shadow requests (4 rows, 0 errors)" in (
+        capsys.readouterr().out)
+    promoted = client.get_model_version_by_alias("m", "champion")
+    evidence = json.loads(promoted.tags["workbench.shadow_evidence"])
+    assert str(promoted.version) == "2" and evidence["requests"] == 4 and evidence["champion"] == "1"
+    assert "promoted from @challenger" in promoted.tags["workbench.alias_moves"]
+    with pytest.raises(SystemExit):  # thresholds without the flag that uses them
+        select_main([str(bad), "--min-agreement", "0.9"])
+
+
+def _shadow_traffic(home, requests: int) -> None:
+    """The API with champion v1 and SERVING_SHADOW_ALIAS=challenger (v2) takes `requests` requests."""
+    from fastapi.testclient import TestClient
+
+    from models import load_dataset
+    from serving.app import create_app
+    from serving.settings import ServingSettings
+    from serving.store import Store
+
+    settings = ServingSettings(serving_model_uri="models:/m@champion", serving_shadow_alias="challenger",
+                               serving_shadow_fraction=1.0, workbench_home=home)
+    rows = load_dataset(name="breast_cancer", seed=0).x_test[:requests]
+    with TestClient(create_app(settings)) as api:  # loads both from the registry; shutdown logs the evidence
+        assert [v["role"] for v in api.get("/model").json()["loaded"]] == ["champion", "challenger"]
+        for row in rows:
+            assert api.post("/predict", json={"instances": [row.tolist()]}).status_code == 200
+    assert Store.at(settings).current_version("models:/m@challenger") == "2"
 
 
 def _study(directions, values):

@@ -11,10 +11,11 @@ from fastapi.testclient import TestClient
 
 from models import FAMILIES, load_dataset
 from models.training import fit
-from serving.app import ModelHolder, create_app
+from serving.app import create_app
 from serving.model import from_directory
 from serving.settings import ServingSettings
 from serving.store import ResolvedModel
+from serving.versions import ModelSet
 from studies.tracking import save_model
 
 
@@ -26,10 +27,8 @@ def _served(dataset: str, tmp_path_factory):
     path = save_model(model, data.spec, {"optuna.study_name": "t", "optuna.trial_number": "0"})
     loaded = from_directory(path, ResolvedModel("models:/t@champion", "t", "1", "champion", "run1",
                                                 {"workbench.test_loss": "0.1", "workbench.trial_number": "0"}))
-    holder = ModelHolder("models:/t@champion", store=None)
-    holder.current = loaded
     settings = ServingSettings(serving_max_rows=50, serving_max_body_bytes=200_000)
-    return TestClient(create_app(settings, holder)), model, data
+    return TestClient(create_app(settings, ModelSet.fixed(loaded))), model, data
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +122,10 @@ def test_oversized_body_and_malformed_json(binary):
 
 
 def test_not_ready_without_a_model():
-    holder = ModelHolder("models:/nothing@champion", store=None)
-    holder.error = "cannot resolve models:/nothing@champion"
-    with TestClient(create_app(ServingSettings(), holder)) as client:
-        # The lifespan would try to load; a holder without a store reports the error instead.
-        holder.current = None
+    models = ModelSet.fixed(None)
+    models.error = "cannot resolve models:/nothing@champion"
+    with TestClient(create_app(ServingSettings(), models)) as client:
+        # The lifespan would try to load; a model set without a store reports the error instead.
         assert client.get("/health").status_code == 200
         r = client.get("/ready")
         assert r.status_code == 503 and "no model loaded" in r.text

@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import ModelHolder, create_app
+from serving.app import create_app
 from serving.batch import main as batch_main
 from serving.model import load
 from serving.settings import ServingSettings
 from serving.store import Store
+from serving.versions import ModelSet
 from studies.run import main as run_main
 from tests.conftest import CHURN, ROOT
 
@@ -28,9 +29,7 @@ def served(churn_study, monkeypatch):
     monkeypatch.setenv("WORKBENCH_HOME", str(config.parent / "home"))
     store = Store.at(ServingSettings())
     model = load("models:/churn_tiny@champion", store)
-    holder = ModelHolder("models:/churn_tiny@champion", store=None)
-    holder.current = model
-    with TestClient(create_app(ServingSettings(), holder)) as client:
+    with TestClient(create_app(ServingSettings(), ModelSet.fixed(model))) as client:
         yield client, model, store
 
 
@@ -158,3 +157,30 @@ def test_the_same_command_resumes_a_table_study(churn_study, monkeypatch, capsys
     assert run_main([str(config)]) == 0  # same data hash and space: the study is found, its budget is met
     err = capsys.readouterr().err
     assert "study 'churn_tiny' already has 2 finished trials (budget 2)" in err
+
+
+def test_v2_named_tensors_with_bytes_and_nulls_answer_like_predict(served):
+    """Open Inference Protocol: one tensor per raw column; BYTES for categories, BOOL for booleans,
+    null (JSON) for a missing value; the answer equals /predict's on the same records."""
+    client, model, _ = served
+    records = raw_records()
+    kinds = {c.name: c.kind for c in model.table.columns}
+    def datatype(kind, values):
+        if kind == "numeric":
+            return "FP64"
+        return "BOOL" if all(isinstance(v, bool) for v in values) else "BYTES"  # "yes"/"no", or null (missing)
+
+    inputs = [{"name": name, "shape": [len(records)], "datatype": datatype(kind, [r[name] for r in records]),
+               "data": [r[name] for r in records]} for name, kind in kinds.items()]
+    assert {"BOOL", "BYTES", "FP64"} == {i["datatype"] for i in inputs}
+    meta = client.get("/v2/models/churn_tiny").json()
+    assert {i["name"]: i["datatype"] for i in meta["inputs"]}["contract"] == "BYTES"
+    r = client.post("/v2/models/churn_tiny/infer", json={"inputs": inputs})
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o["data"] for o in r.json()["outputs"]}
+    body = client.post("/predict", json={"records": records}).json()
+    assert out["label"] == body["predictions"]
+    np.testing.assert_allclose(np.reshape(out["probabilities"], (len(records), 2)), body["probabilities"], atol=1e-6)
+    inputs[0] = {**inputs[0], "datatype": "BYTES", "data": ["twelve"] * len(records)}
+    r = client.post("/v2/models/churn_tiny/infer", json={"inputs": inputs})
+    assert r.status_code == 400 and "a numeric column takes FP32/FP64/INT*, got BYTES" in r.json()["error"]
