@@ -1,17 +1,29 @@
 """Serving benchmark, side by side in one run on loopback, one server worker each:
 
-  HTTP  our `POST /predict` (python -m serving) vs `mlflow models serve --env-manager local` vs a
-        no-op FastAPI endpoint returning a constant (this machine's HTTP floor): single-row
-        latency p50/p99 with 1 client, requests/s with 8 concurrent keep-alive connections.
+  HTTP  single-row latency p50/p99 with 1 client, requests/s with 8 concurrent keep-alive
+        connections, rounds interleaved, for:
+          ours          `POST /predict` of `python -m serving` (metrics on, access log on: defaults)
+          ours-nometrics  the same with SERVING_METRICS=false (goal: ours >= 0.95x its req/s)
+          ours-shadow   the same with SERVING_SHADOW_ALIAS=challenger at 10% (goal: p50 <= 1.1x ours)
+          ours-v2       `POST /v2/models/bench/infer` (Open Inference Protocol, JSON) on the `ours`
+                        server (goal: p50 <= 1.2x /predict's)
+          mlflow        `mlflow models serve --env-manager local`
+          mlserver      MLServer + mlserver-mlflow (the Open Inference Protocol reference server) on
+                        the same registered model, in its own venv (.workbench/peers/mlserver, made
+                        on first use: it pins an older FastAPI); `--no-mlserver` leaves it out
+          noop          a FastAPI endpoint returning a constant (this machine's HTTP floor; goal:
+                        ours >= 0.5x its req/s in every round)
   Batch rows/s on generated rows without file I/O: our batch path (LoadedModel.predict in
         chunks) vs MLflow pyfunc predict (Keras Model.predict) vs a plain numpy forward pass of the
         same weights (the floor); and with file I/O: `python -m serving.batch` Parquet -> Parquet.
 
-    python benchmarks/serving.py [--quick]
+    python benchmarks/serving.py [--quick] [--no-mlserver]
 
-The client is a raw asyncio socket client (pre-encoded request bytes, keep-alive), so it is not the
-bottleneck; its CPU seconds and the server's are printed next to requests/s. Servers run with one
-TensorFlow thread (TF_NUM_INTRAOP_THREADS=1, TF_NUM_INTEROP_THREADS=1, OMP_NUM_THREADS=1).
+Our servers serve `models:/bench@champion` from a registry made for the run (version 1 champion,
+version 2 challenger). The client is a raw asyncio socket client (pre-encoded request bytes,
+keep-alive), so it is not the bottleneck; its CPU seconds and the server's are printed next to
+requests/s. Servers run with one TensorFlow thread (TF_NUM_INTRAOP_THREADS=1,
+TF_NUM_INTEROP_THREADS=1, OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -51,7 +63,7 @@ def noop_server(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def train_model(workdir: Path):
+def train_model(workdir: Path, seed: int = 0, name: str = "model"):
     import keras
 
     from models import FAMILIES, load_dataset
@@ -59,13 +71,33 @@ def train_model(workdir: Path):
     from studies.tracking import save_model
 
     data = load_dataset(name="breast_cancer", seed=0)
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     model = FAMILIES["mlp"].build({"n_layers": 2, "units": [64, 32]}, data.spec)
     fit(model, data, epochs=3, batch_size=64)
-    path = save_model(model, data.spec, {"optuna.study_name": "bench", "optuna.trial_number": "0"})
-    target = workdir / "model"
+    path = save_model(model, data.spec, {"optuna.study_name": "bench", "optuna.trial_number": str(seed)})
+    target = workdir / name
     path.rename(target)
     return model, data, target
+
+
+def make_registry(workdir: Path, model_dirs: list[Path], name: str = "bench") -> str:
+    """A registry for the run: each folder a version of `name`; v1 @champion, v2 @challenger.
+    Returns its tracking URI."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("bench", artifact_location=(workdir / "artifacts").as_uri())
+    client.create_registered_model(name)
+    for folder in model_dirs:
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(folder), "model")
+        client.set_terminated(run.info.run_id)
+        client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", "1")
+    if len(model_dirs) > 1:
+        client.set_registered_model_alias(name, "challenger", "2")
+    return uri
 
 
 def free_port() -> int:
@@ -74,31 +106,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(name: str, port: int, model_dir: Path) -> subprocess.Popen:
+MLSERVER_VENV = ROOT / ".workbench" / "peers" / "mlserver"
+MLSERVER_PINS = ["mlserver==1.7.1", "mlserver-mlflow==1.7.1", "tensorflow-cpu==2.21.0", "keras==3.15.1", "mlflow==3.17.2"]
+
+
+def mlserver_python() -> Path:
+    """The peer venv's python, made on first use (MLServer pins FastAPI < 0.116: not our venv)."""
+    python = MLSERVER_VENV / "bin" / "python"
+    if not (MLSERVER_VENV / ".installed").exists():
+        print(f"making the MLServer peer venv in {MLSERVER_VENV} (once) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(MLSERVER_VENV)], check=True)
+        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *MLSERVER_PINS], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"could not install the MLServer peer:\n{done.stderr[-3000:]}")
+        (MLSERVER_VENV / ".installed").touch()
+    return python
+
+
+def start(name: str, port: int, model_dir: Path, env: dict[str, str] | None = None,
+          workdir: Path | None = None) -> subprocess.Popen:
+    """One server: ours (SERVING_MODEL_URI=model_dir unless env says otherwise), mlflow, mlserver or noop."""
     # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH.
-    env = {**os.environ, **THREADS, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if name == "ours":
+    env = {**os.environ, **THREADS, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           **(env or {})}
+    if name.startswith("ours"):
         cmd = [sys.executable, "-m", "serving"]
-        env |= {"SERVING_MODEL_URI": str(model_dir), "SERVING_PORT": str(port), "SERVING_WORKERS": "1"}
+        env = {"SERVING_MODEL_URI": str(model_dir), **env, "SERVING_PORT": str(port), "SERVING_WORKERS": "1"}
     elif name == "mlflow":
         cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
                "-p", str(port), "-h", "127.0.0.1", "-w", "1"]
+    elif name == "mlserver":
+        assert workdir is not None
+        folder = workdir / "mlserver"
+        folder.mkdir(exist_ok=True)
+        (folder / "settings.json").write_text(json.dumps({"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+                                                          "host": "127.0.0.1", "parallel_workers": 0}))
+        (folder / "model-settings.json").write_text(json.dumps({"name": "bench", "implementation": "mlserver_mlflow.MLflowRuntime",
+                                                                "parameters": {"uri": str(model_dir)}}))
+        python = mlserver_python()
+        env["PATH"] = f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        cmd = [str(python.parent / "mlserver"), "start", str(folder)]
     else:
         cmd = [sys.executable, __file__, "--noop-server", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    probe = f"http://127.0.0.1:{port}/" + ("ready" if name == "ours" else "ping" if name == "mlflow" else "docs")
-    for _ in range(600):
+    probe = f"http://127.0.0.1:{port}/" + ("ready" if name.startswith("ours") else "ping" if name == "mlflow" else
+                                           "v2/health/ready" if name == "mlserver" else "docs")
+    for _ in range(900):
         try:
             urllib.request.urlopen(probe, timeout=2).read()
             return proc
         except OSError:
+            if proc.poll() is not None:
+                break
             time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"{name} server did not start")
 
 
 def request_bytes(name: str, port: int, row: list[float]) -> bytes:
-    path, payload = ("/invocations", {"inputs": [row]}) if name == "mlflow" else ("/predict", {"instances": [row]})
+    if name == "mlflow":
+        path, payload = "/invocations", {"inputs": [row]}
+    elif name == "mlserver":
+        path, payload = "/v2/models/bench/infer", {"inputs": [{"name": "features", "shape": [1, len(row)], "datatype": "FP32",
+                                                               "data": row}]}
+    elif name == "ours-v2":
+        path, payload = "/v2/models/bench/infer", {"inputs": [{"name": "input", "shape": [1, len(row)], "datatype": "FP32",
+                                                               "data": row}]}
+    else:
+        path, payload = "/predict", {"instances": [row]}
     body = json.dumps(payload).encode()
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -134,10 +209,12 @@ async def throughput(port: int, raw: bytes, connections: int, seconds: float) ->
     return done[0], errors[0]
 
 
-async def latencies(port: int, raw: bytes, n: int) -> list[float]:
+async def latencies(port: int, raw: bytes, n: int, max_seconds: float = 10.0) -> list[float]:
+    """Up to n sequential single-row requests (fewer for a slow server: at most max_seconds)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    out = []
-    for _ in range(n):
+    out: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(out) < n and (len(out) < 20 or time.perf_counter() < deadline):
         t = time.perf_counter()
         await _one(reader, writer, raw)
         out.append((time.perf_counter() - t) * 1000)
@@ -228,52 +305,52 @@ def bench_batch(model, model_dir: Path, data, rows: int, workdir: Path) -> list[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: short windows, 1 round, 20k rows")
+    parser.add_argument("--quick", action="store_true", help="smoke run: short windows, 1 round, 20k rows, no MLServer")
     parser.add_argument("--seconds", type=float, default=8.0, help="throughput window per contender and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--no-mlserver", action="store_true", help="leave out the MLServer peer")
     parser.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.noop_server:
         noop_server(args.noop_server)
         return 0
     if args.quick:
-        args.seconds, args.rounds, args.rows = 1.5, 1, 20_000
+        args.seconds, args.rounds, args.rows, args.no_mlserver = 1.5, 1, 20_000, True
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model, data, model_dir = train_model(workdir)
+        _, _, second_dir = train_model(workdir, seed=1, name="model2")
+        tracking = make_registry(workdir, [model_dir, second_dir])
         row = [float(v) for v in data.x_test[0]]
-        names = ("ours", "mlflow", "noop")
-        ports = {n: free_port() for n in names}
-        servers = {n: start(n, ports[n], model_dir) for n in names}
-        stats: dict[str, dict[str, list[float]]] = {n: {"rps": [], "p50": [], "p99": [], "server_cpu": [], "client_cpu": []} for n in names}
+        registry_env = {"MLFLOW_TRACKING_URI": tracking, "SERVING_MODEL_URI": "models:/bench@champion"}
+        servers_env = {
+            "ours": registry_env,
+            "ours-nometrics": {**registry_env, "SERVING_METRICS": "false"},
+            "ours-shadow": {**registry_env, "SERVING_SHADOW_ALIAS": "challenger", "SERVING_SHADOW_FRACTION": "0.1"},
+            "mlflow": None, "noop": None,
+            **({} if args.no_mlserver else {"mlserver": None}),
+        }
+        ports = {n: free_port() for n in servers_env}
+        ports["ours-v2"] = ports["ours"]  # the v2 route of the same server
+        names = [*servers_env, "ours-v2"]
+        servers = {}
         try:
-            raws = {n: request_bytes(n, ports[n], row) for n in names}
-            for n in names:  # warm-up
-                asyncio.run(throughput(ports[n], raws[n], 8, 1.0))
-            for _ in range(args.rounds):
-                for n in names:
-                    lat = asyncio.run(latencies(ports[n], raws[n], 200 if args.quick else 1000))
-                    cpu0, client0 = cpu_seconds(servers[n]), time.process_time()
-                    done, errors = asyncio.run(throughput(ports[n], raws[n], 8, args.seconds))
-                    if errors:
-                        raise SystemExit(f"{n}: {errors} non-200 answers")
-                    s = stats[n]
-                    s["rps"].append(done / args.seconds)
-                    s["p50"].append(statistics.median(lat))
-                    s["p99"].append(sorted(lat)[int(0.99 * len(lat)) - 1])
-                    s["server_cpu"].append(cpu_seconds(servers[n]) - cpu0)
-                    s["client_cpu"].append(time.process_time() - client0)
+            for n, env in servers_env.items():
+                servers[n] = start(n, ports[n], model_dir, env, workdir)
+            servers["ours-v2"] = servers["ours"]
+            stats = _http_rounds(names, ports, servers, row, args)
         finally:
-            for proc in servers.values():
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=30)
+            for n, proc in servers.items():
+                if n != "ours-v2" and proc.poll() is None:
+                    os.killpg(proc.pid, 15)
+                    proc.wait(timeout=30)
         print(f"HTTP, single row, 1 server worker each, {args.rounds} round(s) x {args.seconds:g} s, 8 connections")
-        print(f"{'server':<8} {'req/s (median; all)':>28} {'p50 ms':>8} {'p99 ms':>8} {'server CPU s':>13} {'client CPU s':>13}")
+        print(f"{'server':<15} {'req/s (median; all)':>30} {'p50 ms':>8} {'p99 ms':>8} {'server CPU s':>13} {'client CPU s':>13}")
         med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in stats.items()}
         for n in names:
             all_rps = ", ".join(f"{v:.0f}" for v in stats[n]["rps"])
-            print(f"{n:<8} {med[n]['rps']:10.0f} ({all_rps:>15}) {med[n]['p50']:8.2f} {med[n]['p99']:8.2f} "
+            print(f"{n:<15} {med[n]['rps']:10.0f} ({all_rps:>17}) {med[n]['p50']:8.2f} {med[n]['p99']:8.2f} "
                   f"{med[n]['server_cpu']:13.1f} {med[n]['client_cpu']:13.1f}")
         print(f"\nBatch, {args.rows:,} generated rows (median of 2)")
         batch = bench_batch(model, model_dir, data, args.rows, workdir)
@@ -281,11 +358,43 @@ def main() -> int:
         for name, rps in batch:
             print(f"  {name:<62} {rps:12,.0f} rows/s  ({rps / floor:.2f} x floor)")
         ours_batch = dict(batch)["ours (LoadedModel.predict_arrays, 100k chunks)"]
-        print(f"\nours/noop req/s = {med['ours']['rps'] / med['noop']['rps']:.2f} (goal >= 0.50); "
-              f"ours/mlflow req/s = {med['ours']['rps'] / med['mlflow']['rps']:.1f}x; "
+        per_round = [o / n for o, n in zip(stats["ours"]["rps"], stats["noop"]["rps"], strict=True)]
+        peers = f"ours/mlflow req/s = {med['ours']['rps'] / med['mlflow']['rps']:.1f}x"
+        if "mlserver" in med:
+            peers += (f"; ours/mlserver req/s = {med['ours']['rps'] / med['mlserver']['rps']:.2f}x, "
+                      f"p50 ours/mlserver = {med['ours']['p50'] / med['mlserver']['p50']:.2f}")
+        print(f"\nmetrics on/off req/s = {med['ours']['rps'] / med['ours-nometrics']['rps']:.2f} (goal >= 0.95); "
+              f"p50 shadow 10%/none = {med['ours-shadow']['p50'] / med['ours']['p50']:.2f} (goal <= 1.1); "
+              f"p50 v2/predict = {med['ours-v2']['p50'] / med['ours']['p50']:.2f} (goal <= 1.2); {peers}")
+        print(f"ours/noop req/s = {med['ours']['rps'] / med['noop']['rps']:.2f} (per round: "
+              f"{', '.join(f'{r:.2f}' for r in per_round)}; goal >= 0.50 in every round); "
               f"p50 ours/noop = {med['ours']['p50'] / med['noop']['p50']:.2f} (goal <= 1.5); "
               f"batch ours/floor = {ours_batch / floor:.2f} (goal >= 0.50)")
     return 0
+
+
+def _http_rounds(names: list[str], ports: dict[str, int], servers: dict[str, subprocess.Popen], row: list[float],
+                 args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Latency then throughput per contender, contenders interleaved within each round."""
+    stats: dict[str, dict[str, list[float]]] = {n: {"rps": [], "p50": [], "p99": [], "server_cpu": [], "client_cpu": []}
+                                                for n in names}
+    raws = {n: request_bytes(n, ports[n], row) for n in names}
+    for n in names:  # warm-up
+        asyncio.run(throughput(ports[n], raws[n], 8, 1.0))
+    for _ in range(args.rounds):
+        for n in names:
+            lat = asyncio.run(latencies(ports[n], raws[n], 200 if args.quick else 1000))
+            cpu0, client0 = cpu_seconds(servers[n]), time.process_time()
+            done, errors = asyncio.run(throughput(ports[n], raws[n], 8, args.seconds))
+            if errors:
+                raise SystemExit(f"{n}: {errors} non-200 answers")
+            s = stats[n]
+            s["rps"].append(done / args.seconds)
+            s["p50"].append(statistics.median(lat))
+            s["p99"].append(sorted(lat)[int(0.99 * len(lat)) - 1])
+            s["server_cpu"].append(cpu_seconds(servers[n]) - cpu0)
+            s["client_cpu"].append(time.process_time() - client0)
+    return stats
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from serving import logs
 from serving.metrics import Metrics
-from serving.middleware import BodyLimit, Observe
+from serving.middleware import BodyLimit, FastLane, Observe
 from serving.oip import router as oip_router
 from serving.routes import router
 from serving.settings import ServingSettings
@@ -69,8 +69,10 @@ def create_app(settings: ServingSettings | None = None, models: ModelSet | None 
 
     app.include_router(router)
     app.include_router(oip_router)
+    app.add_middleware(FastLane, routes=[*router.routes, *oip_router.routes])  # the prediction routes, lighter
     app.add_middleware(BodyLimit, limit=settings.serving_max_body_bytes)
-    app.add_middleware(Observe, metrics=metrics, access_log=settings.serving_access_log)  # outermost: sees the 413s
+    access = logs.AccessLog(settings.serving_log_format) if settings.serving_access_log else None
+    app.add_middleware(Observe, metrics=metrics, access=access)  # outermost: sees the 413s
     return app
 
 

@@ -1,19 +1,24 @@
 """Plain ASGI middleware of the API (no BaseHTTPMiddleware: it costs a task and a queue per request).
 
 `Observe`: a request id (`X-Request-ID`, generated when absent, echoed), the access log line and
-the request metrics. `BodyLimit`: 413 for a body over the limit.
+the request metrics. `BodyLimit`: 413 for a body over the limit. `FastLane`: the prediction
+endpoints called without FastAPI's per-request machinery.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import Any
 
+from fastapi import HTTPException
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.requests import Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
-from serving.logs import ACCESS
+from serving.logs import AccessLog
 from serving.metrics import Metrics
 
 # Routes put the version that answered here (the same scope dict reaches the middleware).
@@ -23,8 +28,8 @@ _MAX_ID = 200  # a client's id longer than this (or not printable ASCII) is repl
 
 
 class Observe:
-    def __init__(self, app: Any, metrics: Metrics | None, access_log: bool) -> None:
-        self.app, self.metrics, self.access_log = app, metrics, access_log
+    def __init__(self, app: Any, metrics: Metrics | None, access: AccessLog | None) -> None:
+        self.app, self.metrics, self.access = app, metrics, access
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -56,14 +61,10 @@ class Observe:
             version = scope.get(VERSION_KEY, "")
             if self.metrics is not None:
                 self.metrics.observe_request(template, status, version, seconds)
-            if self.access_log and ACCESS.isEnabledFor(logging.INFO):
+            if self.access is not None:
                 client = scope.get("client")
-                path = scope["path"]
-                ACCESS.info('%s "%s %s" %d %.2f ms version=%s request_id=%s', client[0] if client else "-",
-                            scope["method"], path, status, seconds * 1000, version or "-", request_id.decode(),
-                            extra={"client": client[0] if client else None, "method": scope["method"], "path": path,
-                                   "status": status, "duration_ms": round(seconds * 1000, 3),
-                                   "model_version": version or None, "request_id": request_id.decode()})
+                self.access.write(client[0] if client else None, scope["method"], scope["path"], status, seconds, version,
+                                  request_id.decode())
 
 
 class BodyLimit:
@@ -100,3 +101,39 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class FastLane:
+    """Calls the POST endpoints marked `fast` (the prediction routes) straight from ASGI, skipping
+    FastAPI's routing, dependency solving and body parsing, which together cost about as much as
+    scoring one row. Those endpoints take only the request and their path parameters and read and
+    validate their own body, so they behave the same either way (the OpenAPI schema documents
+    them as usual); their errors are rendered by FastAPI's own exception handlers."""
+
+    def __init__(self, app: Any, routes: list[Any]) -> None:
+        self.app = app
+        self.lanes = [r for r in routes if isinstance(r, APIRoute) and "POST" in (r.methods or ()) and (r.openapi_extra or {}).get(FAST)]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        for route in self.lanes:
+            match = route.path_regex.match(path)
+            if match is not None:
+                break
+        else:
+            return await self.app(scope, receive, send)
+        params = match.groupdict()
+        scope["route"], scope["endpoint"], scope["path_params"] = route, route.endpoint, params
+        request = Request(scope, receive)
+        try:
+            response = await route.endpoint(request, **params)
+        except HTTPException as e:
+            response = await http_exception_handler(request, e)
+        except RequestValidationError as e:
+            response = await request_validation_exception_handler(request, e)
+        await response(scope, receive, send)
+
+
+FAST = "x-workbench-fast-lane"  # openapi_extra key that marks an endpoint for FastLane

@@ -28,6 +28,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from serving.middleware import FAST
 from serving.model import InvalidInput, LoadedModel
 from serving.routes import observe_rows
 from serving.versions import Served
@@ -128,7 +129,7 @@ def _register_model_routes(prefix: str) -> None:
             return _error(e)
         return JSONResponse({"name": name, "ready": True})
 
-    @router.post(f"{prefix}/infer", name=f"infer {prefix}")
+    @router.post(f"{prefix}/infer", name=f"infer {prefix}", openapi_extra={FAST: True})
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         try:
             model = _model(request, name, version)

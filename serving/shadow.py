@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 EXPERIMENT = "workbench-shadow"
 MODEL_TAG, CHAMPION_TAG, CHALLENGER_TAG = "workbench.shadow.model", "workbench.shadow.champion", "workbench.shadow.challenger"
 QUEUE_LIMIT = 1000  # sampled requests waiting for the challenger; more are dropped (and counted)
+GATHER_SECONDS = 0.05  # how long samples gather before the challenger scores them
 log = logging.getLogger("serving.shadow")
 
 
@@ -139,7 +140,7 @@ class Shadow:
         """Score every queued sample (tests call it to wait for the shadow). The challenger runs in
         a worker thread; the tallies are only touched here, on the event loop."""
         while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 64))]
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
             outcomes = await asyncio.to_thread(_score_all, batch)
             for sample, outcome in zip(batch, outcomes, strict=True):
                 self._record(sample, outcome)
@@ -162,6 +163,7 @@ class Shadow:
     async def _score_forever(self) -> None:
         while True:
             await self._wake.wait()
+            await asyncio.sleep(GATHER_SECONDS)  # let samples gather: one worker-thread hand-off per batch
             self._wake.clear()
             await self.drain()
 

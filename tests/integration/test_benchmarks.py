@@ -21,8 +21,16 @@ def test_serving_quick():
     out = subprocess.run([sys.executable, "benchmarks/serving.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    last = out.stdout.splitlines()[-1]
-    assert last.startswith("ours/noop req/s = ") and "batch ours/floor" in last
+    lines = out.stdout.splitlines()
+    assert lines[-1].startswith("ours/noop req/s = ") and "batch ours/floor" in lines[-1]
+    assert lines[-2].startswith("metrics on/off req/s = ") and "p50 v2/predict" in lines[-2]
+    assert any(line.startswith("ours-shadow ") for line in lines) and any(line.startswith("ours-v2 ") for line in lines)
+
+
+def test_serving_reliability_quick():
+    """A champion change under load: no failed request, answers from both versions, exit 0."""
+    last = _quick("benchmarks/serving_reliability.py", {})[-1]
+    assert last.startswith("headline: failed requests = 0 (goal 0); versions ['1', '2']") and "exit code 0" in last
 
 
 def _quick(script: str, env: dict) -> list[str]:
