@@ -40,6 +40,7 @@ _NUMPY = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int3
           "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "FP16": np.float16, "FP32": np.float32,
           "FP64": np.float64}
 _KIND_TYPE = {"numeric": "FP32", "boolean": "BOOL", "categorical": "BYTES"}
+_NUMBERS = {int, float}
 
 
 class OipError(Exception):
@@ -214,7 +215,7 @@ def _flatten(data: Any) -> list:
     """A tensor's JSON data, flat or nested, as a flat row-major list."""
     if not isinstance(data, list):
         return [data]
-    if not any(isinstance(v, list) for v in data):
+    if not data or not isinstance(data[0], list):  # flat (a list deeper in is refused as a value)
         return data
     out: list = []
     for v in data:
@@ -226,6 +227,13 @@ def _typed(values: np.ndarray | list, datatype: str, key: str) -> np.ndarray:
     if isinstance(values, np.ndarray):
         return values
     dtype = _NUMPY[datatype]
+    kinds = set(map(type, values))
+    if datatype != "BOOL" and kinds <= _NUMBERS:  # the common case, checked in one C-level pass
+        with np.errstate(over="ignore"):  # out of FP32's range: inf, refused as not finite
+            try:
+                return np.asarray(values, dtype=dtype)
+            except (OverflowError, ValueError) as e:
+                raise OipError(400, f"{key}.data: does not fit {datatype}: {e}") from None
     for j, v in enumerate(values):
         ok = isinstance(v, bool) if datatype == "BOOL" else (
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
