@@ -362,7 +362,7 @@ def main() -> int:
         peers = f"ours/mlflow req/s = {med['ours']['rps'] / med['mlflow']['rps']:.1f}x"
         if "mlserver" in med:
             peers += (f"; ours/mlserver req/s = {med['ours']['rps'] / med['mlserver']['rps']:.2f}x, "
-                      f"p50 ours/mlserver = {med['ours']['p50'] / med['mlserver']['p50']:.2f}")
+                      f"p50 mlserver/ours = {med['mlserver']['p50'] / med['ours']['p50']:.0f}x")
         print(f"\nmetrics on/off req/s = {med['ours']['rps'] / med['ours-nometrics']['rps']:.2f} (goal >= 0.95); "
               f"p50 shadow 10%/none = {med['ours-shadow']['p50'] / med['ours']['p50']:.2f} (goal <= 1.1); "
               f"p50 v2/predict = {med['ours-v2']['p50'] / med['ours']['p50']:.2f} (goal <= 1.2); {peers}")
