@@ -324,16 +324,18 @@ def main() -> int:
         tracking = make_registry(workdir, [model_dir, second_dir])
         row = [float(v) for v in data.x_test[0]]
         registry_env = {"MLFLOW_TRACKING_URI": tracking, "SERVING_MODEL_URI": "models:/bench@champion"}
-        servers_env = {
-            "ours": registry_env,
+        servers_env = {  # the pairs with goals sit next to each other in every round
             "ours-nometrics": {**registry_env, "SERVING_METRICS": "false"},
+            "ours": registry_env,
+            "noop": None,
             "ours-shadow": {**registry_env, "SERVING_SHADOW_ALIAS": "challenger", "SERVING_SHADOW_FRACTION": "0.1"},
-            "mlflow": None, "noop": None,
+            "mlflow": None,
             **({} if args.no_mlserver else {"mlserver": None}),
         }
         ports = {n: free_port() for n in servers_env}
         ports["ours-v2"] = ports["ours"]  # the v2 route of the same server
-        names = [*servers_env, "ours-v2"]
+        names = [*servers_env]
+        names.insert(names.index("ours") + 1, "ours-v2")
         servers = {}
         try:
             for n, env in servers_env.items():
@@ -363,7 +365,9 @@ def main() -> int:
         if "mlserver" in med:
             peers += (f"; ours/mlserver req/s = {med['ours']['rps'] / med['mlserver']['rps']:.2f}x, "
                       f"p50 mlserver/ours = {med['mlserver']['p50'] / med['ours']['p50']:.0f}x")
-        print(f"\nmetrics on/off req/s = {med['ours']['rps'] / med['ours-nometrics']['rps']:.2f} (goal >= 0.95); "
+        on_off = [o / n for o, n in zip(stats["ours"]["rps"], stats["ours-nometrics"]["rps"], strict=True)]
+        print(f"\nmetrics on/off req/s = {med['ours']['rps'] / med['ours-nometrics']['rps']:.2f} (per round: "
+              f"{', '.join(f'{r:.2f}' for r in on_off)}; goal >= 0.95); "
               f"p50 shadow 10%/none = {med['ours-shadow']['p50'] / med['ours']['p50']:.2f} (goal <= 1.1); "
               f"p50 v2/predict = {med['ours-v2']['p50'] / med['ours']['p50']:.2f} (goal <= 1.2); {peers}")
         print(f"ours/noop req/s = {med['ours']['rps'] / med['noop']['rps']:.2f} (per round: "
@@ -381,8 +385,8 @@ def _http_rounds(names: list[str], ports: dict[str, int], servers: dict[str, sub
     raws = {n: request_bytes(n, ports[n], row) for n in names}
     for n in names:  # warm-up
         asyncio.run(throughput(ports[n], raws[n], 8, 1.0))
-    for _ in range(args.rounds):
-        for n in names:
+    for round_no in range(args.rounds):
+        for n in names if round_no % 2 == 0 else reversed(names):  # ABBA: drift does not favour one end
             lat = asyncio.run(latencies(ports[n], raws[n], 200 if args.quick else 1000))
             cpu0, client0 = cpu_seconds(servers[n]), time.process_time()
             done, errors = asyncio.run(throughput(ports[n], raws[n], 8, args.seconds))
