@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -43,13 +45,22 @@ _PREDICT_BODY = {FAST: True, "requestBody": {"required": True, "content": {"appl
     "schema": PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
 
 
+def _jsonable(error: Mapping[str, Any]) -> dict[str, Any]:
+    """A pydantic error as FastAPI reports a body error; raw input bytes (a body that is not even
+    UTF-8) become text, or the error handler itself would fail on them."""
+    out = {**error, "loc": ("body", *error["loc"])}
+    if isinstance(out.get("input"), bytes):
+        out["input"] = out["input"].decode(errors="replace")
+    return out
+
+
 @router.post("/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
 async def predict(request: Request) -> Response:
     """Score rows with the champion: `{"instances": [[...]]}` or `{"records": [{...}]}`."""
     try:
         body = PredictRequest.model_validate_json(await request.body())
     except ValidationError as e:
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]) from None
+        raise RequestValidationError([_jsonable(err) for err in e.errors(include_url=False)]) from None
     now = served(request)
     model = now.champion
     limit = request.app.state.settings.serving_max_rows

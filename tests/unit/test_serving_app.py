@@ -119,6 +119,11 @@ def test_oversized_body_and_malformed_json(binary):
     assert r.status_code == 413 and "the limit is 200000" in r.text
     r = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
+    # Seen in CI (schemathesis): a body that is not UTF-8 was a 500.
+    r = client.post("/predict", content=b"\xff", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "Invalid JSON" in r.text
+    r = client.post("/v2/models/t/infer", content=b"\xff", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "the request is not JSON" in r.text
 
 
 def test_not_ready_without_a_model():
