@@ -40,7 +40,7 @@ _NUMPY = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int3
           "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "FP16": np.float16, "FP32": np.float32,
           "FP64": np.float64}
 _KIND_TYPE = {"numeric": "FP32", "boolean": "BOOL", "categorical": "BYTES"}
-_NUMBERS = {int, float}
+_NUMBERS, _BOOLS = {int, float, type(None)}, {bool}  # JSON values a tensor may hold (null: missing)
 
 
 class OipError(Exception):
@@ -226,27 +226,18 @@ def _flatten(data: Any) -> list:
 def _typed(values: np.ndarray | list, datatype: str, key: str) -> np.ndarray:
     if isinstance(values, np.ndarray):
         return values
-    dtype = _NUMPY[datatype]
-    kinds = set(map(type, values))
-    if datatype != "BOOL" and kinds <= _NUMBERS:  # the common case, checked in one C-level pass
-        with np.errstate(over="ignore"):  # out of FP32's range: inf, refused as not finite
-            try:
-                return np.asarray(values, dtype=dtype)
-            except (OverflowError, ValueError) as e:
-                raise OipError(400, f"{key}.data: does not fit {datatype}: {e}") from None
-    for j, v in enumerate(values):
-        ok = isinstance(v, bool) if datatype == "BOOL" else (
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
-        if not ok:
-            raise OipError(400, f"{key}.data[{j}]: a {datatype} tensor holds {'booleans' if datatype == 'BOOL' else 'numbers'}"
-                           f", got {v!r}")
+    allowed = _BOOLS if datatype == "BOOL" else _NUMBERS
+    if not set(map(type, values)) <= allowed:  # one C-level pass; only a bad tensor is walked to name the value
+        j, v = next((j, v) for j, v in enumerate(values) if type(v) not in allowed)
+        raise OipError(400, f"{key}.data[{j}]: a {datatype} tensor holds {'booleans' if datatype == 'BOOL' else 'numbers'}"
+                       f", got {v!r}")
     if datatype == "BOOL":
         return np.asarray(values, dtype=np.bool_)
-    if any(v is None for v in values):  # null: a missing value (a table model fills it)
+    if None in values:  # null: a missing value (a table model fills it)
         return np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
     try:
         with np.errstate(over="ignore"):  # out of FP32's range: inf, refused as not finite
-            return np.asarray(values, dtype=dtype)
+            return np.asarray(values, dtype=_NUMPY[datatype])
     except (OverflowError, ValueError) as e:
         raise OipError(400, f"{key}.data: does not fit {datatype}: {e}") from None
 
