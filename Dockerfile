@@ -16,7 +16,7 @@ COPY serving serving
 RUN python -m venv /opt/serve \
  && /opt/serve/bin/pip install --only-binary=:all: -c constraints.txt ".[serve]" \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --only-binary=:all: -c constraints.txt ".[train,serve]"
+ && /opt/venv/bin/pip install --only-binary=:all: -c constraints.txt ".[train,serve,batch]"
 
 FROM ${PYTHON_IMAGE} AS serving
 RUN useradd --create-home --uid 10001 workbench

@@ -10,7 +10,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,serve,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,serve,batch,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,7 +33,7 @@ lint: install
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip
-	.lock-venv/bin/pip install --quiet -e ".[train,serve,dev]"
+	.lock-venv/bin/pip install --quiet -e ".[train,serve,batch,dev]"
 	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable --all | grep -viE '^pip=='; } > constraints.new
 	mv constraints.new constraints.txt && rm -rf .lock-venv
 

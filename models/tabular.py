@@ -183,7 +183,7 @@ class TableEncoder:
             else:
                 raw_missing = series.isna().to_numpy()
                 values = (_numbers if c.kind == "numeric" else _booleans)(series)
-                wrong = np.isnan(values) & ~raw_missing
+                wrong = ~np.isfinite(values) & ~raw_missing  # not a number, or inf (a database's -Infinity)
                 for row in np.flatnonzero(wrong):
                     bad.setdefault(int(row), (c.name, f"must be {_WANT[c.kind]}, got {series.iloc[row]!r}"))
                 missing = np.isnan(values)

@@ -28,10 +28,10 @@ import keras_tuner
 import optuna
 from optuna.trial import TrialState
 
+from models.faults import describe
 from search_spaces import compile_space, params_from_values, to_hyperparameters
 from studies.engines.objective import Objective
 from studies.engines.workers import interruption_reason, signals_deferred
-from studies.faults import describe
 from studies.reporting.progress import Progress
 from studies.storage.study import BUDGET_STATES, sampler_seed, state_counts
 from studies.tracking import flatten_params

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from models.faults import RetryLog, describe, is_transient
 from search_spaces import optuna_suggest, sample
 from studies.engines.workers import interruption_reason, signals_allowed, signals_deferred
-from studies.faults import RetryLog, describe, is_transient
 from studies.storage.study import derive_seed, improves
 
 if TYPE_CHECKING:

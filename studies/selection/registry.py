@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from models.errors import WorkbenchError
-from studies.faults import retry_call
+from models.faults import retry_call
 
 if TYPE_CHECKING:
     import keras

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.errors import WorkbenchError
-from studies.faults import RetryLog, describe, is_transient, retry_call
+from models.faults import RetryLog, describe, is_transient, retry_call
 
 if TYPE_CHECKING:
     import optuna

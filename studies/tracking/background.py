@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from studies.faults import RetryLog, describe
+from models.faults import RetryLog, describe
 from studies.tracking.client import TrackingError, retry_step
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.errors import WorkbenchError
-from studies.faults import RetryLog, describe, retry_call
+from models.faults import RetryLog, describe, retry_call
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from studies.faults import describe
+from models.faults import describe
 from studies.storage.study import state_counts
 from studies.tracking.background import BackgroundLog
 from studies.tracking.client import (

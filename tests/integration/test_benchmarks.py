@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -59,3 +60,12 @@ def test_search_efficiency_quick():
 def test_tabular_quick():
     last = _quick("benchmarks/tabular.py", {})[-1]
     assert last.startswith("trial ours/peer = ") and "req/s ours/noop" in last and "batch ours/floor" in last
+
+
+def test_batch_quick(postgres_url):
+    out = subprocess.run([sys.executable, "benchmarks/batch.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "WORKBENCH_TEST_POSTGRES_URL": postgres_url})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("files", "postgres", "dask", "dask cold"):
+        assert re.search(rf"^{name} +[\d,]+ rows/s vs .*: [\d.]+x", out.stdout, re.M), out.stdout
+    assert "goals met:" in out.stdout

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy.exc
 from mlflow import MlflowClient
 
+from models.faults import RetryLog, is_transient, retry_call
 from studies.engines.workers import worker_argv
-from studies.faults import RetryLog, is_transient, retry_call
 from studies.run import main as run_main
 from studies.storage.study import derive_seed, sampler_seed
 from tests.conftest import tiny_config

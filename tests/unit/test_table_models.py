@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.app import create_app
-from serving.batch import main as batch_main
+from serving.batch.__main__ import main as batch_main
 from serving.model import load
 from serving.settings import ServingSettings
 from serving.store import Store
@@ -98,7 +98,8 @@ def test_batch_scores_the_raw_file_in_order_with_ids_and_errors(served, tmp_path
     assert list(scored["row"]) == [i for i in range(50) if i != 7]
     assert list(scored["customer_id"]) == [c for i, c in enumerate(frame["customer_id"]) if i != 7]
     errors = pd.read_csv(tmp_path / "scored.parquet.errors.csv")
-    assert errors.to_dict("records") == [{"row": 7, "reason": "'tenure_months': must be a number, got 'soon'"}]
+    assert errors[["row", "reason"]].to_dict("records") == [{"row": 7, "reason": "'tenure_months': must be a number, got 'soon'"}]
+    assert errors.loc[0, "model_name"] == "churn_tiny" and str(errors.loc[0, "model_version"]) == "1"
     # Row 0 scored in the batch equals the API's answer for the same raw record.
     record = json.loads(frame.drop(columns=["customer_id"]).head(1).to_json(orient="records"))
     api = client.post("/predict", json={"records": record}).json()

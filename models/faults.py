@@ -1,4 +1,5 @@
-"""Which errors are worth retrying, and a bounded retry that records what it did.
+"""Which errors are worth retrying, and a bounded retry that records what it did (the one retry
+helper: studies and serving both use it, so it lives in the lowest layer; it imports nothing heavy).
 
 Transient: the network or a server went away for a moment (a database restart, an S3 endpoint
 that refuses connections, a 5xx from the tracking server). Deterministic: everything else (bad

@@ -1,0 +1,52 @@
+"""The Dask engine: the plan's parts scored in parallel on a `dask.distributed` cluster.
+
+`--scheduler tcp://host:8786` joins a running cluster (compose's `dask` profile); without it a local
+cluster of `--workers` processes is started for the job. Each worker loads the pinned model once
+(`job.worker_model`) and runs the same `run_part` as the single-process engine. A part whose worker
+dies is run again by Dask on another worker: parts are written atomically (files) or upserted on the
+key (tables), so a row is never kept twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from serving.batch.job import PartResult, PartTask, Plan, run_part, worker_model
+from serving.batch.sources import Part
+from serving.store import ServingError
+
+
+def score_remote(part: Part, task: PartTask) -> PartResult:
+    """A Dask task: one part, with this worker's copy of the model."""
+    return run_part(task, part, worker_model(task.model))
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None, workers: int) -> Iterator[Any]:
+    """A client of the given scheduler, or of a local cluster of `workers` processes."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise ServingError(f"--scheduler: cannot reach the Dask scheduler at {scheduler}: {e}") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def run_dask(p: Plan, *, scheduler: str | None, workers: int) -> list[PartResult]:
+    """Every part on the cluster; results in part order."""
+    if not p.parts:
+        return []
+    with connect(scheduler, workers) as client:
+        task = client.scatter(p.task, broadcast=True)
+        futures = client.map(score_remote, p.parts, task=task, pure=False)
+        results = client.gather(futures)
+    return sorted(results, key=lambda r: r.index)

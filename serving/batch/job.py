@@ -1,0 +1,253 @@
+"""A batch job: its plan (which parts, which rows are already done) and the single-process engine.
+
+`plan()` runs where the job starts: it opens the source and the sink, pins the model to one version,
+checks the columns, and with a key reads every key once (unique, not null) and the keys this model
+version has already scored, so that each part knows the rows it may skip. `run_part()` scores one
+part and writes it: the one function both engines run (`cluster` runs it on Dask workers).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from models.faults import RetryLog, is_transient, retry_call
+from serving.batch.objects import BatchError
+from serving.batch.scoring import Identity, sample_output, score_chunk
+from serving.batch.sinks import FileSink, FolderSink, TableSink, open_sink
+from serving.batch.sources import FileSource, Part, SqlSource, open_source, plain, read_part
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from serving.model import LoadedModel
+    from serving.store import Store
+
+PART_ATTEMPTS = 8  # a part whose database or S3 endpoint goes away (a restart) is read and written again
+_MODELS: dict[tuple[str, str, str], LoadedModel] = {}  # per process: a Dask worker loads a model once
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: the job stopped between chunks (nothing half-written is kept)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the command line asked for."""
+
+    input: str
+    output: str
+    input_table: str | None = None
+    input_query: str | None = None
+    output_table: str | None = None
+    errors: str | None = None
+    model_uri: str | None = None
+    key: str | None = None
+    since: str | None = None
+    keep: tuple[str, ...] = ()
+    chunk_rows: int = 100_000
+    rescore: bool = False
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model version and where to fetch it: what a worker needs to load the same model."""
+
+    uri: str  # models:/name/version, or the URI as given when it names no registry version
+    tracking_uri: str
+    registry_uri: str
+
+
+@dataclass(frozen=True)
+class PartTask:
+    """Everything a part needs besides the part itself (picklable, sent to Dask workers)."""
+
+    model: PinnedModel
+    sink: FolderSink | TableSink | FileSink
+    columns: tuple[str, ...]
+    identity: Identity
+    chunk_rows: int
+    raw: bool
+    stamp: str
+    retry: bool
+
+
+@dataclass
+class PartResult:
+    index: int
+    name: str
+    rows: int = 0
+    scored: int = 0
+    invalid: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    errors: pd.DataFrame | None = None
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    model: LoadedModel
+    task: PartTask
+    parts: list[Part]
+    source: FileSource | SqlSource
+    skipped: int = 0  # rows already scored by this model version (left out)
+    rows_known: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def pin(uri: str, store: Store) -> tuple[PinnedModel, LoadedModel]:
+    """Resolve an alias once (every part then uses the same version) and load the model (a registry
+    version already loaded in this process is reused: versions do not change)."""
+    from serving.model import fetch
+
+    resolved = store.resolve(uri)
+    pinned = PinnedModel(f"models:/{resolved.name}/{resolved.version}" if resolved.version else uri,
+                         store.tracking_uri, store.registry_uri)
+    cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)
+    if not resolved.version or cache_key not in _MODELS:  # `--every`: the same version is loaded once
+        _MODELS[cache_key] = fetch(resolved, store)
+    return pinned, _MODELS[cache_key]
+
+
+def worker_model(pinned: PinnedModel) -> LoadedModel:
+    """The model in this process, loaded on first use."""
+    from serving.model import load
+    from serving.store import Store
+
+    cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)
+    if cache_key not in _MODELS:
+        _MODELS[cache_key] = load(pinned.uri, Store(pinned.tracking_uri, pinned.registry_uri))
+    return _MODELS[cache_key]
+
+
+def plan(spec: JobSpec, store: Store, *, stamp: str, distributed: bool = False) -> Plan:
+    """Open the source and sink, pin the model, check columns and keys, and list the parts to run."""
+    import numpy as np
+
+    if spec.chunk_rows < 1:
+        raise BatchError(f"--chunk-rows: must be >= 1, got {spec.chunk_rows}")
+    if spec.since and not spec.key:
+        raise BatchError("--since-column: needs --key (the since value is compared per key)")
+    source = open_source(spec.input, spec.input_table, spec.input_query)
+    sink = open_sink(spec.output, spec.output_table, spec.key)
+    if distributed and isinstance(sink, FileSink):
+        raise BatchError("--engine dask: writes one part per input part; --output must be a folder, an s3:// prefix or a table")
+    pinned, model = pin(spec.model_uri or store.default_uri(), store)
+    header = source.header()
+    keep = list(spec.keep)
+    if model.table is not None:  # a table model's id columns travel with its predictions
+        keep = list(dict.fromkeys([*(c for c in model.table.ids if c in header), *keep]))
+    carry = [c for c in dict.fromkeys([*([spec.since] if spec.since else []), *keep]) if c != spec.key]
+    missing = [c for c in dict.fromkeys([*model.feature_names, *carry, *([spec.key] if spec.key else [])]) if c not in header]
+    if missing:
+        what = "--input-table" if spec.input_table else "--input-query" if spec.input_query else "--input"
+        raise BatchError(f"{what}: the input lacks column(s) {', '.join(missing[:10])} that the job needs")
+    columns = tuple(dict.fromkeys([*([spec.key] if spec.key else []), *model.feature_names, *carry]))
+    identity = Identity(spec.key, "part" if source.multi_part else None, tuple(carry))
+    retry = sink.idempotent and not isinstance(sink, FileSink)
+    task = PartTask(pinned, sink, columns, identity, spec.chunk_rows, model.table is not None, stamp, retry)
+    skipped, rows_known = 0, None
+    if spec.key is None:
+        parts = source.parts()
+    else:
+        keys = source.keys(spec.key, spec.since, raw=model.table is not None)
+        values = keys[spec.key]
+        if values.isna().any():
+            raise BatchError(f"--key {spec.key}: {int(values.isna().sum())} row(s) have no key; every row needs one")
+        dupes = values[values.duplicated()]
+        if len(dupes):
+            raise BatchError(f"--key {spec.key}: not unique in the input: {dupes.nunique()} value(s) appear more than once, "
+                             f"e.g. {plain(dupes.iloc[0])!r}")
+        rows_known = len(keys)
+        r = model.resolved
+        done = None if spec.rescore else sink.done(spec.key, spec.since, str(r.name or r.uri), str(r.version or ""))
+        todo = np.ones(len(keys), dtype=bool)
+        if done is not None and len(done):
+            done = done.astype({spec.key: keys[spec.key].dtype})  # e.g. ids read back from a CSV part
+            merged = keys[[spec.key, *([spec.since] if spec.since else [])]].merge(
+                done.drop_duplicates(spec.key, keep="last"), on=spec.key, how="left", suffixes=("", "_done"), indicator=True)
+            was_done = (merged["_merge"] == "both").to_numpy().copy()
+            if spec.since:  # a row changed since it was scored is scored again
+                newer = (merged[spec.since] > merged[f"{spec.since}_done"]).fillna(False).to_numpy(dtype=bool)
+                was_done &= ~newer
+            todo = ~was_done
+        if isinstance(source, SqlSource):
+            parts, skipped = source.key_parts(keys, todo, spec.key, spec.chunk_rows)
+        else:
+            parts, skipped = source.with_skips(keys, todo, spec.key)
+    if isinstance(sink, TableSink) and parts:
+        first = source.sample(columns, 16, raw=task.raw)
+        if len(first):
+            sink.prepare(sample_output(model, first, identity))
+    return Plan(spec, model, task, parts, source, skipped, rows_known)
+
+
+def run_part(task: PartTask, part: Part, model: LoadedModel, stop: threading.Event | None = None) -> PartResult:
+    """Score one part and write it (retried from its start when a service goes away and the sink
+    can take the same rows twice)."""
+    if not task.retry:
+        return _run_part_once(task, part, model, stop)
+    log = RetryLog()
+    try:
+        result = retry_call(lambda: _run_part_once(task, part, model, stop), f"batch part {part.name}",
+                            attempts=PART_ATTEMPTS, retry_if=lambda e: is_transient(e) and not isinstance(e, Stopped), log=log)
+    finally:
+        for entry in log.entries:
+            print(f"warning: {entry}; retried", file=sys.stderr, flush=True)
+    result.retries = len(log.entries)
+    return result
+
+
+def _run_part_once(task: PartTask, part: Part, model: LoadedModel, stop: threading.Event | None) -> PartResult:
+    import pandas as pd
+
+    result = PartResult(part.index, part.name)
+    start, errors = time.perf_counter(), []
+    key = task.identity.key
+    with task.sink.part(part, task.stamp) as writer:
+        offset = 0
+        for chunk in read_part(part, task.columns, task.chunk_rows, raw=task.raw):
+            first_row, offset = offset, offset + len(chunk)
+            if key is not None and part.skip is not None and len(part.skip):
+                fresh = ~chunk[key].isin(part.skip).to_numpy()
+                result.skipped += int((~fresh).sum())
+                chunk = chunk[fresh]
+            result.rows += len(chunk)  # rows to score (not those already scored)
+            if len(chunk):
+                out, bad = score_chunk(model, chunk, task.identity, part=part.name, first_row=first_row,
+                                       stamp=pd.Timestamp.now(tz="UTC"))
+                if bad is not None:
+                    errors.append(bad)
+                    result.invalid += len(bad)
+                if out is not None:
+                    writer.write(out)
+                    result.scored += len(out)
+            if stop is not None and stop.is_set():
+                raise Stopped(f"stopped in part {part.name} after {result.rows} rows")
+    result.seconds = time.perf_counter() - start
+    result.errors = pd.concat(errors, ignore_index=True) if errors else None
+    return result
+
+
+def run_local(p: Plan, stop: threading.Event | None = None, progress: bool = True) -> list[PartResult]:
+    """The single-process engine: the parts one after another, in order."""
+    from tqdm.auto import tqdm
+
+    results = []
+    p.task.sink.begin()
+    ok = False
+    bar = tqdm(total=len(p.parts), unit="part", disable=not progress or len(p.parts) < 2, file=sys.stderr)
+    try:
+        for part in p.parts:
+            results.append(run_part(p.task, part, p.model, stop))
+            bar.update(1)
+        ok = True
+    finally:
+        bar.close()
+        p.task.sink.finish(ok)
+    return results

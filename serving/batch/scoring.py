@@ -1,0 +1,131 @@
+"""One chunk of raw rows -> its predictions and its invalid rows (pure: no I/O).
+
+Rows that cannot be scored (a missing or non-numeric value, NaN/inf, a value a table model's
+encoding refuses) are never dropped silently: they come back with their identity and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from serving.batch.sinks import MODEL_NAME, MODEL_VERSION, SCORED_AT
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from serving.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What names a row in the output and the errors: its key, else its row number (within its part,
+    with the part's name when the input has several)."""
+
+    key: str | None
+    part: str | None
+    carry: tuple[str, ...]  # input columns copied to the output (the key, the since column, --keep)
+
+    def columns(self) -> list[str]:
+        if self.key is not None:
+            return []
+        return [*(["part"] if self.part is not None else []), "row"]
+
+
+def numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(float32 features, ok mask, reasons for the rows not ok) of a model without a table encoding."""
+    import pandas as pd
+
+    frame = chunk[model.feature_names]
+    if all(pd.api.types.is_float_dtype(t) or pd.api.types.is_integer_dtype(t) for t in frame.dtypes):
+        features = frame.to_numpy(dtype=np.float32, na_value=np.nan)
+    else:
+        features = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
+    ok = np.isfinite(features).all(axis=1)
+    reasons = [_reason(model.feature_names, r) for r in frame.loc[~ok].itertuples(index=False)] if not ok.all() else []
+    return features, ok, reasons
+
+
+def score_chunk(model: LoadedModel, chunk: pd.DataFrame, identity: Identity, *, part: str, first_row: int,
+                stamp: pd.Timestamp) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(predictions, invalid rows) of one chunk; either may be None when it has no rows."""
+    import pandas as pd
+
+    if model.table is not None:
+        features, wrong = model.table.encode_rows(chunk)
+        ok = np.ones(len(chunk), dtype=bool)
+        ok[list(wrong)] = False
+        reasons = [f"{column!r}: {message}" for _, (column, message) in sorted(wrong.items())]
+    else:
+        features, ok, reasons = numeric_features(model, chunk)
+    rows = np.arange(first_row, first_row + len(chunk))
+    errors = None
+    if not ok.all():
+        errors = pd.DataFrame(_identity(identity, chunk, ~ok, rows, part))
+        errors["reason"] = reasons
+        _stamp(errors, model, stamp)
+    if not ok.any():
+        return None, errors
+    out = _predictions(model, features[ok], pd.DataFrame(_identity(identity, chunk, ok, rows, part)),
+                       {col: chunk[col].to_numpy()[ok] for col in identity.carry}, stamp)
+    return out, errors
+
+
+def sample_output(model: LoadedModel, chunk: pd.DataFrame, identity: Identity) -> pd.DataFrame:
+    """One output row with the output's columns and types (for creating a table before scoring)."""
+    import pandas as pd
+
+    head = chunk.head(1)
+    one = np.ones(len(head), dtype=bool)
+    features = np.zeros((len(head), model.input_width), dtype=np.float32)
+    return _predictions(model, features, pd.DataFrame(_identity(identity, head, one, np.zeros(len(head), dtype=np.int64), "")),
+                        {col: head[col].to_numpy() for col in identity.carry}, pd.Timestamp.now(tz="UTC"))
+
+
+def _predictions(model: LoadedModel, features: np.ndarray, out: pd.DataFrame, carry: dict[str, np.ndarray],
+                 stamp: pd.Timestamp) -> pd.DataFrame:
+
+    predictions, probs = model.predict_arrays(features)
+    for col, values in carry.items():
+        out[col] = values
+    out["prediction"] = predictions
+    if probs is not None:
+        for j, label in enumerate(model.classes):
+            out[f"probability_{label}"] = probs[:, j].astype(np.float32)
+    _stamp(out, model, stamp)
+    return out
+
+
+def _stamp(out: pd.DataFrame, model: LoadedModel, stamp: pd.Timestamp) -> None:
+    """The model's name and version and the scoring time on every row (one category each: cheap)."""
+    import pandas as pd
+
+    n, r = len(out), model.resolved
+    out[MODEL_NAME] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[str(r.name or r.uri)])
+    out[MODEL_VERSION] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[str(r.version or "")])
+    out[SCORED_AT] = stamp
+
+
+def _identity(identity: Identity, chunk: pd.DataFrame, mask: np.ndarray, rows: np.ndarray, part: str) -> dict:
+    if identity.key is not None:
+        return {identity.key: chunk[identity.key].to_numpy()[mask]}
+    out: dict = {}
+    if identity.part is not None:
+        out["part"] = np.full(int(mask.sum()), part, dtype=object)
+    out["row"] = rows[mask]
+    return out
+
+
+def _reason(names: Sequence[str], values) -> str:
+    for name, raw in zip(names, values, strict=True):
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            return f"{name!r} is not a number: {raw!r}"
+        if not math.isfinite(value):
+            return f"{name!r} must be a finite number, got {raw!r}"
+    return "invalid row"

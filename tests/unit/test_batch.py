@@ -1,0 +1,196 @@
+"""Batch scoring on files, folders and SQLite (the shipped churn table and the tiny churn model):
+incremental runs score each row exactly once, a stopped job leaves nothing half-written, bad input
+is one line and exit code 2, and the Dask engine writes what the single process writes."""
+
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+import pytest
+import sqlalchemy
+
+from serving.batch.__main__ import main as batch_main
+from tests.conftest import CHURN
+
+MODEL = "models:/churn_tiny@champion"
+
+
+@pytest.fixture
+def home(churn_study, monkeypatch):
+    config, code = churn_study
+    assert code == 0
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WORKBENCH_HOME", str(config.parent / "home"))
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def rows() -> pd.DataFrame:
+    return pd.read_csv(CHURN).drop(columns=["churn"])
+
+
+def split(frame: pd.DataFrame, folder, n: int, fmt: str = "parquet") -> None:
+    folder.mkdir(exist_ok=True)
+    size = -(-len(frame) // n)
+    for i in range(n):
+        part = frame.iloc[i * size:(i + 1) * size]
+        getattr(part, f"to_{fmt}")(folder / f"day-{i}.{fmt}", index=False)
+
+
+def read_folder(folder) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("*.parquet"))], ignore_index=True)
+
+
+def run(*args: str) -> int:
+    return batch_main([*args, "--model", MODEL, "--no-tracking"])
+
+
+def test_a_folder_is_scored_incrementally_each_row_exactly_once(home, tmp_path, capsys):
+    data = rows()
+    split(data.head(1500), tmp_path / "in", 3)
+    out = tmp_path / "out"
+    assert run("--input", str(tmp_path / "in"), "--output", str(out), "--key", "customer_id") == 0
+    first = read_folder(out)
+    assert len(first) == 1500 and first["customer_id"].is_unique
+    assert set(first["model_name"].astype(str)) == {"churn_tiny"} and set(first["model_version"].astype(str)) == {"1"}
+    assert str(first["scored_at"].dtype).startswith("datetime64") and "row" not in first
+    assert len(list(out.glob("*.parquet"))) == 3  # one part per input part
+
+    assert run("--input", str(tmp_path / "in"), "--output", str(out), "--key", "customer_id") == 0
+    assert "scored 0 of 0 rows, 1500 already scored" in capsys.readouterr().out
+    data.iloc[1500:].to_parquet(tmp_path / "in" / "day-3.parquet", index=False)  # a new day arrives
+    assert run("--input", str(tmp_path / "in"), "--output", str(out), "--key", "customer_id") == 0
+    assert "scored 500 of 500 rows, 1500 already scored" in capsys.readouterr().out
+    every = read_folder(out)
+    assert len(every) == 2000 and every["customer_id"].is_unique
+
+    assert run("--input", str(tmp_path / "in"), "--output", str(out), "--key", "customer_id", "--rescore") == 0
+    assert len(read_folder(out)) == 4000  # every row once more, in new parts
+
+
+def test_a_stopped_job_keeps_only_whole_parts_and_a_rerun_finishes_it(home, tmp_path):
+    from serving.batch.job import JobSpec, Stopped, plan, run_local, run_part
+    from serving.settings import ServingSettings
+    from serving.store import Store
+
+    split(rows(), tmp_path / "in", 4)
+    out = tmp_path / "out"
+    spec = JobSpec(input=str(tmp_path / "in"), output=str(out), model_uri=MODEL, key="customer_id", chunk_rows=200)
+    p = plan(spec, Store.at(ServingSettings()), stamp="t1")
+    stop = threading.Event()
+    real = run_part
+
+    def stop_in_second(task, part, model, stop_event):
+        if part.index == 1:
+            stop_event.set()  # SIGTERM arrives while the second part is being scored
+        return real(task, part, model, stop_event)
+
+    import serving.batch.job as job
+
+    job.run_part, saved = stop_in_second, job.run_part
+    try:
+        with pytest.raises(Stopped):
+            run_local(p, stop, progress=False)
+    finally:
+        job.run_part = saved
+    assert sorted(f.name for f in out.iterdir()) == ["day-0-t1.parquet"]  # no half part, no temporary file
+    p2 = plan(spec, Store.at(ServingSettings()), stamp="t2")
+    assert p2.skipped == 500 and [part.name for part in p2.parts] == ["day-1.parquet", "day-2.parquet", "day-3.parquet"]
+    run_local(p2, progress=False)
+    scored = read_folder(out)
+    assert len(scored) == 2000 and scored["customer_id"].is_unique
+
+
+def test_a_sqlite_table_is_upserted_and_changed_rows_are_scored_again(home, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    engine = sqlalchemy.create_engine(url)
+    data = rows().head(300).assign(updated_at=pd.Timestamp("2026-12-01", tz="UTC"))
+    data.loc[4, "tenure_months"] = -1e400  # -inf: cannot be scored
+    data.to_sql("customers", engine, index=False)
+    args = ["--input", url, "--input-table", "customers", "--output", url, "--output-table", "scores",
+            "--key", "customer_id", "--since-column", "updated_at", "--chunk-rows", "64"]
+    assert run(*args) == 3
+    scores = pd.read_sql("SELECT * FROM scores", engine)
+    assert len(scores) == 299 and scores["customer_id"].is_unique
+    errors = pd.read_sql("SELECT * FROM scores_errors", engine)
+    assert errors["customer_id"].tolist() == ["C-000005"] and "tenure_months" in errors.loc[0, "reason"]
+    columns = {c["name"]: str(c["type"]) for c in sqlalchemy.inspect(engine).get_columns("scores")}
+    assert columns["probability_yes"] == "DOUBLE" and columns["customer_id"] == "TEXT"
+
+    with engine.begin() as conn:  # two customers change; one new customer arrives
+        conn.exec_driver_sql("UPDATE customers SET tenure_months = 70, updated_at = '2026-12-02 00:00:00.000000' "
+                             "WHERE customer_id IN ('C-000010', 'C-000020')")
+    rows().iloc[[300]].assign(updated_at=pd.Timestamp("2026-12-02", tz="UTC")).to_sql("customers", engine, index=False,
+                                                                                       if_exists="append")
+    capsys.readouterr()
+    assert run(*args) == 3  # the -inf row is still invalid
+    assert "scored 3 of 4 rows, 297 already scored" in capsys.readouterr().out
+    again = pd.read_sql("SELECT * FROM scores", engine)
+    assert len(again) == 300 and again["customer_id"].is_unique
+    changed = again.set_index("customer_id").loc[["C-000010", "C-000020"], "scored_at"]
+    assert (pd.to_datetime(changed) > pd.to_datetime(scores["scored_at"]).max()).all()
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), [
+    (lambda t: None, ["--input", "{t}/none", "--output", "{t}/o"], "--input: must be a .csv or .parquet file, a folder"),
+    (lambda t: (t / "empty").mkdir(), ["--input", "{t}/empty", "--output", "{t}/o"], "--input: no .csv or .parquet files in"),
+    (lambda t: (rows().head(5).to_parquet(t / "a.parquet"), rows().head(5).drop(columns=["region"]).to_parquet(t / "b.parquet")),
+     ["--input", "{t}", "--output", "{t}/o"], "--input: the parts have different columns: b.parquet differs from a.parquet in region"),
+    (lambda t: pd.concat([rows().head(3), rows().head(1)]).to_csv(t / "d.csv", index=False),
+     ["--input", "{t}/d.csv", "--output", "{t}/o", "--key", "customer_id"], "--key customer_id: not unique in the input: "
+     "1 value(s) appear more than once, e.g. 'C-000001'"),
+    (lambda t: rows().head(3).to_csv(t / "d.csv", index=False),
+     ["--input", "{t}/d.csv", "--output", "{t}/o.csv", "--key", "customer_id"], "--key: incremental scoring needs --output to be"),
+    (lambda t: rows().head(3).drop(columns=["contract"]).to_csv(t / "d.csv", index=False),
+     ["--input", "{t}/d.csv", "--output", "{t}/o"], "--input: the input lacks column(s) contract"),
+    (lambda t: None, ["--input", "sqlite:///{t}/x.db", "--input-table", "nope", "--output", "{t}/o"], "--input-table: no table 'nope'"),
+    (lambda t: rows().head(3).to_sql("c", sqlalchemy.create_engine(f"sqlite:///{t}/x.db"), index=False),
+     ["--input", "sqlite:///{t}/x.db", "--input-query", "SELECT customer_id FROM missing_table", "--output", "{t}/o"],
+     "--input-query: OperationalError: no such table: missing_table"),
+    (lambda t: rows().head(3).to_csv(t / "d.csv", index=False), ["--input", "{t}/d.csv", "--output", "{t}/o", "--every", "soon"],
+     "--every: a positive duration like 30s, 5m, 1h or 1d, got 'soon'"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(home, tmp_path, capsys, setup, args, message):
+    setup(tmp_path)
+    assert run(*(a.format(t=tmp_path) for a in args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {message}"), err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_the_dask_engine_writes_what_the_single_process_writes(home, tmp_path, capsys):
+    data = rows()
+    data["senior"] = data["senior"].astype(object)
+    data.loc[[5, 1207], "senior"] = "maybe"  # invalid rows in two parts
+    split(data, tmp_path / "in", 4, fmt="csv")
+    for engine, out in (("local", "one"), ("dask", "many")):
+        code = run("--input", str(tmp_path / "in"), "--output", str(tmp_path / out), "--engine", engine, "--workers", "2",
+                   "--errors", str(tmp_path / f"{out}-errors.csv"))
+        assert code == 3, capsys.readouterr().err
+    one, many = (pd.concat([pd.read_csv(p) for p in sorted((tmp_path / o).glob("*.csv"))], ignore_index=True)
+                 for o in ("one", "many"))
+    assert len(one) == 1998 and list(one.columns[:3]) == ["part", "row", "customer_id"]
+    pd.testing.assert_frame_equal(one.drop(columns="scored_at"), many.drop(columns="scored_at"))
+    errors = [pd.read_csv(tmp_path / f"{o}-errors.csv").drop(columns="scored_at") for o in ("one", "many")]
+    pd.testing.assert_frame_equal(*errors)
+    assert errors[0][["part", "row"]].values.tolist() == [["day-0.csv", 5], ["day-2.csv", 207]]
+
+
+def test_every_repeats_until_sigterm_then_exits_0(home, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    rows().head(200).to_csv(tmp_path / "in.csv", index=False)
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    job = subprocess.Popen([sys.executable, "-m", "serving.batch", "--input", str(tmp_path / "in.csv"), "--output", url,
+                            "--output-table", "scores", "--key", "customer_id", "--every", "1s", "--model", MODEL, "--no-tracking"],
+                           cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    lines = [job.stdout.readline() for _ in range(2)]  # two runs: the second finds everything done
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 0, job.stderr.read()[-2000:]
+    assert lines[0].startswith("scored 200 of 200 rows") and lines[1].startswith("scored 0 of 0 rows, 200 already scored"), lines
