@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 _spec = importlib.util.spec_from_file_location("bench_serving", Path(__file__).with_name("serving.py"))
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)  # its model, registry and THREADS settings (applied on import)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 POSTGRES = os.environ.get("WORKBENCH_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/optuna")
 
 

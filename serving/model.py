@@ -107,12 +107,19 @@ class LoadedModel:
         return x
 
     # -- output ------------------------------------------------------------------------
-    def predict_arrays(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(predictions, class probabilities or None) as arrays: the batch path, no Python lists."""
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(regression values, None) or (None, class probabilities): the forward pass as arrays."""
         out = np.asarray(self.forward(x))
         if self.task == "regression":
             return out[:, 0], None
-        probs = np.stack([1.0 - out[:, 0], out[:, 0]], axis=1) if self.task == "binary" else out
+        return None, np.stack([1.0 - out[:, 0], out[:, 0]], axis=1) if self.task == "binary" else out
+
+    def predict_arrays(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(predictions, class probabilities or None) as arrays: no Python lists."""
+        values, probs = self.outputs(x)
+        if probs is None:
+            assert values is not None
+            return values, None
         labels = np.asarray(self.classes, dtype=object)
         return labels[probs.argmax(axis=1)], probs
 

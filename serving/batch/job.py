@@ -11,11 +11,13 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from models.faults import RetryLog, is_transient, retry_call
 from serving.batch.objects import BatchError
+from serving.batch.overlap import WriteBehind, ahead
 from serving.batch.scoring import Identity, sample_output, score_chunk
 from serving.batch.sinks import FileSink, FolderSink, TableSink, open_sink
 from serving.batch.sources import FileSource, Part, SqlSource, open_source, plain, read_part
@@ -207,31 +209,44 @@ def _run_part_once(task: PartTask, part: Part, model: LoadedModel, stop: threadi
     import pandas as pd
 
     result = PartResult(part.index, part.name)
-    start, errors = time.perf_counter(), []
-    key = task.identity.key
-    with task.sink.part(part, task.stamp) as writer:
-        offset = 0
-        for chunk in read_part(part, task.columns, task.chunk_rows, raw=task.raw):
-            first_row, offset = offset, offset + len(chunk)
-            if key is not None and part.skip is not None and len(part.skip):
-                fresh = ~chunk[key].isin(part.skip).to_numpy()
-                result.skipped += int((~fresh).sum())
-                chunk = chunk[fresh]
-            result.rows += len(chunk)  # rows to score (not those already scored)
-            if len(chunk):
-                out, bad = score_chunk(model, chunk, task.identity, part=part.name, first_row=first_row,
-                                       stamp=pd.Timestamp.now(tz="UTC"))
-                if bad is not None:
-                    errors.append(bad)
-                    result.invalid += len(bad)
-                if out is not None:
-                    writer.write(out)
-                    result.scored += len(out)
-            if stop is not None and stop.is_set():
-                raise Stopped(f"stopped in part {part.name} after {result.rows} rows")
+    start, errors = time.perf_counter(), list[pd.DataFrame]()
+    with task.sink.part(part, task.stamp) as sink_writer:
+        writer = WriteBehind(sink_writer)  # the last chunk is written, the next read, while this one is scored
+        chunks = ahead(read_part(part, task.columns, task.chunk_rows, raw=task.raw))
+        try:
+            _score_chunks(task, part, model, chunks, writer, result, errors, stop)
+        finally:
+            chunks.close()
+            writer.close()
     result.seconds = time.perf_counter() - start
     result.errors = pd.concat(errors, ignore_index=True) if errors else None
     return result
+
+
+def _score_chunks(task: PartTask, part: Part, model: LoadedModel, chunks: Iterator[pd.DataFrame], writer: WriteBehind,
+                  result: PartResult, errors: list[pd.DataFrame], stop: threading.Event | None) -> None:
+    import pandas as pd
+
+    key = task.identity.key
+    offset = 0
+    for chunk in chunks:
+        first_row, offset = offset, offset + len(chunk)
+        if key is not None and part.skip is not None and len(part.skip):
+            fresh = ~chunk[key].isin(part.skip).to_numpy()
+            result.skipped += int((~fresh).sum())
+            chunk = chunk[fresh]
+        result.rows += len(chunk)  # rows to score (not those already scored)
+        if len(chunk):
+            out, bad = score_chunk(model, chunk, task.identity, part=part.name, first_row=first_row,
+                                   stamp=pd.Timestamp.now(tz="UTC"))
+            if bad is not None:
+                errors.append(bad)
+                result.invalid += len(bad)
+            if out is not None:
+                writer.write(out)
+                result.scored += len(out)
+        if stop is not None and stop.is_set():
+            raise Stopped(f"stopped in part {part.name} after {result.rows} rows")
 
 
 def run_local(p: Plan, stop: threading.Event | None = None, progress: bool = True) -> list[PartResult]:

@@ -53,7 +53,6 @@ def numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarra
 def score_chunk(model: LoadedModel, chunk: pd.DataFrame, identity: Identity, *, part: str, first_row: int,
                 stamp: pd.Timestamp) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """(predictions, invalid rows) of one chunk; either may be None when it has no rows."""
-    import pandas as pd
 
     if model.table is not None:
         features, wrong = model.table.encode_rows(chunk)
@@ -65,14 +64,15 @@ def score_chunk(model: LoadedModel, chunk: pd.DataFrame, identity: Identity, *, 
     rows = np.arange(first_row, first_row + len(chunk))
     errors = None
     if not ok.all():
-        errors = pd.DataFrame(_identity(identity, chunk, ~ok, rows, part))
-        errors["reason"] = reasons
-        _stamp(errors, model, stamp)
+        bad = _identity(identity, chunk, ~ok, rows, part)
+        bad["reason"] = reasons
+        errors = _frame(bad, model, int((~ok).sum()), stamp)
     if not ok.any():
         return None, errors
-    out = _predictions(model, features[ok], pd.DataFrame(_identity(identity, chunk, ok, rows, part)),
-                       {col: chunk[col].to_numpy()[ok] for col in identity.carry}, stamp)
-    return out, errors
+    every = ok.all()  # the common case: no row copied for a mask
+    columns = _identity(identity, chunk, None if every else ok, rows, part)
+    columns.update({col: chunk[col].to_numpy() if every else chunk[col].to_numpy()[ok] for col in identity.carry})
+    return _predictions(model, features if every else features[ok], columns, stamp), errors
 
 
 def sample_output(model: LoadedModel, chunk: pd.DataFrame, identity: Identity) -> pd.DataFrame:
@@ -80,43 +80,52 @@ def sample_output(model: LoadedModel, chunk: pd.DataFrame, identity: Identity) -
     import pandas as pd
 
     head = chunk.head(1)
-    one = np.ones(len(head), dtype=bool)
+    columns = _identity(identity, head, None, np.zeros(len(head), dtype=np.int64), "")
+    columns.update({col: head[col].to_numpy() for col in identity.carry})
     features = np.zeros((len(head), model.input_width), dtype=np.float32)
-    return _predictions(model, features, pd.DataFrame(_identity(identity, head, one, np.zeros(len(head), dtype=np.int64), "")),
-                        {col: head[col].to_numpy() for col in identity.carry}, pd.Timestamp.now(tz="UTC"))
+    return _predictions(model, features, columns, pd.Timestamp.now(tz="UTC"))
 
 
-def _predictions(model: LoadedModel, features: np.ndarray, out: pd.DataFrame, carry: dict[str, np.ndarray],
-                 stamp: pd.Timestamp) -> pd.DataFrame:
-
-    predictions, probs = model.predict_arrays(features)
-    for col, values in carry.items():
-        out[col] = values
-    out["prediction"] = predictions
-    if probs is not None:
-        for j, label in enumerate(model.classes):
-            out[f"probability_{label}"] = probs[:, j].astype(np.float32)
-    _stamp(out, model, stamp)
-    return out
-
-
-def _stamp(out: pd.DataFrame, model: LoadedModel, stamp: pd.Timestamp) -> None:
-    """The model's name and version and the scoring time on every row (one category each: cheap)."""
+def _predictions(model: LoadedModel, features: np.ndarray, columns: dict, stamp: pd.Timestamp) -> pd.DataFrame:
     import pandas as pd
 
-    n, r = len(out), model.resolved
-    out[MODEL_NAME] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[str(r.name or r.uri)])
-    out[MODEL_VERSION] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[str(r.version or "")])
-    out[SCORED_AT] = stamp
+    values, probs = model.outputs(features)
+    if probs is None:
+        columns["prediction"] = values
+    else:
+        # Labels as a categorical: one small dictionary instead of a string per row (Parquet and
+        # pandas both keep it as such).
+        columns["prediction"] = pd.Categorical.from_codes(probs.argmax(axis=1), categories=model.classes)
+        for j, label in enumerate(model.classes):
+            columns[f"probability_{label}"] = probs[:, j].astype(np.float32, copy=False)
+    return _frame(columns, model, len(features), stamp)
 
 
-def _identity(identity: Identity, chunk: pd.DataFrame, mask: np.ndarray, rows: np.ndarray, part: str) -> dict:
+def _frame(columns: dict, model: LoadedModel, n: int, stamp: pd.Timestamp) -> pd.DataFrame:
+    """The columns, with the model's name and version and the scoring time on every row (one
+    category each: cheap), as one frame built at once."""
+    import pandas as pd
+
+    r = model.resolved
+    zeros = np.zeros(n, dtype=np.int8)
+    columns[MODEL_NAME] = pd.Categorical.from_codes(zeros, categories=[str(r.name or r.uri)])
+    columns[MODEL_VERSION] = pd.Categorical.from_codes(zeros, categories=[str(r.version or "")])
+    columns[SCORED_AT] = pd.DatetimeIndex(np.full(n, stamp.as_unit("us").tz_convert(None).asm8), tz="UTC")
+    return pd.DataFrame(columns, copy=False)
+
+
+def _identity(identity: Identity, chunk: pd.DataFrame, mask: np.ndarray | None, rows: np.ndarray, part: str) -> dict:
+    """The identity columns of the rows in `mask` (None: every row)."""
     if identity.key is not None:
-        return {identity.key: chunk[identity.key].to_numpy()[mask]}
+        keys = chunk[identity.key].to_numpy()
+        return {identity.key: keys if mask is None else keys[mask]}
     out: dict = {}
+    picked = rows if mask is None else rows[mask]
     if identity.part is not None:
-        out["part"] = np.full(int(mask.sum()), part, dtype=object)
-    out["row"] = rows[mask]
+        import pandas as pd
+
+        out["part"] = pd.Categorical.from_codes(np.zeros(len(picked), dtype=np.int8), categories=[part])
+    out["row"] = picked
     return out
 
 

@@ -42,12 +42,16 @@ class FileWriter:
             frame.to_csv(self.path, mode="a" if self._csv_started else "w", header=not self._csv_started, index=False)
             self._csv_started = True
             return
+        import pandas as pd
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pandas(frame, preserve_index=False)
         if self._parquet is None:
-            self._parquet = pq.ParquetWriter(self.path, table.schema)
+            # Dictionary pages only where values repeat (labels, model, time): trying them on
+            # unique floats and ids costs 4x the write.
+            repeat = [c for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype) or c == SCORED_AT]
+            self._parquet = pq.ParquetWriter(self.path, table.schema, use_dictionary=repeat)
         self._parquet.write_table(table)
 
     def close(self) -> None:

@@ -194,3 +194,53 @@ def test_every_repeats_until_sigterm_then_exits_0(home, tmp_path):
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=60) == 0, job.stderr.read()[-2000:]
     assert lines[0].startswith("scored 200 of 200 rows") and lines[1].startswith("scored 0 of 0 rows, 200 already scored"), lines
+
+
+def test_the_reader_and_writer_threads_keep_order_and_hand_errors_over():
+    from serving.batch.overlap import WriteBehind, ahead
+
+    assert list(ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def dropped():
+        yield 1
+        raise ConnectionError("server closed the connection")  # a transient error stays one
+
+    rows_ = ahead(dropped())
+    assert next(rows_) == 1
+    with pytest.raises(ConnectionError):
+        next(rows_)
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    early = ahead(endless(), depth=1)
+    assert next(early) == 0
+    early.close()  # stops the thread and closes the source (a file, a cursor) there
+    assert closed == [True]
+
+    class Sink:
+        def __init__(self):
+            self.frames = []
+
+        def write(self, frame):
+            if frame == "bad":
+                raise OSError("disk full")
+            self.frames.append(frame)
+
+    sink = Sink()
+    writer = WriteBehind(sink)
+    for frame in ("a", "b", "c"):
+        writer.write(frame)
+    writer.close()
+    assert sink.frames == ["a", "b", "c"]
+    failing = WriteBehind(Sink())
+    failing.write("bad")
+    with pytest.raises(OSError, match="disk full"):
+        failing.close()
