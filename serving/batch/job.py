@@ -72,7 +72,6 @@ class PartTask:
     columns: tuple[str, ...]
     identity: Identity
     chunk_rows: int
-    raw: bool
     stamp: str
     retry: bool
 
@@ -152,12 +151,12 @@ def plan(spec: JobSpec, store: Store, *, stamp: str, distributed: bool = False) 
     columns = tuple(dict.fromkeys([*([spec.key] if spec.key else []), *model.feature_names, *carry]))
     identity = Identity(spec.key, "part" if source.multi_part else None, tuple(carry))
     retry = sink.idempotent and not isinstance(sink, FileSink)
-    task = PartTask(pinned, sink, columns, identity, spec.chunk_rows, model.table is not None, stamp, retry)
+    task = PartTask(pinned, sink, columns, identity, spec.chunk_rows, stamp, retry)
     skipped, rows_known = 0, None
     if spec.key is None:
         parts = source.parts()
     else:
-        keys = source.keys(spec.key, spec.since, raw=model.table is not None)
+        keys = source.keys(spec.key, spec.since)
         values = keys[spec.key]
         if values.isna().any():
             raise BatchError(f"--key {spec.key}: {int(values.isna().sum())} row(s) have no key; every row needs one")
@@ -183,7 +182,7 @@ def plan(spec: JobSpec, store: Store, *, stamp: str, distributed: bool = False) 
         else:
             parts, skipped = source.with_skips(keys, todo, spec.key)
     if isinstance(sink, TableSink) and parts:
-        first = source.sample(columns, 16, raw=task.raw)
+        first = source.sample(columns, 16)
         if len(first):
             sink.prepare(sample_output(model, first, identity))
     return Plan(spec, model, task, parts, source, skipped, rows_known)
@@ -212,7 +211,7 @@ def _run_part_once(task: PartTask, part: Part, model: LoadedModel, stop: threadi
     start, errors = time.perf_counter(), list[pd.DataFrame]()
     with task.sink.part(part, task.stamp) as sink_writer:
         writer = WriteBehind(sink_writer)  # the last chunk is written, the next read, while this one is scored
-        chunks = ahead(read_part(part, task.columns, task.chunk_rows, raw=task.raw))
+        chunks = ahead(read_part(part, task.columns, task.chunk_rows))
         try:
             _score_chunks(task, part, model, chunks, writer, result, errors, stop)
         finally:

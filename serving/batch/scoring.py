@@ -41,10 +41,11 @@ def numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarra
     import pandas as pd
 
     frame = chunk[model.feature_names]
-    if all(pd.api.types.is_float_dtype(t) or pd.api.types.is_integer_dtype(t) for t in frame.dtypes):
-        features = frame.to_numpy(dtype=np.float32, na_value=np.nan)
-    else:
-        features = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
+    text = [c for c, t in frame.dtypes.items() if not (pd.api.types.is_float_dtype(t) or pd.api.types.is_integer_dtype(t))]
+    if text:  # a column with a stray word (or booleans): its numbers still count, the rest are reported
+        frame = frame.assign(**{c: pd.to_numeric(frame[c].where(~frame[c].map(lambda v: isinstance(v, bool))), errors="coerce")
+                                for c in text})
+    features = frame.to_numpy(dtype=np.float32, na_value=np.nan)
     ok = np.isfinite(features).all(axis=1)
     reasons = [_reason(model.feature_names, r) for r in frame.loc[~ok].itertuples(index=False)] if not ok.all() else []
     return features, ok, reasons

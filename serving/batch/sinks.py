@@ -133,7 +133,7 @@ class FolderSink:
         frames = []
         for name_ in self.folder.names():
             with objects.local_copy(self.folder.child(name_)) as path:
-                for chunk in file_chunks(path, fmt_of(name_) or "parquet", columns, 1_000_000, raw=True):
+                for chunk in file_chunks(path, fmt_of(name_) or "parquet", columns, 1_000_000):
                     mine = (chunk[MODEL_NAME].astype(str) == name) & (chunk[MODEL_VERSION].astype(str) == version)
                     frames.append(chunk.loc[mine, columns[:-2]])
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns[:-2])

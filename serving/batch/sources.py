@@ -38,9 +38,10 @@ class Part:
         return fmt_of(self.name) or "parquet"
 
 
-def read_part(part: Part, columns: Sequence[str], chunk_rows: int, *, raw: bool) -> Iterator[pd.DataFrame]:
-    """The part's rows (only `columns`), in chunks of at most `chunk_rows`. `raw`: a table model's
-    input (CSV cells keep their types, empty is missing) rather than numbers checked as strings."""
+def read_part(part: Part, columns: Sequence[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The part's rows (only `columns`), in chunks of at most `chunk_rows`, with the types the
+    file or the database gives (a CSV's empty cell is missing; a column with a stray word stays
+    text, and scoring reports that row)."""
     if part.select is not None:
         if part.key is None:
             yield from sql.stream(part.uri, part.select, columns, chunk_rows)
@@ -49,7 +50,7 @@ def read_part(part: Part, columns: Sequence[str], chunk_rows: int, *, raw: bool)
         yield sql.read(part.uri, part.select, columns, where=where, params=params, order_by=part.key)
         return
     with objects.local_copy(part.uri) as path:
-        yield from file_chunks(path, part.fmt, list(columns), chunk_rows, raw=raw)
+        yield from file_chunks(path, part.fmt, list(columns), chunk_rows)
 
 
 def key_range(part: Part) -> tuple[str, dict[str, Any]]:
@@ -66,15 +67,11 @@ def key_range(part: Part) -> tuple[str, dict[str, Any]]:
     return " AND ".join(clauses), params
 
 
-def file_chunks(path: Path, fmt: str, columns: list[str], chunk_rows: int, *, raw: bool) -> Iterator[pd.DataFrame]:
+def file_chunks(path: Path, fmt: str, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     import pandas as pd
 
     if fmt == "csv":
-        if raw:  # a table model: empty cells are missing values, its encoding judges each value
-            yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows)
-            return
-        # Strings stay strings here so that a bad value is reported, not guessed.
-        yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows, dtype=str, keep_default_na=False)
+        yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows)
         return
     import pyarrow.parquet as pq
 
@@ -135,18 +132,18 @@ class FileSource:
         assert first is not None
         return first
 
-    def sample(self, columns: Sequence[str], n: int, *, raw: bool) -> pd.DataFrame:
+    def sample(self, columns: Sequence[str], n: int) -> pd.DataFrame:
         """The first rows of the first part (their types)."""
-        return next(read_part(self.parts()[0], columns, n, raw=raw))
+        return next(read_part(self.parts()[0], columns, n))
 
-    def keys(self, key: str, since: str | None, *, raw: bool) -> pd.DataFrame:
+    def keys(self, key: str, since: str | None) -> pd.DataFrame:
         """Every row's key (and since value) with its part index, typed as the parts are read."""
         import pandas as pd
 
         frames = []
         columns = [key, *([since] if since else [])]
         for part in self.parts():
-            for chunk in read_part(part, columns, 1_000_000, raw=raw):
+            for chunk in read_part(part, columns, 1_000_000):
                 frames.append(chunk.assign(_part=part.index))
         return pd.concat(frames, ignore_index=True)
 
@@ -186,11 +183,11 @@ class SqlSource:
     def parts(self) -> list[Part]:
         return [Part(0, "rows", self.url, select=self.select)]
 
-    def sample(self, columns: Sequence[str], n: int, *, raw: bool) -> pd.DataFrame:
+    def sample(self, columns: Sequence[str], n: int) -> pd.DataFrame:
         """The first rows (their types)."""
         return sql.read(self.url, self.select, columns, limit=n)
 
-    def keys(self, key: str, since: str | None, *, raw: bool) -> pd.DataFrame:
+    def keys(self, key: str, since: str | None) -> pd.DataFrame:
         frame = sql.read(self.url, self.select, [key, *([since] if since else [])], order_by=key)
         return frame.assign(_part=0)
 
