@@ -74,7 +74,7 @@ def run_once(args: argparse.Namespace, store, stop: threading.Event) -> int:
         if args.engine == "dask":
             from serving.batch.cluster import run_dask
 
-            results = run_dask(p, scheduler=args.scheduler, workers=args.workers)
+            results = run_dask(p, scheduler=args.scheduler, workers=args.workers, stop=stop)
         else:
             results = run_local(p, stop)
     except Stopped as e:
@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     store = Store.at(ServingSettings())
-    stop = stop_on_signals()
-    if every is None:
-        return guarded()
-    code = repeat(guarded, every, stop)
-    return ExitCode.OK if stop.is_set() and code in (ExitCode.OK, ExitCode.INVALID_ROWS, ExitCode.TERMINATED) else code
+    with stop_on_signals() as stop:
+        if every is None:
+            return guarded()
+        code = repeat(guarded, every, stop)
+        return ExitCode.OK if stop.is_set() and code in (ExitCode.OK, ExitCode.INVALID_ROWS, ExitCode.TERMINATED) else code
 
 
 if __name__ == "__main__":

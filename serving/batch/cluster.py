@@ -10,10 +10,11 @@ key (tables), so a row is never kept twice.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
-from serving.batch.job import PartResult, PartTask, Plan, run_part, worker_model
+from serving.batch.job import PartResult, PartTask, Plan, Stopped, run_part, worker_model
 from serving.batch.sources import Part
 from serving.store import ServingError
 
@@ -41,12 +42,20 @@ def connect(scheduler: str | None, workers: int) -> Iterator[Any]:
         yield client
 
 
-def run_dask(p: Plan, *, scheduler: str | None, workers: int) -> list[PartResult]:
-    """Every part on the cluster; results in part order."""
+def run_dask(p: Plan, *, scheduler: str | None, workers: int, stop: threading.Event | None = None) -> list[PartResult]:
+    """Every part on the cluster; results in part order. `stop` (SIGTERM) cancels the parts not
+    started yet and raises Stopped once the running ones are done (each is whole or not written)."""
+    from distributed import as_completed
+
     if not p.parts:
         return []
+    results = []
     with connect(scheduler, workers) as client:
         task = client.scatter(p.task, broadcast=True)
         futures = client.map(score_remote, p.parts, task=task, pure=False)
-        results = client.gather(futures)
+        for future in as_completed(futures):
+            results.append(future.result())
+            if stop is not None and stop.is_set():
+                client.cancel([f for f in futures if not f.done()])
+                raise Stopped(f"stopped after {len(results)} of {len(futures)} parts")
     return sorted(results, key=lambda r: r.index)

@@ -102,7 +102,9 @@ def local_copy(uri: str) -> Iterator[Path]:
 def staged(uri: str) -> Iterator[Path]:
     """A local file to write; when the block ends without an error it becomes `uri` at once
     (rename or one S3 upload); on an error nothing appears at `uri`."""
-    with tempfile.TemporaryDirectory(prefix="workbench-batch-", dir=None if is_s3(uri) else _parent(uri)) as tmp:
+    # Beside the target (a rename within one file system); its name starts with a dot, so a job
+    # killed here leaves a folder that no listing takes for data.
+    with tempfile.TemporaryDirectory(prefix=".workbench-batch-", dir=None if is_s3(uri) else _parent(uri)) as tmp:
         path = Path(tmp) / ("." + Path(uri).name)
         yield path
         if not path.exists():

@@ -6,11 +6,12 @@ committed, a file part in progress is dropped), and the loop ends without starti
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from serving.batch.objects import BatchError
 
@@ -26,8 +27,10 @@ def parse_every(text: str) -> float:
     return float(match[1]) * _UNIT[match[2]]
 
 
-def stop_on_signals() -> threading.Event:
-    """An event that SIGTERM and SIGINT set (the first one; a second Ctrl-C interrupts at once)."""
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGTERM and SIGINT set (a second Ctrl-C interrupts at once); the previous
+    handlers are back when the block ends (the command may run inside another program)."""
     stop = threading.Event()
 
     def handler(signum, frame):  # noqa: ARG001
@@ -35,9 +38,15 @@ def stop_on_signals() -> threading.Event:
             raise KeyboardInterrupt
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield stop
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def repeat(run_once: Callable[[], int], every: float, stop: threading.Event) -> int:

@@ -105,7 +105,6 @@ class FileSource:
             self.uris = [folder.child(n) for n in folder.names()]
             if not self.uris:
                 raise BatchError(f"--input: no .csv or .parquet files in {uri!r}")
-        self._headers: dict[str, list[str]] = {}
 
     @property
     def multi_part(self) -> bool:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -112,7 +113,16 @@ def test_a_killed_postgres_job_and_a_restart_under_its_rerun_score_each_row_once
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {source}, {target}, {target}_errors")
 
 
-def test_s3_prefixes_in_and_out_incrementally(s3_bucket, env):
+def in_process(env: dict, monkeypatch, *args: str) -> int:
+    """The command in this process (its model and TensorFlow already loaded: no start-up)."""
+    from serving.batch.__main__ import main as batch_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WORKBENCH_HOME", env["WORKBENCH_HOME"])
+    return batch_main([*args, "--model", "models:/churn_tiny@champion", "--no-tracking"])
+
+
+def test_s3_prefixes_in_and_out_incrementally(s3_bucket, env, monkeypatch, capsys):
     client, bucket = s3_bucket
     prefix = f"batch-{uuid.uuid4().hex[:8]}"
     data = customers(3_000)
@@ -123,23 +133,21 @@ def test_s3_prefixes_in_and_out_incrementally(s3_bucket, env):
         data.iloc[i * 1000:(i + 1) * 1000].to_parquet(buffer, index=False)
         client.put_object(Bucket=bucket, Key=f"{prefix}/in/day-{i}.parquet", Body=buffer.getvalue())
     args = ["--input", f"s3://{bucket}/{prefix}/in/", "--output", f"s3://{bucket}/{prefix}/out/", "--key", "id"]
-    first = batch(env, *args)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 3, err[-3000:]  # one invalid row
-    assert "scored 2999 of 3000 rows" in out
+    assert in_process(env, monkeypatch, *args) == 3  # one invalid row
+    assert "scored 2999 of 3000 rows" in capsys.readouterr().out
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/out/")["Contents"])
     parts = [k for k in keys if k.rsplit("/", 1)[1].startswith("day-")]
     assert len(parts) == 3 and len(keys) == 4 and "/_errors-" in keys[0]
     frames = [pd.read_parquet(io.BytesIO(client.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in parts]
     assert pd.concat(frames)["id"].sort_values().tolist() == [i for i in range(3000) if i != 10]
 
-    again = batch(env, *args)
-    out, err = again.communicate(timeout=300)
-    assert again.returncode == 3 and "scored 0 of 1 rows, 2999 already scored" in out, out + err[-2000:]
+    assert in_process(env, monkeypatch, *args) == 3
+    assert "scored 0 of 1 rows, 2999 already scored" in capsys.readouterr().out
 
-    empty = batch(env, "--input", f"s3://{bucket}/{prefix}/nothing/", "--output", f"s3://{bucket}/{prefix}/o/")
-    _, err = empty.communicate(timeout=300)
-    assert empty.returncode == 2 and err.strip().splitlines()[-1] == f"error: --input: no .csv or .parquet files in 's3://{bucket}/{prefix}/nothing/'"
+    empty = in_process(env, monkeypatch, "--input", f"s3://{bucket}/{prefix}/nothing/", "--output", f"s3://{bucket}/{prefix}/o/")
+    assert empty == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: --input: no .csv or .parquet files in 's3://{bucket}/{prefix}/nothing/'"
 
 
 def _free_port() -> int:
@@ -148,7 +156,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_dask_worker_killed_mid_job(env, tmp_path):
+def test_a_dask_worker_killed_mid_job(env, tmp_path, monkeypatch, capsys):
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path / "dask.log"
@@ -170,17 +178,39 @@ def test_a_dask_worker_killed_mid_job(env, tmp_path):
         stdout, stderr = job.communicate(timeout=600)
         written = sorted(out.glob("*.parquet"))
         assert len(written) < 24 or job.returncode == 0
-        assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written part left behind
+        from serving.batch.objects import Folder
+
+        assert [p.name for p in written] == Folder.parse(str(out)).names()  # no half-written part is listed as data
         ids = pd.concat([pd.read_parquet(p, columns=["id"]) for p in written])["id"]
         assert ids.is_unique  # never a row twice
         assert job.returncode == 0, stderr[-3000:] + logs.read_text()[-3000:]
         assert len(written) == 24 and len(ids) == 240_000 and "scored 240000 of 240000 rows" in stdout
 
-        unreachable = batch(env, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o2"), "--engine", "dask",
-                            "--scheduler", "tcp://127.0.0.1:1")
-        _, err = unreachable.communicate(timeout=300)
-        assert unreachable.returncode == 1
-        assert err.strip().splitlines()[-1].startswith("error: --scheduler: cannot reach the Dask scheduler at tcp://127.0.0.1:1")
+        # SIGTERM (the stop event): the parts not started are cancelled; what was written is whole.
+        from serving.batch.cluster import run_dask
+        from serving.batch.job import JobSpec, Stopped, plan
+        from serving.settings import ServingSettings
+        from serving.store import Store
+
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.setenv("WORKBENCH_HOME", env["WORKBENCH_HOME"])
+        stopped = tmp_path / "stopped"
+        p = plan(JobSpec(input=str(tmp_path / "in"), output=str(stopped), model_uri="models:/churn_tiny@champion", key="id"),
+                 Store.at(ServingSettings()), stamp="s", distributed=True)
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(Stopped):
+            run_dask(p, scheduler=address, workers=2, stop=stop)
+        time.sleep(3)  # parts already running on a worker may still land, whole
+        kept = Folder.parse(str(stopped)).names()
+        assert 1 <= len(kept) < 24
+        assert pd.concat([pd.read_parquet(stopped / n, columns=["id"]) for n in kept])["id"].is_unique
+
+        code = in_process(env, monkeypatch, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o2"),
+                          "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1")
+        assert code == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+            "error: --scheduler: cannot reach the Dask scheduler at tcp://127.0.0.1:1")
     finally:
         for p in [*workers, scheduler]:
             p.kill()

@@ -45,10 +45,13 @@ def wait_for(predicate, timeout: float = 180, what: str = "condition"):
 
 
 def trials(url: str, name: str):
+    storage = optuna.storages.RDBStorage(url)  # its pool is closed at once: polling must not pile up connections
     try:
-        return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:  # not created yet
         return []
+    finally:
+        storage.engine.dispose()
 
 
 def finished(ts) -> list:

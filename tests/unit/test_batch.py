@@ -102,6 +102,9 @@ def test_a_stopped_job_keeps_only_whole_parts_and_a_rerun_finishes_it(home, tmp_
 
 
 def test_a_sqlite_table_is_upserted_and_changed_rows_are_scored_again(home, tmp_path, capsys):
+    import signal
+
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     url = f"sqlite:///{tmp_path / 'shop.db'}"
     engine = sqlalchemy.create_engine(url)
     data = rows().head(300).assign(updated_at=pd.Timestamp("2026-12-01", tz="UTC"))
@@ -127,6 +130,7 @@ def test_a_sqlite_table_is_upserted_and_changed_rows_are_scored_again(home, tmp_
     assert "scored 3 of 4 rows, 297 already scored" in capsys.readouterr().out
     again = pd.read_sql("SELECT * FROM scores", engine)
     assert len(again) == 300 and again["customer_id"].is_unique
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # the command put them back
     changed = again.set_index("customer_id").loc[["C-000010", "C-000020"], "scored_at"]
     assert (pd.to_datetime(changed) > pd.to_datetime(scores["scored_at"]).max()).all()
 
