@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from models.faults import RetryLog, is_transient, retry_call
 from serving.batch.objects import BatchError
@@ -97,8 +97,6 @@ class Plan:
     parts: list[Part]
     source: FileSource | SqlSource
     skipped: int = 0  # rows already scored by this model version (left out)
-    rows_known: int | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def pin(uri: str, store: Store) -> tuple[PinnedModel, LoadedModel]:
@@ -150,9 +148,8 @@ def plan(spec: JobSpec, store: Store, *, stamp: str, distributed: bool = False) 
         raise BatchError(f"{what}: the input lacks column(s) {', '.join(missing[:10])} that the job needs")
     columns = tuple(dict.fromkeys([*([spec.key] if spec.key else []), *model.feature_names, *carry]))
     identity = Identity(spec.key, "part" if source.multi_part else None, tuple(carry))
-    retry = sink.idempotent and not isinstance(sink, FileSink)
-    task = PartTask(pinned, sink, columns, identity, spec.chunk_rows, stamp, retry)
-    skipped, rows_known = 0, None
+    task = PartTask(pinned, sink, columns, identity, spec.chunk_rows, stamp, retry=sink.idempotent)
+    skipped = 0
     if spec.key is None:
         parts = source.parts()
     else:
@@ -164,7 +161,6 @@ def plan(spec: JobSpec, store: Store, *, stamp: str, distributed: bool = False) 
         if len(dupes):
             raise BatchError(f"--key {spec.key}: not unique in the input: {dupes.nunique()} value(s) appear more than once, "
                              f"e.g. {plain(dupes.iloc[0])!r}")
-        rows_known = len(keys)
         r = model.resolved
         done = None if spec.rescore else sink.done(spec.key, spec.since, str(r.name or r.uri), str(r.version or ""))
         todo = np.ones(len(keys), dtype=bool)
@@ -185,7 +181,7 @@ def plan(spec: JobSpec, store: Store, *, stamp: str, distributed: bool = False) 
         first = source.sample(columns, 16)
         if len(first):
             sink.prepare(sample_output(model, first, identity))
-    return Plan(spec, model, task, parts, source, skipped, rows_known)
+    return Plan(spec, model, task, parts, source, skipped)
 
 
 def run_part(task: PartTask, part: Part, model: LoadedModel, stop: threading.Event | None = None) -> PartResult:

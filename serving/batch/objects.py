@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,12 +113,6 @@ def staged(uri: str) -> Iterator[Path]:
             s3_client().upload_file(str(path), bucket, key)
         else:
             os.replace(path, uri)
-
-
-def put_file(local: Path, uri: str) -> None:
-    """Copy a finished local file to `uri` atomically."""
-    with staged(uri) as path:
-        shutil.copyfile(local, path)
 
 
 def _parent(uri: str) -> str:

@@ -62,7 +62,6 @@ class FileWriter:
 class FileSink:
     """All predictions in one file; it appears (atomically) when the job has finished."""
 
-    incremental = False
     idempotent = False  # a retried part would append its rows twice
 
     def __init__(self, uri: str) -> None:
@@ -109,7 +108,6 @@ class FileSink:
 class FolderSink:
     """One output part per input part in a folder or under an S3 prefix."""
 
-    incremental = True
     idempotent = True  # a retried part is written again from the start
 
     def __init__(self, uri: str) -> None:
@@ -175,7 +173,6 @@ class TableWriter:
 class TableSink:
     """Predictions in a SQL table: upserted on the key (one row per key), else appended."""
 
-    incremental = True
 
     def __init__(self, url: str, table: str | None, key: str | None) -> None:
         if not table:
