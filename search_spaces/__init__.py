@@ -22,6 +22,7 @@ from search_spaces._params import (
     SearchSpace,
 )
 from search_spaces._problems import FieldError, SpaceError, problems_from_validation
+from search_spaces._transfer import Transferred, transfer
 
 __all__ = [
     "CategoricalParam",
@@ -31,6 +32,7 @@ __all__ = [
     "IntParam",
     "SearchSpace",
     "SpaceError",
+    "Transferred",
     "compile_space",
     "conditions_hold",
     "from_flat",
@@ -45,4 +47,5 @@ __all__ = [
     "sample",
     "to_distribution",
     "to_hyperparameters",
+    "transfer",
 ]

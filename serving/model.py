@@ -149,10 +149,10 @@ def fetch(resolved: ResolvedModel, store: Store) -> LoadedModel:
 def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
     """Load a workbench model folder (its contract: models.contract) and compile its forward pass."""
     import keras
-    import tensorflow as tf
 
     import models.layers  # noqa: F401  (registers the workbench's own layers before loading)
     from models.contract import ContractError, ModelContract
+    from models.inference import compile_forward
 
     try:
         contract = ModelContract.read(path)
@@ -160,21 +160,7 @@ def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
     except ContractError as e:
         raise ServingError(f"{resolved.uri}: {e}") from None
     table = contract.table
-    n = table.width if table is not None else len(contract.feature_names)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, n], tf.float32)], reduce_retracing=True)
-    def forward(x):
-        return model(x, training=False)
-
-    n_outputs = int(forward(np.zeros((1, n), dtype=np.float32)).shape[1])  # traces now, not on the first request
-    from serving.fastpath import numpy_forward
-
-    fast = numpy_forward(model)
-    if fast is not None:
-        # Use the numpy path only if it gives Keras' answers on varied rows.
-        probe = np.random.default_rng(0).normal(size=(64, n)).astype(np.float32) * 3
-        if np.allclose(fast(probe), np.asarray(forward(probe)), rtol=1e-4, atol=1e-5):
-            forward = fast
+    compiled = compile_forward(model, table.width if table is not None else len(contract.feature_names))
     info = {key.removeprefix("workbench."): value for key, value in resolved.tags.items() if key.startswith("workbench.")}
-    return LoadedModel(resolved, contract.task, contract.feature_names, contract.class_labels, forward,
-                       n_outputs=n_outputs, info=info, table=table)
+    return LoadedModel(resolved, contract.task, contract.feature_names, contract.class_labels, compiled.forward,
+                       n_outputs=compiled.n_outputs, info=info, table=table)

@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long (budget.timeout)")
     p.add_argument("--seed", type=int, help="study seed: data split, sampler, per-trial seeds (study.seed)")
     p.add_argument("--allow-space-change", action="store_true", help="resume a study even though its search space changed")
+    p.add_argument("--warm-start-from", metavar="STUDY[@STORAGE_URL]",
+                   help="start or extend the study from another study's trials, even on a changed search space "
+                        "(warm_start.from; the best warm_start.top_k run first)")
+    p.add_argument("--ignore-stop", action="store_true",
+                   help="run although budget.stop ended the study, and judge no stop criterion in this run")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (tracking.enabled: false)")
     p.add_argument("--no-register", action="store_true", help="do not register the winner at the end (registry.auto: false)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
@@ -42,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     from studies.engines.runner import RunOptions, run_study
     from studies.environment import Settings
 
-    options = RunOptions(storage=args.storage, allow_space_change=args.allow_space_change, workers=args.workers,
+    options = RunOptions(storage=args.storage, allow_space_change=args.allow_space_change,
+                         ignore_stop=args.ignore_stop, workers=args.workers,
                          worker_index=args.worker_index, argv=argv)
-    sugar = {"budget.n_trials": args.n_trials, "budget.timeout": args.timeout, "study.seed": args.seed,
+    sugar = {"budget.n_trials": args.n_trials, "warm_start.from": args.warm_start_from, "budget.timeout": args.timeout, "study.seed": args.seed,
              "tracking.enabled": False if args.no_tracking else None,
              "registry.auto": False if args.no_register else None}
     return run_with_config(args, lambda loaded: run_study(loaded, Settings(), options), sugar=sugar)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import optuna
 
     from search_spaces import SearchSpace
-    from studies.config.sections import PrunerSection, SamplerSection, StudyConfig
+    from studies.config.sections import Limit, PrunerSection, SamplerSection, StudyConfig
 
 SAMPLERS = {
     "tpe": "TPESampler",
@@ -78,8 +78,18 @@ def _coerce(cls: type, key: str, annotation: Any, value: Any, path: str) -> Any:
         return value
 
 
-def build_sampler(section: SamplerSection, seed: int, space: SearchSpace, space_source: str) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded; grid search gets its grid from the search space (read from `space_source`)."""
+def takes_constraints(sampler_type: str) -> bool:
+    """Whether the sampler steers around infeasible trials (Optuna 5: the constraints a trial
+    sets with `set_constraint`; its samplers that do are the ones that took a constraints_func)."""
+    import optuna
+
+    return "constraints_func" in inspect.signature(getattr(optuna.samplers, SAMPLERS[sampler_type])).parameters
+
+
+def build_sampler(section: SamplerSection, seed: int, space: SearchSpace, space_source: str,
+                  constraints: dict[str, Limit] | None = None) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded; grid search gets its grid from the search space (read from
+    `space_source`). With `constraints` (set on each trial by the objective) it must heed them."""
     import optuna
 
     if section.type == "gp":
@@ -94,6 +104,10 @@ def build_sampler(section: SamplerSection, seed: int, space: SearchSpace, space_
             raise FieldError("sampler.type", "the cmaes sampler needs the cmaes package: pip install cmaes") from None
     cls = getattr(optuna.samplers, SAMPLERS[section.type])
     fixed: dict[str, Any] = {"seed": seed}
+    if constraints:
+        if not takes_constraints(section.type):
+            usable = ", ".join(t for t in SAMPLERS if takes_constraints(t))
+            raise FieldError("constraints", f"the {section.type} sampler cannot steer around constraints: use one of {usable}")
     if section.type == "grid":
         try:
             fixed["search_space"] = grid_values(space)
@@ -127,7 +141,7 @@ def check_sampler_and_pruner(cfg: StudyConfig, src: str, space: SearchSpace, spa
             raise FieldError("sampler.type", f"{cfg.sampler.type!r} handles a single objective only; use tpe, nsga2, random, gp or qmc")
         if cfg.multi_objective and cfg.pruner.type != "none":
             raise FieldError("pruner.type", f"Optuna cannot prune multi-objective studies: use none, got {cfg.pruner.type!r}")
-        build_sampler(cfg.sampler, 0, space, space_source)
+        build_sampler(cfg.sampler, 0, space, space_source, cfg.constraints)
         build_pruner(cfg.pruner)
     except FieldError as e:
         raise ConfigError.single(src, e.field, e.message) from None

@@ -20,7 +20,11 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "multiclass": ("val_loss", "val_accuracy"),
     "regression": ("val_loss", "val_mae", "val_rmse"),
 }
-STATIC_METRICS = ("n_params",)  # known after building; cannot prune
+# What the served model will cost, measured on each trial's model right after it is built (the
+# forward pass the API uses: models.inference); with n_params, known before training, so they
+# cannot prune but can constrain the search (`constraints`) and the registry (`registry.limits`).
+SERVING_METRICS = ("latency_p50_ms", "latency_batch64_ms", "model_bytes")
+STATIC_METRICS = ("n_params", *SERVING_METRICS)
 MAXIMIZED = ("val_accuracy", "val_auc", "val_pr_auc")
 
 
@@ -110,6 +114,26 @@ class ObjectiveSection(_Section):
         return [MetricSpec(name=self.metric or "val_loss", direction=self.direction)]
 
 
+class StopSection(_Section):
+    """budget.stop: end the whole study early (every worker) once it has stopped paying off."""
+
+    target: float | None = None  # a value good enough: stop once the best reaches it
+    patience: int | None = Field(default=None, ge=1)  # finished trials without an improvement of min_delta
+    min_delta: float = Field(default=0.0, ge=0)
+    # Stop once a Gaussian process over the finished trials bounds what is left to gain (the
+    # regret: best seen minus the lowest lower confidence bound) below this, in objective units.
+    regret_bound: float | None = Field(default=None, gt=0)
+    min_trials: int = Field(default=10, ge=2)  # COMPLETE trials before the regret bound is judged
+
+    @model_validator(mode="after")
+    def _check(self) -> StopSection:
+        if self.target is None and self.patience is None and self.regret_bound is None:
+            raise FieldError("target", "give at least one of target, patience or regret_bound")
+        if self.min_delta and self.patience is None:
+            raise FieldError("min_delta", "applies to patience, which is not set")
+        return self
+
+
 class BudgetSection(_Section):
     n_trials: int = Field(default=20, ge=1)
     timeout: float | None = Field(default=None, gt=0)
@@ -117,6 +141,7 @@ class BudgetSection(_Section):
     # A trial that lost its worker (no heartbeat) or failed on a transient error (connection
     # lost) runs again with the same parameters, at most this many times.
     retries: int = Field(default=2, ge=0, le=20)
+    stop: StopSection | None = None
 
     @property
     def failure_limit(self) -> int:
@@ -210,6 +235,29 @@ class Limit(_Section):
     min: float | None = None
     max: float | None = None
 
+    def holds(self, value: float | None) -> bool:
+        return value is not None and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class WarmStartSection(_Section):
+    """warm_start: begin (or extend) this study from another one's trials, even on a changed space."""
+
+    # The source study's name; `name@storage-url` when it lives in another storage.
+    from_: str = Field(alias="from", min_length=1)
+    storage: str | None = None  # the source's storage (default: this study's)
+    top_k: int = Field(default=5, ge=0, le=1000)  # the source's best trials, mapped, run first
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def source(self) -> tuple[str, str | None]:
+        """(study name, storage URL or None) of the source."""
+        name, sep, url = self.from_.partition("@")
+        if sep and self.storage is not None:
+            raise FieldError("from", f"names a storage after @ and warm_start.storage is set too, got {self.from_!r}")
+        if not name:
+            raise FieldError("from", f"needs a study name before @, got {self.from_!r}")
+        return name, (url or None) if sep else self.storage
+
 
 class RegistrySection(_Section):
     model_name: str | None = Field(default=None, min_length=1)  # default: the study name
@@ -236,6 +284,10 @@ class StudyConfig(_Section):
     training: TrainingSection = TrainingSection()
     tracking: TrackingSection = TrackingSection()
     registry: RegistrySection = RegistrySection()
+    # Limits on what each trial's model costs (STATIC_METRICS): the sampler learns to avoid
+    # infeasible regions (Optuna's constraints_func) and the winner must be feasible.
+    constraints: dict[str, Limit] = Field(default_factory=dict)
+    warm_start: WarmStartSection | None = None
 
     @model_validator(mode="after")
     def _check_engine(self) -> StudyConfig:
@@ -270,9 +322,61 @@ class StudyConfig(_Section):
         if self.registry.primary is not None and self.registry.primary not in names:
             raise FieldError("registry.primary", f"must be one of the objective metrics ({', '.join(names)}), got {self.registry.primary!r}")
         for key in self.registry.limits:
-            if key not in names:
-                raise FieldError(f"registry.limits.{key}", f"must be one of the objective metrics ({', '.join(names)})")
+            if key not in names and key not in STATIC_METRICS:
+                raise FieldError(f"registry.limits.{key}", f"must be an objective metric ({', '.join(names)}) "
+                                 f"or one of {', '.join(STATIC_METRICS)}, got {key!r}")
+        for section, limits in (("constraints", self.constraints), ("registry.limits", self.registry.limits)):
+            for key, limit in limits.items():
+                if limit.min is None and limit.max is None:
+                    raise FieldError(f"{section}.{key}", "give min, max or both")
+                if limit.min is not None and limit.max is not None and limit.min > limit.max:
+                    raise FieldError(f"{section}.{key}", f"min must be <= max, got min {limit.min:g} > max {limit.max:g}")
+        for key in self.constraints:
+            if key not in STATIC_METRICS:
+                raise FieldError(f"constraints.{key}", f"must be one of {', '.join(STATIC_METRICS)} (known for every "
+                                 f"trial, pruned ones too), got {key!r}")
         return self
+
+    @model_validator(mode="after")
+    def _check_search_extras(self) -> StudyConfig:
+        stop = self.budget.stop
+        if stop is not None and self.multi_objective:
+            raise FieldError("budget.stop", "target, patience and regret_bound judge one objective: "
+                             "a multi-objective study cannot stop on them")
+        if stop is not None and self.engine != "optuna":
+            raise FieldError("budget.stop", "applies to engine: optuna (KerasTuner's oracle decides when it stops)")
+        if stop is not None and stop.min_trials > self.budget.n_trials and stop.regret_bound is not None:
+            raise FieldError("budget.stop.min_trials", f"the regret bound is judged after min_trials COMPLETE trials, "
+                             f"more than budget.n_trials ({self.budget.n_trials}): it could never stop, got {stop.min_trials}")
+        if stop is not None and stop.patience is not None and stop.patience >= self.budget.n_trials:
+            raise FieldError("budget.stop.patience", f"must be < budget.n_trials ({self.budget.n_trials}) or it can never "
+                             f"stop the study, got {stop.patience}")
+        if self.constraints and self.engine != "optuna":
+            raise FieldError("constraints", "apply to engine: optuna (its samplers take a constraints function)")
+        if self.warm_start is not None:
+            if self.engine != "optuna":
+                raise FieldError("warm_start", "applies to engine: optuna (KerasTuner's oracle keeps its own history)")
+            try:
+                self.warm_start.source()
+            except FieldError as e:
+                raise FieldError(f"warm_start.{e.field}", e.message) from None
+        return self
+
+    def constraint_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Optuna constraint values (feasible when <= 0) of `constraints`: `<metric>_max` is
+        value - max, `<metric>_min` is min - value, for each metric known in `values`."""
+        out: dict[str, float] = {}
+        for key, limit in self.constraints.items():
+            if key in values and limit.max is not None:
+                out[f"{key}_max"] = float(values[key]) - limit.max
+            if key in values and limit.min is not None:
+                out[f"{key}_min"] = limit.min - float(values[key])
+        return out
+
+    def eligible(self, values: dict[str, float | None]) -> bool:
+        """Whether a trial with these metrics (objective values and user attributes by name) may
+        win: within `constraints` and `registry.limits`."""
+        return all(limit.holds(values.get(k)) for k, limit in (*self.constraints.items(), *self.registry.limits.items()))
 
     @property
     def directions(self) -> list[Direction]:

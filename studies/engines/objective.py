@@ -14,7 +14,7 @@ import optuna
 from models.faults import RetryLog, describe, is_transient
 from search_spaces import optuna_suggest, sample
 from studies.engines.workers import interruption_reason, signals_allowed, signals_deferred
-from studies.storage.study import derive_seed, improves
+from studies.storage.study import derive_seed, improves, trial_metrics
 
 if TYPE_CHECKING:
     import keras
@@ -109,6 +109,18 @@ class Objective:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
 
+    def may_win(self, values: float | tuple[float, ...], attrs: dict[str, Any]) -> bool:
+        """Within constraints and registry.limits: a model the selector may register."""
+        cfg = self.loaded.config
+        if not (cfg.constraints or cfg.registry.limits):
+            return True
+        vals = values if isinstance(values, tuple) else (values,)
+        return cfg.eligible({**attrs, **dict(zip([s.name for s in self.specs], vals, strict=True))})
+
+    def trial_may_win(self, trial: optuna.trial.FrozenTrial) -> bool:
+        cfg = self.loaded.config
+        return not (cfg.constraints or cfg.registry.limits) or cfg.eligible(trial_metrics(trial, [s.name for s in self.specs]))
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         return self.run(trial)
 
@@ -142,7 +154,7 @@ class Objective:
                     run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
                 values = self._train(trial, params, seed, run_id, outcome, model=model, fit_options=fit_options)
             outcome.state = "COMPLETE"
-            outcome.is_best = improves(trial.study, values)
+            outcome.is_best = self.may_win(values, outcome.attrs) and improves(trial.study, values, self.trial_may_win)
             return values
         except optuna.TrialPruned:
             outcome.state = "PRUNED"
@@ -204,6 +216,7 @@ class Objective:
 
     def _train(self, trial: optuna.trial.BaseTrial, params: dict[str, Any], seed: int, run_id: str | None,
                outcome: TrialOutcome, *, model: Any = None, fit_options: dict[str, Any] | None = None) -> float | tuple[float, ...]:
+        from models.inference import serving_costs
         from models.training import evaluate, fit
 
         cfg = self.loaded.config
@@ -214,6 +227,12 @@ class Objective:
         metrics["n_params"] = float(model.count_params())
         attrs = outcome.attrs
         attrs["n_params"] = int(model.count_params())
+        # Before training: the same for a trained network, and pruned trials carry them too (constraints).
+        costs = serving_costs(model, self.data.x_val[:64])
+        metrics.update(costs)
+        attrs.update(costs)
+        for key, value in cfg.constraint_values({**costs, "n_params": metrics["n_params"]}).items():
+            trial.set_constraint(key, value)  # the sampler steers around infeasible regions
 
         def report(epoch: int, logs: dict[str, float]) -> bool:
             if self.tracker is not None:

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 from studies.engines.objective import Objective, TrialFailed
 from studies.engines.session import Session, prepare_tensorflow
+from studies.engines.stopping import StopRule, continued_since, record_stop
 from studies.engines.workers import signal_pending, signals_deferred
 from studies.reporting.progress import Progress
-from studies.storage.study import BUDGET_STATES
+from studies.storage.study import BUDGET_STATES, stopped_record
 
 if TYPE_CHECKING:
     import optuna
@@ -17,9 +18,10 @@ if TYPE_CHECKING:
     from studies.tracking import TrialTracker
 
 
-def optimize(session: Session, tracker: TrialTracker | None, *, label: str | None) -> bool:
+def optimize(session: Session, tracker: TrialTracker | None, *, label: str | None, ignore_stop: bool = False) -> bool:
     """Trials until the study holds its budget of finished trials (counted across all workers),
-    the timeout, or budget.max_failed failures here. Returns whether it stopped on failures."""
+    the timeout, budget.max_failed failures here, or budget.stop (judged here or by another
+    worker). Returns whether it stopped on failures."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -30,6 +32,21 @@ def optimize(session: Session, tracker: TrialTracker | None, *, label: str | Non
 
     def stop_on_failures_or_signal(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if progress.failed_here >= max_failed or signal_pending():
+            study.stop()
+
+    section = cfg.budget.stop
+    rule = None if section is None or ignore_stop else StopRule(
+        section, cfg.directions[0] == "minimize", since=continued_since(session.study))
+
+    def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        assert rule is not None
+        if stopped_record(study) is not None:  # another worker judged it
+            study.stop()
+            return
+        reason = rule.reason(study)
+        if reason is not None:
+            record_stop(study, reason, session.target)
+            progress.bar.write(f"{progress.prefix}study stopped: {reason}")
             study.stop()
 
     states = tuple(TrialState[s] for s in BUDGET_STATES)
@@ -45,7 +62,8 @@ def optimize(session: Session, tracker: TrialTracker | None, *, label: str | Non
                     n_trials=remaining + max_failed,
                     timeout=cfg.budget.timeout,
                     catch=(TrialFailed,),
-                    callbacks=[progress, MaxTrialsCallback(session.target, states=states), stop_on_failures_or_signal],
+                    callbacks=[progress, MaxTrialsCallback(session.target, states=states), stop_on_failures_or_signal,
+                               *([stop_when_done] if rule is not None else [])],
                     gc_after_trial=False,  # clear_session() frees each model; a full gc.collect() costs ~0.3 s a trial
                 )
     finally:

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from models.errors import ConfigError, ExitCode
 from studies.engines.session import Session, open_session, prepare_tensorflow
+from studies.engines.stopping import blocked_by_stop
 from studies.engines.workers import Interrupted, SignalStop, run_workers
 from studies.reporting.progress import Stopwatch, summary
 from studies.storage.rdb import StaleTrialHandler, redact
-from studies.storage.study import reclaim, state_counts
+from studies.storage.study import reclaim, state_counts, stopped_record
 from studies.tracking import Tracker, close_stale_run, reconcile
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class RunOptions:
 
     storage: str | None = None
     allow_space_change: bool = False
+    ignore_stop: bool = False  # run even though budget.stop ended the study, and judge no stop criterion
     workers: int = 1
     worker_index: int | None = None  # set for each worker process that --workers starts
     argv: list[str] = field(default_factory=list)  # the command line, handed on to each worker
@@ -67,10 +69,11 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
     session = open_session(loaded, settings, storage_flag=options.storage, worker_index=options.worker_index,
                            allow_space_change=options.allow_space_change)
     study, cfg = session.study, loaded.config
-    budget_met = not options.is_worker and session.finished() >= session.target
+    blocked = None if options.is_worker else blocked_by_stop(study, session.target, ignore_stop=options.ignore_stop)
+    budget_met = not options.is_worker and (session.finished() >= session.target or blocked is not None)
     if budget_met:
-        print(f"study {study.study_name!r} already has {session.finished()} finished trials (budget {session.target}); "
-              "raise --n-trials to run more", file=sys.stderr)
+        print(blocked or f"study {study.study_name!r} already has {session.finished()} finished trials "
+              f"(budget {session.target}); raise --n-trials to run more", file=sys.stderr)
         if not study.user_attrs.get(INTERRUPTED_ATTR):
             print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names))
             return ExitCode.OK
@@ -102,7 +105,8 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
         else:
             from studies.engines.optuna_loop import optimize
 
-            failed = optimize(session, tracker, label=None if not options.is_worker else f"w{options.worker_index}")
+            failed = optimize(session, tracker, label=None if not options.is_worker else f"w{options.worker_index}",
+                              ignore_stop=options.ignore_stop)
     except Interrupted:
         pass
     finally:
@@ -154,7 +158,7 @@ def _coordinate(session: Session, options: RunOptions, stop: SignalStop, stopped
     if outcome.failed:
         print(f"error: worker(s) {', '.join(map(str, outcome.failed))} exited with an error (see above)", file=sys.stderr)
         return True
-    if session.finished() < session.target:
+    if session.finished() < session.target and stopped_record(session.study) is None:
         print(f"error: the study has {session.finished()} of {session.target} finished trials: every worker stopped",
               file=sys.stderr)
         return True

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from studies.storage.study import BUDGET_STATES, state_counts
+from studies.storage.study import BUDGET_STATES, best_trial, state_counts, stopped_record
 
 if TYPE_CHECKING:
     import optuna
@@ -77,10 +77,14 @@ def summary(study: optuna.Study, *, storage_url: str, wall_seconds: float, metri
         + (f"  RUNNING {counts['RUNNING']}" if counts["RUNNING"] else ""),
         f"wall time  {wall_seconds:.1f} s (this invocation)",
     ]
+    stopped = stopped_record(study)
+    if stopped is not None:
+        lines.append(f"stopped    {stopped['reason']} (budget.stop, after {stopped['finished']} finished trials)")
     if counts["COMPLETE"] == 0:
         lines.append("best       no COMPLETE trial yet")
+    elif len(study.directions) == 1 and (best := best_trial(study)) is None:
+        lines.append("best       no COMPLETE trial meets the constraints")
     elif len(study.directions) == 1:
-        best = study.best_trial
         lines.append(f"best       trial {best.number}: {metric_names[0]} = {_fmt(best.value)}")
         lines.extend(f"  {k:<20} {_fmt(v)}" for k, v in best.params.items())
     else:

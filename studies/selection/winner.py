@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.errors import WorkbenchError
+from studies.storage.study import feasible, trial_metrics
 
 if TYPE_CHECKING:
     import optuna
@@ -37,28 +38,32 @@ def criterion(cfg: StudyConfig) -> Criterion:
 
 
 def pick_winner(study: optuna.Study, cfg: StudyConfig) -> optuna.trial.FrozenTrial:
-    """Single objective: the best trial. Several: the Pareto trial within the limits that is best
-    on the primary objective (the first one unless `registry.primary` says otherwise)."""
-    if len(study.directions) == 1:
-        try:
-            return study.best_trial
-        except ValueError:
-            raise NoWinner(f"study {study.study_name!r} has no COMPLETE trial") from None
+    """Single objective: the best trial. Several: the Pareto trial that is best on the primary
+    objective (the first one unless `registry.primary` says otherwise). Either way only among
+    trials within `registry.limits` (objective values, or what the model costs: n_params,
+    latency_*, model_bytes) and feasible under `constraints`."""
     names = [m.name for m in cfg.objective.specs()]
-    front = study.best_trials
-    if not front:
-        raise NoWinner(f"study {study.study_name!r} has no COMPLETE trial")
+    limits = cfg.registry.limits
 
     def within(trial: optuna.trial.FrozenTrial) -> bool:
-        for key, limit in cfg.registry.limits.items():
-            value = trial.values[names.index(key)]
-            if (limit.min is not None and value < limit.min) or (limit.max is not None and value > limit.max):
-                return False
-        return True
+        return all(limit.holds(trial_metrics(trial, names).get(key)) for key, limit in limits.items())
 
+    try:
+        front = [study.best_trial] if len(study.directions) == 1 else study.best_trials
+    except ValueError:
+        front = []
+    if not front:
+        raise NoWinner(f"study {study.study_name!r} has no COMPLETE trial" + (" that meets constraints" if cfg.constraints else ""))
     candidates = [t for t in front if within(t)]
+    if not candidates and len(study.directions) == 1:  # the best is out of limits: the best of those within
+        import optuna
+
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        candidates = [t for t in complete if feasible(t) and within(t)]
+    candidates = [t for t in candidates if cfg.eligible(trial_metrics(t, names))]
     if not candidates:
-        raise NoWinner(f"no Pareto-optimal trial of {study.study_name!r} meets registry.limits")
+        what = "Pareto-optimal trial" if len(study.directions) > 1 else "COMPLETE trial"
+        raise NoWinner(f"no {what} of {study.study_name!r} meets registry.limits")
     primary = names.index(cfg.registry.primary or names[0])
     sign = 1.0 if study.directions[primary].name == "MINIMIZE" else -1.0
     return min(candidates, key=lambda t: (sign * t.values[primary], t.number))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +21,12 @@ SPACE = "workbench:space"
 CONFIG = "workbench:config"
 DATA_HASH = "workbench:data_hash"
 ENGINE = "workbench:engine"  # optuna or keras_tuner: who picked the trials
+# budget.stop ended the study: {"reason", "finished", "n_trials", "at"} (studies.engines.stopping);
+# {"since", "after"} once a later run continued past it.
+STOPPED_ATTR = "workbench:stopped"
+# Where the study started from: source study, storage, space hashes, trials mapped/dropped/queued
+# (studies.storage.warm_start).
+WARM_START_ATTR = "workbench:warm_start"
 # The budget counts these: a failed trial is retried, it does not use up the budget.
 BUDGET_STATES = ("COMPLETE", "PRUNED")
 
@@ -40,6 +46,12 @@ def sampler_seed(base: int, n_trials: int, worker: int | None) -> int:
     if n_trials == 0 and worker is None:
         return base
     return derive_seed(base, n_trials, -1 if worker is None else worker, zlib.crc32(socket.gethostname().encode()))
+
+
+def stopped_record(study: optuna.Study) -> dict[str, Any] | None:
+    """The record of the study's study-level stop, if it is stopped."""
+    record = study.user_attrs.get(STOPPED_ATTR)
+    return record if isinstance(record, dict) and record.get("reason") else None
 
 
 def state_counts(study: optuna.Study) -> Counter[str]:
@@ -102,9 +114,30 @@ def open_study(
     return study
 
 
-def improves(study: optuna.Study, values: float | tuple[float, ...]) -> bool:
+def trial_metrics(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, float | None]:
+    """A finished trial's user attributes and objective values by name."""
+    out = {k: v for k, v in trial.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out | dict(zip(names, trial.values or (), strict=False))
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Within the study's `constraints` (what the objective set with `set_constraint`: all <= 0)."""
+    return all(c <= 0 for c in trial.constraints.values())
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best feasible COMPLETE trial of a single-objective study, or None."""
+    try:
+        return study.best_trial
+    except ValueError:  # no COMPLETE trial, or none feasible
+        return None
+
+
+def improves(study: optuna.Study, values: float | tuple[float, ...],
+             eligible: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> bool:
     """Whether these values beat every COMPLETE trial so far (single objective), or are not
     dominated by any of them (multi-objective): the trials whose model is worth keeping.
+    `eligible`: only trials that may win count (within constraints and registry limits).
     Reads the completed trials from the study's cache (no best-trial query per trial)."""
     import optuna
 
@@ -112,7 +145,7 @@ def improves(study: optuna.Study, values: float | tuple[float, ...]) -> bool:
     signs = [1.0 if d.name == "MINIMIZE" else -1.0 for d in study.directions]
     mine = [s * v for s, v in zip(signs, vals, strict=True)]
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if trial.values is None:
+        if trial.values is None or (eligible is not None and not eligible(trial)):
             continue
         theirs = [s * v for s, v in zip(signs, trial.values, strict=True)]
         if len(vals) == 1:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from models.faults import describe
-from studies.storage.study import state_counts
+from studies.storage.study import WARM_START_ATTR, best_trial, state_counts, stopped_record
 from studies.tracking.background import BackgroundLog
 from studies.tracking.client import (
     TrackingError,
@@ -83,6 +83,9 @@ class Tracker:
         parent_tags = {**self.common_tags, PARENT_ROLE: "study", "workbench.storage": storage_url,
                        "workbench.directions": ",".join(cfg.directions),
                        "workbench.metrics": ",".join(m.name for m in cfg.objective.specs())}
+        lineage = study.user_attrs.get(WARM_START_ATTR)
+        if isinstance(lineage, dict):  # where the study started from (studies.storage.warm_start)
+            parent_tags |= {f"workbench.warm_start.{k}": str(v)[:5000] for k, v in lineage.items()}
         self.parent_run_id = retry_step(lambda: self._parent_run(study.study_name, parent_tags), "creating the study's parent run")
         # Writing the inputs checks the artifact store (S3) before any trial trains.
         retry_step(lambda: self._log_inputs(loaded), "uploading the config to the artifact store")
@@ -127,19 +130,25 @@ class Tracker:
         counts = state_counts(study)
         summary: dict[str, Any] = {"study": study.study_name, "counts": dict(counts)}
         metrics = {f"n_{k.lower()}": float(v) for k, v in counts.items()}
-        if counts["COMPLETE"] and len(study.directions) == 1:
-            best = study.best_trial
-            assert best.value is not None  # a COMPLETE trial of a single-objective study has its value
+        best = best_trial(study) if len(study.directions) == 1 else None
+        if best is not None:  # a COMPLETE trial of a single-objective study has its value
             summary["best_trial"] = {"number": best.number, "value": best.value, "params": best.params,
                                      "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR)}
             metrics["best_value"] = float(best.value)
-        elif counts["COMPLETE"]:
+        elif counts["COMPLETE"] and len(study.directions) > 1:
             summary["pareto_front"] = [{"number": t.number, "values": t.values, "mlflow_run_id": t.user_attrs.get(RUN_ID_ATTR)}
                                        for t in study.best_trials]
+        stopped = stopped_record(study)
+        tags: dict[str, str] = {}
+        if stopped is not None:
+            summary["stopped"] = stopped
+            tags = {"workbench.stop_reason": stopped["reason"][:5000]}
         run_id = self.parent_run_id
 
         def finish() -> None:
             self.client.log_dict(run_id, summary, "summary.json")
+            if tags:
+                self.client.log_batch(run_id, tags=tags_of(tags))
             if report_html is not None:
                 self.client.log_text(run_id, report_html, "reports/study_report.html")
             self.client.log_batch(run_id, metrics=metrics_of(metrics, step=sum(counts.values())))

@@ -125,7 +125,7 @@ def _error(write_config, tiny_space, **changes) -> str:
         ({"dataset__path": "x.csv"}, "dataset.name: give exactly one of name"),
         ({"model__task": "regression"}, "model.task: 'breast_cancer' is a binary dataset, got 'regression'"),
         ({"model__family": "cnn"}, "model.family: 'cnn' needs image-shaped data"),
-        ({"objective": {"metric": "val_rmse"}}, "objective.metric: must be one of val_loss, val_accuracy, val_auc, val_pr_auc, n_params for a binary task, got 'val_rmse'"),
+        ({"objective": {"metric": "val_rmse"}}, "objective.metric: must be one of val_loss, val_accuracy, val_auc, val_pr_auc, n_params, latency_p50_ms, latency_batch64_ms, model_bytes for a binary task, got 'val_rmse'"),
         ({"dataset": {"name": "diabetes"}, "model": {"family": "mlp", "task": "regression"}, "training": {"class_weight": "balanced"}},
          "training.class_weight: applies to classification tasks (binary, multiclass), got 'balanced' for a regression task"),
         ({"training__class_weight": "inverse"}, "training.class_weight: Input should be 'balanced'"),

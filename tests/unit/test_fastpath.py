@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from models import FAMILIES, load_dataset
+from models.fastpath import numpy_forward
 from models.training import fit
-from serving.fastpath import numpy_forward
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,89 @@
+"""The forward pass a served model answers with, and what it costs: one place for both, so a
+trial measures the latency that the API will show.
+
+`compile_forward` gives the numpy chain of a dense network (models.fastpath) when it matches
+Keras on varied rows, else a `tf.function` with a fixed input signature (traced once here).
+`measure_latency` times that forward pass on one row and on 64 rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Forward = Callable[[np.ndarray], Any]
+
+
+@dataclass(frozen=True)
+class CompiledForward:
+    forward: Forward  # float32 [n, width] -> [n, n_outputs]
+    n_outputs: int
+    kind: str  # "numpy" or "tensorflow"
+
+
+def compile_forward(model: Any, width: int, *, verify: bool = True) -> CompiledForward:
+    """The fastest forward pass of a Keras model over `width` float32 inputs that gives Keras'
+    answers. `verify=False` skips comparing the numpy chain with Keras (an eager call, ~0.1 s
+    on a fresh model): for timing a network whose layers the chain covers, not for serving it."""
+    import tensorflow as tf
+
+    from models.fastpath import numpy_forward
+
+    probe = np.random.default_rng(0).normal(size=(64, width)).astype(np.float32) * 3
+    fast = numpy_forward(model)
+    if fast is not None and not verify:
+        return CompiledForward(fast, int(fast(probe[:1]).shape[1]), "numpy")
+    if fast is not None:
+        # The numpy chain is used only if it gives Keras' answers on varied rows (eager call: no tracing).
+        reference = np.asarray(model(probe, training=False))
+        if np.allclose(fast(probe), reference, rtol=1e-4, atol=1e-5):
+            return CompiledForward(fast, int(reference.shape[1]), "numpy")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32)], reduce_retracing=True)
+    def forward(x):
+        return model(x, training=False)
+
+    n_outputs = int(forward(probe[:1]).shape[1])  # traces now, not on the first request
+    return CompiledForward(forward, n_outputs, "tensorflow")
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float  # one row
+    batch64_ms: float  # 64 rows in one call
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"latency_p50_ms": round(self.p50_ms, 4), "latency_batch64_ms": round(self.batch64_ms, 4)}
+
+
+def measure_latency(forward: Forward, rows: np.ndarray, *, budget_seconds: float = 0.05, max_calls: int = 200) -> Latency:
+    """Median wall time of the forward pass (result converted to numpy, as the API does) on one
+    row and on 64 rows (`rows` repeated if it has fewer); at most `budget_seconds` per size."""
+    rows = np.asarray(rows, dtype=np.float32)
+    batch = np.resize(rows, (64, rows.shape[1])) if len(rows) < 64 else rows[:64]
+    return Latency(_median_ms(forward, rows[:1], budget_seconds, max_calls),
+                   _median_ms(forward, batch, budget_seconds, max_calls))
+
+
+def _median_ms(forward: Forward, x: np.ndarray, budget_seconds: float, max_calls: int) -> float:
+    np.asarray(forward(x))  # warm: first-call costs are not the steady state
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_seconds
+    while len(times) < max_calls and (len(times) < 5 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        np.asarray(forward(x))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000.0
+
+
+def serving_costs(model: Any, rows: np.ndarray) -> dict[str, float]:
+    """What serving this network will cost: latency_p50_ms and latency_batch64_ms of its forward
+    pass on `rows` (model inputs, e.g. validation rows), and model_bytes, the bytes of its weights."""
+    x = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+    compiled = compile_forward(model, x.shape[1], verify=False)
+    size = sum(int(np.prod(w.shape)) * np.dtype(str(w.dtype)).itemsize for w in model.weights)
+    return {**measure_latency(compiled.forward, x).as_metrics(), "model_bytes": float(size)}

@@ -1,0 +1,82 @@
+"""A sampler that also learns from trials outside its study: a warm start's prior observations
+(studies.storage.warm_start). The sampler reads the study's trials through a view that lists the
+priors first; everything that writes (a trial's attributes, the study's state) reaches the real
+study, and nothing else (budget, pruner, winner, reports) ever sees the priors.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Container, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
+
+
+class _StudyWithPriors:
+    """The study as the sampler sees it: its own trials plus the priors (read-only queries)."""
+
+    def __init__(self, study: optuna.Study, priors: Sequence[FrozenTrial]) -> None:
+        self._study = study
+        self._priors = list(priors)
+
+    def _matching(self, states: Container[TrialState] | None) -> list[FrozenTrial]:
+        return [t for t in self._priors if states is None or t.state in states]
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        own = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [*self._matching(states), *own]
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return [*self._matching(states), *self._study.get_trials(deepcopy=deepcopy, states=states)]
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def with_priors(sampler: optuna.samplers.BaseSampler, priors: Sequence[FrozenTrial]) -> optuna.samplers.BaseSampler:
+    """`sampler`, sampling as if `priors` were finished trials of the study."""
+    return _priors_class()(sampler, priors)
+
+
+@functools.cache
+def _priors_class() -> type:
+    import optuna
+
+    class SamplerWithPriors(optuna.samplers.BaseSampler):
+        def __init__(self, inner: optuna.samplers.BaseSampler, priors: Sequence[FrozenTrial]) -> None:
+            self.inner = inner
+            self.priors = list(priors)
+
+        def _view(self, study: optuna.Study) -> Any:
+            return _StudyWithPriors(study, self.priors)
+
+        def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+            return self.inner.infer_relative_search_space(self._view(study), trial)
+
+        def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+            return self.inner.sample_relative(self._view(study), trial, search_space)
+
+        def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+            return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+
+        def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+            self.inner.before_trial(study, trial)
+
+        def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+            self.inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:
+            self.inner.reseed_rng()
+
+        def __repr__(self) -> str:
+            return f"SamplerWithPriors({self.inner!r}, {len(self.priors)} priors)"
+
+    return SamplerWithPriors
