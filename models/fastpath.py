@@ -25,6 +25,10 @@ def _activation(name: str) -> Callable[[Array], Array] | None:
         from scipy.special import expit  # no overflow warning for large |x|
 
         return expit
+    if name in ("silu", "swish"):
+        from scipy.special import expit
+
+        return lambda x: x * expit(x)
     if name == "softmax":
         def softmax(x: Array) -> Array:
             e = np.exp(x - x.max(axis=1, keepdims=True))

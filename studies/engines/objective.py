@@ -242,6 +242,7 @@ class Objective:
             trial.report(logs.get(self.monitor, float("nan")), epoch)
             return trial.should_prune()
 
+        attrs["setup_seconds"] = round(time.perf_counter() - started, 4)  # build + serving costs
         options: dict[str, Any] = {"epochs": cfg.training.epochs, **(fit_options or {})}
         result = fit(
             model,
@@ -254,6 +255,7 @@ class Objective:
             class_weight=self.class_weight,
             **options,
         )
+        attrs["epoch_seconds"] = result.extras["epoch_seconds"]  # where a trial's time goes (benchmarks/trial_cost.py)
         metrics["epochs_run"] = float(result.epochs_run)
         metrics["fit_seconds"] = round(time.perf_counter() - started, 3)
         attrs["epochs_run"] = result.epochs_run

@@ -80,11 +80,12 @@ def summary(study: optuna.Study, *, storage_url: str, wall_seconds: float, metri
     stopped = stopped_record(study)
     if stopped is not None:
         lines.append(f"stopped    {stopped['reason']} (budget.stop, after {stopped['finished']} finished trials)")
+    best = best_trial(study) if len(study.directions) == 1 else None
     if counts["COMPLETE"] == 0:
         lines.append("best       no COMPLETE trial yet")
-    elif len(study.directions) == 1 and (best := best_trial(study)) is None:
+    elif len(study.directions) == 1 and best is None:
         lines.append("best       no COMPLETE trial meets the constraints")
-    elif len(study.directions) == 1:
+    elif best is not None:
         lines.append(f"best       trial {best.number}: {metric_names[0]} = {_fmt(best.value)}")
         lines.extend(f"  {k:<20} {_fmt(v)}" for k, v in best.params.items())
     else:

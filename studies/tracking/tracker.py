@@ -131,7 +131,7 @@ class Tracker:
         summary: dict[str, Any] = {"study": study.study_name, "counts": dict(counts)}
         metrics = {f"n_{k.lower()}": float(v) for k, v in counts.items()}
         best = best_trial(study) if len(study.directions) == 1 else None
-        if best is not None:  # a COMPLETE trial of a single-objective study has its value
+        if best is not None and best.value is not None:
             summary["best_trial"] = {"number": best.number, "value": best.value, "params": best.params,
                                      "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR)}
             metrics["best_value"] = float(best.value)

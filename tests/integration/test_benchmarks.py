@@ -69,3 +69,8 @@ def test_batch_quick(postgres_url):
     for name in ("files", "postgres", "dask", "dask cold"):
         assert re.search(rf"^{name} +[\d,]+ rows/s vs .*: [\d.]+x", out.stdout, re.M), out.stdout
     assert "goals met:" in out.stdout
+
+
+def test_warm_start_quick():
+    last = _quick("benchmarks/warm_start.py", {})[-1]
+    assert last.startswith("median over 1 seeds: the warm start needs") and "x the trials of a cold start" in last

@@ -16,6 +16,7 @@ from models.training import fit
     [
         ("breast_cancer", "mlp", {"units": [16, 8], "activation": "gelu", "batch_norm": True, "dropout": [0.2, 0.1]}),
         ("wine", "mlp", {"units": [8], "activation": "tanh"}),
+        ("iris", "mlp", {"units": [8], "activation": "silu"}),
         ("diabetes", "mlp", {"units": [8, 8], "activation": "relu", "batch_norm": True}),
     ],
 )

@@ -3,8 +3,6 @@ study-level stop, serving-cost metrics and constraints (issue 18)."""
 
 from __future__ import annotations
 
-import math
-
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -239,6 +237,18 @@ def test_run_measures_serving_costs_stops_registers_within_limits_and_warm_start
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["workbench.stop_reason"].startswith("target reached")
     assert client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics["latency_p50_ms"] == trial.user_attrs["latency_p50_ms"]
+
+    # the served model answers on the forward pass the trial timed: same order of magnitude
+    import numpy as np
+
+    from models.inference import measure_latency
+    from serving.model import load
+    from serving.store import Store
+
+    served = load("models:/sa@champion", Store(f"sqlite:///{home / 'mlflow.db'}"))
+    rows = np.random.default_rng(0).normal(size=(64, served.input_width)).astype(np.float32)
+    ratio = measure_latency(served.forward, rows).p50_ms / trial.user_attrs["latency_p50_ms"]
+    assert 0.1 < ratio < 10, ratio
 
     # a resumed study knows it stopped; a higher budget runs on, warm-started from itself is refused
     assert run_main([str(path)]) == 0

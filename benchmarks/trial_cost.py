@@ -1,0 +1,164 @@
+"""Where a small trial's time goes: the shipped breast_cancer MLP, 3-epoch trials.
+
+    python benchmarks/trial_cost.py [--trials 8] [--rounds 5]
+
+Part 1, the fit path in one process, the same seeded models alternately fitted the way Keras
+does by default ("before": arrays batched by Keras, so the smaller last batch traces the train
+step again; optimizer variables created inside the first trace, which traces it twice; the
+compiled metrics computed on every train batch) and the way models.training.fit does now:
+first epoch (tracing included), steady epoch, whole 3-epoch fit.
+
+Part 2, whole trials of `python -m studies.run configs/breast_cancer.yaml` (3 epochs, no pruner,
+one TensorFlow thread) with tracking on (embedded MLflow) and off, from each trial's own record
+(`setup_seconds`, `epoch_seconds`, start/complete times): time outside epochs per trial, a trial
+against three steady epochs of pure training, and each invocation's fixed cost (process wall
+minus the trials). Goals (issue 18): outside epochs <= 0.3 s, trial <= 2x three epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PARAMS = {"n_layers": 2, "units": [64, 32], "dropout": [0.1, 0.1], "activation": "relu", "batch_norm": False,
+          "l2": 1e-5, "optimizer": "adam", "learning_rate": 1e-3}
+
+
+def fit_path(rounds: int) -> None:
+    from models.runtime import import_tensorflow
+
+    import_tensorflow(1)
+    import keras
+
+    from models import FAMILIES, load_dataset
+    from models.training import _Clock, _Validation, fit
+
+    data = load_dataset(name="breast_cancer", path=None, target=None, features=None, task="binary", image_shape=None,
+                        validation=0.2, test=0.2, seed=42, columns=None)
+
+    def before(model: keras.Model) -> list[float]:
+        clock = _Clock()
+        model.fit(data.x_train, data.y_train, epochs=3, batch_size=64, shuffle=True, verbose=0,
+                  callbacks=[clock, _Validation(data.x_val, data.y_val)])
+        return clock.seconds
+
+    def now(model: keras.Model) -> list[float]:
+        return fit(model, data, epochs=3, batch_size=64).extras["epoch_seconds"]
+
+    results: dict[str, list[tuple[float, float, float]]] = {"before": [], "now": []}
+    for r in range(rounds + 1):  # round 0 warms up both
+        for name, run in (("before", before), ("now", now)) if r % 2 else (("now", now), ("before", before)):
+            keras.backend.clear_session(free_memory=False)
+            keras.utils.set_random_seed(r)
+            model = FAMILIES["mlp"].build(PARAMS, data.spec)
+            start = time.perf_counter()
+            epochs = run(model)
+            total = time.perf_counter() - start
+            if r:
+                results[name].append((epochs[0], statistics.median(epochs[1:]), total))
+    print(f"fit path, 3 epochs, median of {rounds} alternating rounds (1 TF thread):")
+    print(f"  {'':8} {'first epoch':>12} {'steady epoch':>13} {'3-epoch fit':>12} {'fit / 3 steady':>15}")
+    med = {}
+    for name, rows in results.items():
+        first, steady, total = (statistics.median(col) for col in zip(*rows, strict=True))
+        med[name] = total
+        print(f"  {name:8} {first:11.3f}s {steady:12.3f}s {total:11.3f}s {total / (3 * steady):14.1f}x")
+    print(f"  the 3-epoch fit now takes {med['now'] / med['before']:.2f}x the time it took before "
+          f"({med['before'] / med['now']:.2f}x faster)")
+
+
+def trials(n: int) -> None:
+    import optuna
+
+    for tracking in ("on", "off"):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "WORKBENCH_HOME": tmp, "TF_THREADS": "1", "OMP_NUM_THREADS": "1"}
+            env.pop("MLFLOW_TRACKING_URI", None)
+            env.pop("OPTUNA_STORAGE", None)
+            storage = f"sqlite:///{tmp}/optuna.db"
+            cmd = [sys.executable, "-m", "studies.run", "configs/breast_cancer.yaml", "--storage", storage,
+                   "--study-name", "cost", "--n-trials", str(n), "--set", "training.epochs=3",
+                   "--set", "training.early_stopping_patience=null", "--set", "pruner.type=none",
+                   *(["--no-tracking"] if tracking == "off" else ["--set", "registry.model_name=cost"])]
+            start = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - start
+            study = optuna.load_study(study_name="cost", storage=storage)
+            done = study.get_trials(deepcopy=False)
+            if tracking == "on":
+                served_latency(study, f"sqlite:///{tmp}/mlflow.db")
+        rows = []
+        for t in done:
+            seconds = t.user_attrs["epoch_seconds"]
+            trial_wall = (t.datetime_complete - t.datetime_start).total_seconds()
+            steady = statistics.median(seconds[1:])
+            rows.append((trial_wall, trial_wall - sum(seconds), seconds[0] - steady, steady, t.user_attrs["setup_seconds"]))
+        trial_wall, outside, trace, steady, setup = (statistics.median(col) for col in zip(*rows, strict=True))
+        print(f"\nwhole trials, tracking {tracking}: {n} trials, median per trial")
+        print(f"  trial {trial_wall:.3f}s = epochs {trial_wall - outside:.3f}s + outside epochs {outside:.3f}s "
+              f"(build + serving costs {setup:.3f}s; evaluation, storage and tracking the rest)")
+        print(f"  first epoch's extra over a steady one (tracing) {trace:.3f}s; steady epoch {steady:.3f}s")
+        print(f"  trial / three steady epochs = {trial_wall / (3 * steady):.1f}x (goal <= 2x); "
+              f"outside epochs {outside:.3f}s (goal <= 0.3 s)")
+        print(f"  invocation {wall:.1f}s, of which outside the trials {wall - sum(r[0] for r in rows):.1f}s "
+              "(imports, data, storage, tracking start and end)")
+
+
+def served_latency(study, tracking_uri: str) -> None:
+    """The registered winner's latency as the trial recorded it, against the same model loaded by
+    serving: its forward pass, and POST /predict of one row through the app (in-process ASGI
+    client, no network)."""
+    import logging
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from models import load_dataset
+    from models.inference import measure_latency
+    from serving.app import create_app
+    from serving.model import load
+    from serving.settings import ServingSettings
+    from serving.store import Store
+    from serving.versions import ModelSet
+
+    logging.getLogger("serving.access").setLevel(logging.WARNING)
+    model = load("models:/cost@champion", Store(tracking_uri))
+    trial = study.trials[int(model.resolved.tags["workbench.trial_number"])]
+    recorded = trial.user_attrs["latency_p50_ms"]
+    data = load_dataset(name="breast_cancer", path=None, target=None, features=None, task="binary", image_shape=None,
+                        validation=0.2, test=0.2, seed=42, columns=None)
+    forward = measure_latency(model.forward, data.x_val[:64]).p50_ms
+    body = {"instances": data.x_test[:1].tolist()}
+    with TestClient(create_app(ServingSettings(), ModelSet.fixed(model))) as client:
+        times = []
+        for _ in range(300):
+            start = time.perf_counter()
+            assert client.post("/predict", json=body).status_code == 200
+            times.append(time.perf_counter() - start)
+    http = float(np.median(times[50:])) * 1000
+    print(f"\nserving latency of the registered trial {trial.number}: recorded latency_p50_ms {recorded:.4f} ms; "
+          f"served forward pass {forward:.4f} ms ({forward / recorded:.2f}x); POST /predict one row {http:.3f} ms "
+          f"({http / recorded:.1f}x; goal: within 1.2x)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    fit_path(args.rounds)
+    trials(args.trials)
+
+
+if __name__ == "__main__":
+    main()
