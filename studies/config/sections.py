@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,6 +27,8 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 SERVING_METRICS = ("latency_p50_ms", "latency_batch64_ms", "model_bytes")
 STATIC_METRICS = ("n_params", *SERVING_METRICS)
 MAXIMIZED = ("val_accuracy", "val_auc", "val_pr_auc")
+# What each metric can reach: a budget.stop target outside it can never stop a study.
+BOUNDED = {**dict.fromkeys(MAXIMIZED, (0.0, 1.0))}
 
 
 class _Section(BaseModel):
@@ -343,6 +346,12 @@ class StudyConfig(_Section):
         if stop is not None and self.multi_objective:
             raise FieldError("budget.stop", "target, patience and regret_bound judge one objective: "
                              "a multi-objective study cannot stop on them")
+        if stop is not None and stop.target is not None:
+            name = self.objective.specs()[0].name
+            low, high = BOUNDED.get(name, (0.0, math.inf))
+            if not low <= stop.target <= high:
+                raise FieldError("budget.stop.target", f"{name} lies in [{low:g}, {high:g}]: a target outside it "
+                                 f"can never stop the study, got {stop.target:g}")
         if stop is not None and self.engine != "optuna":
             raise FieldError("budget.stop", "applies to engine: optuna (KerasTuner's oracle decides when it stops)")
         if stop is not None and stop.min_trials > self.budget.n_trials and stop.regret_bound is not None:

@@ -14,7 +14,7 @@ import optuna
 from models.faults import RetryLog, describe, is_transient
 from search_spaces import optuna_suggest, sample
 from studies.engines.workers import interruption_reason, signals_allowed, signals_deferred
-from studies.storage.study import derive_seed, improves, trial_metrics
+from studies.storage.study import WARM_START_SEED, derive_seed, improves, trial_metrics
 
 if TYPE_CHECKING:
     import keras
@@ -125,8 +125,11 @@ class Objective:
         return self.run(trial)
 
     def seed(self, trial: optuna.Trial) -> int:
-        """The trial's seed: a function of the study seed and the trial number."""
-        return derive_seed(self.loaded.config.study.seed, trial.number)
+        """The trial's seed: a function of the study seed and the trial number; a warm start's
+        queued trial keeps its source trial's seed, so on the same data it reproduces that result
+        (studies.storage.warm_start). Recorded on the trial and its run either way."""
+        inherited = trial.user_attrs.get(WARM_START_SEED) if isinstance(trial, optuna.Trial) else None
+        return int(inherited) if inherited is not None else derive_seed(self.loaded.config.study.seed, trial.number)
 
     def run(self, trial: optuna.Trial, *, model: Any = None, fit_options: dict[str, Any] | None = None,
             attrs: dict[str, Any] | None = None) -> float | tuple[float, ...]:

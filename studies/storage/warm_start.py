@@ -6,7 +6,8 @@ still valid are kept, values out of a new range are left out, removed parameters
 left out, new parameters are sampled. Those trials inform the sampler as prior observations
 (studies.engines.priors): they are not in the study, so they never count towards the budget,
 the winner or the reports. The best `top_k` are queued as real trials first, their values
-clipped into the new ranges. The lineage is recorded on the study (WARM_START_ATTR) and the
+clipped into the new ranges and their seeds kept (on the same data a source's best is its best
+again, instead of a fresh draw of initial weights that may land anywhere). The lineage is recorded on the study (WARM_START_ATTR) and the
 tracker copies it onto the MLflow parent run.
 """
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.errors import ConfigError
 from search_spaces import compile_space, transfer
-from studies.storage.study import ENGINE, SPACE_HASH, WARM_START_ATTR
+from studies.storage.study import ENGINE, SPACE_HASH, WARM_START_ATTR, WARM_START_SEED
 
 if TYPE_CHECKING:
     import optuna
@@ -130,8 +131,10 @@ def warm_start(loaded: LoadedConfig, study: optuna.Study, *, name: str, url: str
         for trial in best:
             moved = transfer(trial.params, target, clip=True)
             clipped += len(moved.clipped)
-            study.enqueue_trial(moved.params, user_attrs={"warm_start_of": f"{source.study_name}#{trial.number}"},
-                                skip_if_exists=True)
+            attrs: dict[str, Any] = {"warm_start_of": f"{source.study_name}#{trial.number}"}
+            if isinstance(trial.user_attrs.get("seed"), int):  # same data: the same result again
+                attrs[WARM_START_SEED] = trial.user_attrs["seed"]
+            study.enqueue_trial(moved.params, user_attrs=attrs, skip_if_exists=True)
         lineage |= {"queued": len(best), "values_clipped": clipped,
                     "at": datetime.now(UTC).isoformat(timespec="seconds")}
         study.set_user_attr(WARM_START_ATTR, lineage)

@@ -190,6 +190,8 @@ def test_warm_start_bad_sources(case, message, source_study, tiny_space, write_c
     ({"budget": {"n_trials": 5, "stop": {"patience": 5}}}, "budget.stop.patience", "must be < budget.n_trials (5)"),
     ({"budget": {"n_trials": 5, "stop": {"regret_bound": 0.01, "min_trials": 8}}}, "budget.stop.min_trials", "could never stop"),
     ({"budget": {"n_trials": 5, "stop": {"min_delta": 0.1, "target": 1}}}, "budget.stop.min_delta", "applies to patience"),
+    ({"budget": {"stop": {"target": -0.1}}}, "budget.stop.target", "val_loss lies in [0, inf]: a target outside it can never"),
+    ({"objective": {"metric": "val_auc"}, "budget": {"stop": {"target": 1.5}}}, "budget.stop.target", "val_auc lies in [0, 1]"),
     ({"objective": {"metrics": [{"name": "val_loss"}, {"name": "latency_p50_ms"}]}, "budget": {"stop": {"patience": 2}}},
      "budget.stop", "a multi-objective study cannot stop on them"),
     ({"constraints": {"val_auc": {"max": 1}}}, "constraints.val_auc", "must be one of n_params, latency_p50_ms"),
