@@ -43,10 +43,9 @@ def pick_winner(study: optuna.Study, cfg: StudyConfig) -> optuna.trial.FrozenTri
     trials within `registry.limits` (objective values, or what the model costs: n_params,
     latency_*, model_bytes) and feasible under `constraints`."""
     names = [m.name for m in cfg.objective.specs()]
-    limits = cfg.registry.limits
 
     def within(trial: optuna.trial.FrozenTrial) -> bool:
-        return all(limit.holds(trial_metrics(trial, names).get(key)) for key, limit in limits.items())
+        return feasible(trial) and cfg.eligible(trial_metrics(trial, names))
 
     try:
         front = [study.best_trial] if len(study.directions) == 1 else study.best_trials
@@ -59,8 +58,7 @@ def pick_winner(study: optuna.Study, cfg: StudyConfig) -> optuna.trial.FrozenTri
         import optuna
 
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        candidates = [t for t in complete if feasible(t) and within(t)]
-    candidates = [t for t in candidates if cfg.eligible(trial_metrics(t, names))]
+        candidates = [t for t in complete if within(t)]
     if not candidates:
         what = "Pareto-optimal trial" if len(study.directions) > 1 else "COMPLETE trial"
         raise NoWinner(f"no {what} of {study.study_name!r} meets registry.limits")
