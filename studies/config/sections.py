@@ -28,7 +28,7 @@ SERVING_METRICS = ("latency_p50_ms", "latency_batch64_ms", "model_bytes")
 STATIC_METRICS = ("n_params", *SERVING_METRICS)
 MAXIMIZED = ("val_accuracy", "val_auc", "val_pr_auc")
 # What each metric can reach: a budget.stop target outside it can never stop a study.
-BOUNDED = {**dict.fromkeys(MAXIMIZED, (0.0, 1.0))}
+BOUNDED = dict.fromkeys(MAXIMIZED, (0.0, 1.0))  # the others lie in [0, inf]
 
 
 class _Section(BaseModel):
@@ -288,7 +288,7 @@ class StudyConfig(_Section):
     tracking: TrackingSection = TrackingSection()
     registry: RegistrySection = RegistrySection()
     # Limits on what each trial's model costs (STATIC_METRICS): the sampler learns to avoid
-    # infeasible regions (Optuna's constraints_func) and the winner must be feasible.
+    # infeasible regions (each trial's `set_constraint`) and the winner must be feasible.
     constraints: dict[str, Limit] = Field(default_factory=dict)
     warm_start: WarmStartSection | None = None
 

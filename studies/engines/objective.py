@@ -109,17 +109,11 @@ class Objective:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
 
-    def may_win(self, values: float | tuple[float, ...], attrs: dict[str, Any]) -> bool:
-        """Within constraints and registry.limits: a model the selector may register."""
+    def may_win(self, metrics: dict[str, Any]) -> bool:
+        """Within constraints and registry.limits (metrics by name: objective values and user
+        attributes): a model the selector may register."""
         cfg = self.loaded.config
-        if not (cfg.constraints or cfg.registry.limits):
-            return True
-        vals = values if isinstance(values, tuple) else (values,)
-        return cfg.eligible({**attrs, **dict(zip([s.name for s in self.specs], vals, strict=True))})
-
-    def trial_may_win(self, trial: optuna.trial.FrozenTrial) -> bool:
-        cfg = self.loaded.config
-        return not (cfg.constraints or cfg.registry.limits) or cfg.eligible(trial_metrics(trial, [s.name for s in self.specs]))
+        return not (cfg.constraints or cfg.registry.limits) or cfg.eligible(metrics)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         return self.run(trial)
@@ -157,7 +151,10 @@ class Objective:
                     run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
                 values = self._train(trial, params, seed, run_id, outcome, model=model, fit_options=fit_options)
             outcome.state = "COMPLETE"
-            outcome.is_best = self.may_win(values, outcome.attrs) and improves(trial.study, values, self.trial_may_win)
+            names = [spec.name for spec in self.specs]
+            own = {**outcome.attrs, **dict(zip(names, values if isinstance(values, tuple) else (values,), strict=True))}
+            outcome.is_best = self.may_win(own) and improves(
+                trial.study, values, lambda other: self.may_win(trial_metrics(other, names)))
             return values
         except optuna.TrialPruned:
             outcome.state = "PRUNED"
