@@ -9,7 +9,7 @@ ARGS ?=
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,serve,batch,dev]"
 	touch $@
 
@@ -32,9 +32,9 @@ lint: install
 # Re-resolve every dependency from pyproject.toml into constraints.txt (a scratch venv, newest versions).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet --upgrade pip setuptools wheel
 	.lock-venv/bin/pip install --quiet -e ".[train,serve,batch,dev]"
-	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable --all | grep -viE '^pip=='; } > constraints.new
+	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable --all; } > constraints.new
 	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 clean:

@@ -4,7 +4,10 @@ A workbench model folder is an MLflow model whose MLmodel `metadata` holds the t
 a request names (`feature_names`), the class labels, and for a mixed-type table's model the
 `format` marker, with the fitted encoding in `artifacts/table.json` (models.tabular). The Keras
 network is `data/model.keras` (Keras flavor, all-numeric data) or `artifacts/model.keras` (the
-table pyfunc). Nothing here knows MLflow's API: only the files.
+table pyfunc). `runtime` says what serving needs: `numpy` when the network is also exported as
+`network.npz` (models.numpy_net: a dense network, runnable without TensorFlow), else `tensorflow`
+(the default of models logged before the export existed). Nothing here knows MLflow's API: only
+the files.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
 TABLE_FORMAT = "workbench-table"
 TABLE_FILE = "table.json"
 NETWORK_FILES = ("data/model.keras", "artifacts/model.keras")
+NUMPY_FILE = "network.npz"
+RUNTIMES = ("numpy", "tensorflow")
 
 
 class ContractError(WorkbenchError, ValueError):
@@ -35,6 +40,7 @@ class ModelContract:
     feature_names: list[str]  # the columns (or positional features) a request names, in order
     class_labels: list[Any] | None
     table: TableEncoder | None = None
+    runtime: str = "tensorflow"  # what serving needs to run the network (RUNTIMES)
 
     @classmethod
     def from_spec(cls, spec: DataSpec) -> ModelContract:
@@ -44,7 +50,8 @@ class ModelContract:
 
     def metadata(self, **extra: Any) -> dict[str, Any]:
         """The MLmodel metadata of this contract (plus provenance such as study and trial)."""
-        meta = {"task": self.task, "feature_names": self.feature_names, "class_labels": self.class_labels, **extra}
+        meta = {"task": self.task, "feature_names": self.feature_names, "class_labels": self.class_labels,
+                "runtime": self.runtime, **extra}
         if self.table is not None:
             meta.update(format=TABLE_FORMAT, id_columns=list(self.table.ids))
         return meta
@@ -72,7 +79,12 @@ class ModelContract:
             from models.tabular import TableEncoder
 
             table = TableEncoder.from_dict(json.loads((folder / "artifacts" / TABLE_FILE).read_text()))
-        return cls(meta["task"], list(meta["feature_names"]), meta.get("class_labels"), table)
+        runtime = meta.get("runtime", "tensorflow")
+        if runtime not in RUNTIMES:
+            raise ContractError(f"runtime {runtime!r} in its MLmodel metadata: this server knows {', '.join(RUNTIMES)}")
+        if runtime == "numpy" and not (folder / NUMPY_FILE).is_file():
+            raise ContractError(f"its MLmodel says runtime numpy but there is no {NUMPY_FILE} in {folder}")
+        return cls(meta["task"], list(meta["feature_names"]), meta.get("class_labels"), table, runtime)
 
     @staticmethod
     def network_file(folder: Path) -> Path:

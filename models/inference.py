@@ -1,7 +1,7 @@
 """The forward pass a served model answers with, and what it costs: one place for both, so a
 trial measures the latency that the API will show.
 
-`compile_forward` gives the numpy chain of a dense network (models.fastpath) when it matches
+`compile_forward` gives the numpy program of a dense network (models.export) when it matches
 Keras on varied rows, else a `tf.function` with a fixed input signature (traced once here).
 `measure_latency` times that forward pass on one row and on 64 rows.
 """
@@ -27,27 +27,22 @@ class CompiledForward:
 
 def compile_forward(model: Any, width: int, *, verify: bool = True) -> CompiledForward:
     """The fastest forward pass of a Keras model over `width` float32 inputs that gives Keras'
-    answers. `verify=False` skips comparing the numpy chain with Keras (an eager call, ~0.1 s
-    on a fresh model): for timing a network whose layers the chain covers, not for serving it."""
+    answers. `verify=False` skips comparing the numpy program with Keras (an eager call, ~0.1 s
+    on a fresh model): for timing a network whose layers it covers, not for serving it."""
+    from models.export import export_checked, to_numpy
+
+    net = (export_checked(model) if verify else to_numpy(model)).net
+    if net is not None:
+        return CompiledForward(net, net.n_outputs, "numpy")
+
     import tensorflow as tf
-
-    from models.fastpath import numpy_forward
-
-    probe = np.random.default_rng(0).normal(size=(64, width)).astype(np.float32) * 3
-    fast = numpy_forward(model)
-    if fast is not None and not verify:
-        return CompiledForward(fast, int(fast(probe[:1]).shape[1]), "numpy")
-    if fast is not None:
-        # The numpy chain is used only if it gives Keras' answers on varied rows (eager call: no tracing).
-        reference = np.asarray(model(probe, training=False))
-        if np.allclose(fast(probe), reference, rtol=1e-4, atol=1e-5):
-            return CompiledForward(fast, int(reference.shape[1]), "numpy")
 
     @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32)], reduce_retracing=True)
     def forward(x):
         return model(x, training=False)
 
-    n_outputs = int(forward(probe[:1]).shape[1])  # traces now, not on the first request
+    probe = np.zeros((1, width), dtype=np.float32)
+    n_outputs = int(forward(probe).shape[1])  # traces now, not on the first request
     return CompiledForward(forward, n_outputs, "tensorflow")
 
 

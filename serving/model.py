@@ -1,7 +1,8 @@
-"""A loaded model: input validation against its signature, and a fast compiled forward pass.
+"""A loaded model: input validation against its signature, and a fast forward pass.
 
-Keras `Model.predict()` costs ~120 ms per call (it builds a dataset and a loop); a `tf.function`
-with a fixed input signature answers a single row in well under a millisecond.
+A dense network runs as the numpy program it was exported as at logging (models.numpy_net: no
+TensorFlow in the process); any other runs as a `tf.function` with a fixed input signature
+(Keras `Model.predict()` costs ~120 ms per call, the compiled call well under a millisecond).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.contract import NUMPY_FILE, ContractError, ModelContract
+from models.inference import CompiledForward
 from serving.store import ResolvedModel, ServingError, Store
 
 if TYPE_CHECKING:
@@ -147,20 +150,41 @@ def fetch(resolved: ResolvedModel, store: Store) -> LoadedModel:
 
 
 def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
-    """Load a workbench model folder (its contract: models.contract) and compile its forward pass."""
-    import keras
-
-    import models.layers  # noqa: F401  (registers the workbench's own layers before loading)
-    from models.contract import ContractError, ModelContract
-    from models.inference import compile_forward
-
+    """Load a workbench model folder (its contract: models.contract): the numpy program when the
+    model was exported as one (no TensorFlow needed), else the Keras network, compiled."""
     try:
         contract = ModelContract.read(path)
-        model = keras.saving.load_model(ModelContract.network_file(path), compile=False)
+        compiled = _numpy(path / NUMPY_FILE) if contract.runtime == "numpy" else _keras(path, contract, resolved)
     except ContractError as e:
         raise ServingError(f"{resolved.uri}: {e}") from None
-    table = contract.table
-    compiled = compile_forward(model, table.width if table is not None else len(contract.feature_names))
     info = {key.removeprefix("workbench."): value for key, value in resolved.tags.items() if key.startswith("workbench.")}
     return LoadedModel(resolved, contract.task, contract.feature_names, contract.class_labels, compiled.forward,
-                       n_outputs=compiled.n_outputs, info=info, table=table)
+                       n_outputs=compiled.n_outputs, info={**info, "runtime": compiled.kind}, table=contract.table)
+
+
+def _numpy(file: Path) -> CompiledForward:
+    from models.numpy_net import NetError, NumpyNet
+
+    try:
+        net = NumpyNet.load(file)
+    except NetError as e:
+        raise ContractError(str(e)) from None
+    return CompiledForward(net, net.n_outputs, "numpy")
+
+
+def _keras(path: Path, contract: ModelContract, resolved: ResolvedModel) -> CompiledForward:
+    try:
+        import keras
+    except ImportError:
+        raise ServingError(
+            f"{resolved.uri}: this model needs TensorFlow (its network has layers beyond the dense ones "
+            "that numpy runs, or it was logged before models were exported for numpy), and this server "
+            "has none: serve it with the serving-tf image (docker build --target serving-tf) or "
+            "pip install '.[serve,tf]'") from None
+
+    import models.layers  # noqa: F401  (registers the workbench's own layers before loading)
+    from models.inference import compile_forward
+
+    model = keras.saving.load_model(ModelContract.network_file(path), compile=False)
+    table = contract.table
+    return compile_forward(model, table.width if table is not None else len(contract.feature_names))

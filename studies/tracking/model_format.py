@@ -4,18 +4,22 @@ records (serving.pyfunc.TableModel)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.contract import ModelContract
+from models.contract import NUMPY_FILE, ModelContract
 from studies.tracking.names import STUDY_TAG
 
 if TYPE_CHECKING:
     import keras
 
     from models import DataSpec
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -41,27 +45,40 @@ def warm_requirement_checks() -> None:
 
 def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path:
     """Save the Keras model as an MLflow model carrying its contract (models.contract) into a temp dir:
-    the Keras flavor for all-numeric data, a pyfunc taking raw records for a mixed-type table."""
+    the Keras flavor for all-numeric data, a pyfunc taking raw records for a mixed-type table; a
+    dense network is also exported as numpy steps (runtime numpy: served without TensorFlow)."""
+    from models.export import export_checked
+
+    export = export_checked(model)
+    if export.net is None:
+        log.info("model kept for TensorFlow serving only: %s", export.reason)
+    contract = dataclasses.replace(ModelContract.from_spec(spec), runtime="numpy" if export.net is not None else "tensorflow")
+    metadata = contract.metadata(study=tags.get(STUDY_TAG), trial_number=tags.get("optuna.trial_number"))
+    path = Path(tempfile.mkdtemp(prefix="workbench-model-")) / "model"
+    if contract.table is not None:
+        _save_table_model(model, contract, metadata, path)
+    else:
+        _save_keras_model(model, spec, metadata, path)
+    if export.net is not None:
+        export.net.save(path / NUMPY_FILE)
+    return path
+
+
+def _save_keras_model(model: keras.Model, spec: DataSpec, metadata: dict[str, Any], path: Path) -> None:
     import mlflow.keras
     import numpy as np
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    contract = ModelContract.from_spec(spec)
-    metadata = contract.metadata(study=tags.get(STUDY_TAG), trial_number=tags.get("optuna.trial_number"))
-    path = Path(tempfile.mkdtemp(prefix="workbench-model-")) / "model"
-    if contract.table is not None:
-        return _save_table_model(model, contract, metadata, path)
     outputs = 1 if spec.task != "multiclass" else spec.n_classes
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype("float32"), (-1, spec.n_features), "features")]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, outputs))]),
     )
     mlflow.keras.save_model(model, str(path), signature=signature, pip_requirements=list(pip_requirements()), metadata=metadata)
-    return path
 
 
-def _save_table_model(model: keras.Model, contract: ModelContract, metadata: dict[str, Any], path: Path) -> Path:
+def _save_table_model(model: keras.Model, contract: ModelContract, metadata: dict[str, Any], path: Path) -> None:
     """A mixed-type table's model: an MLflow pyfunc (serving.pyfunc.TableModel) holding the network
     and its encoding, with the raw columns as its signature."""
     import mlflow.pyfunc
@@ -80,4 +97,3 @@ def _save_table_model(model: keras.Model, contract: ModelContract, metadata: dic
     mlflow.pyfunc.save_model(str(path), python_model=TableModel(), signature=signature, metadata=metadata,
                              artifacts={"keras_model": str(parts / "model.keras"), "table": str(table)},
                              pip_requirements=list(pip_requirements()))
-    return path

@@ -1,0 +1,105 @@
+"""A Keras network as a `NumpyNet` (models.numpy_net), when all of its layers are dense-style.
+
+The walk follows the functional graph, so a table's embedding branches (column blocks, bias-free
+Dense, Concatenate) export as they are. Any other layer (convolutions, ...) gives None and a
+reason: that model keeps TensorFlow at serving time. `export_checked` also compares the program
+with Keras on varied rows before anyone relies on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.numpy_net import ACTIVATIONS, NumpyNet, Step
+
+# Keras' float32 against numpy's: the same arithmetic in another order.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@dataclass(frozen=True)
+class Export:
+    net: NumpyNet | None
+    reason: str  # why there is no net ("" when there is one)
+
+
+def _f32(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)
+
+
+def _activation_name(layer: Any) -> str | None:
+    name = getattr(layer.activation, "__name__", None)
+    return name if name in ACTIVATIONS else None
+
+
+def _step(layer: Any, inputs: tuple[str, ...]) -> Step | str:
+    """The step of one layer, or why it has none."""
+    kind, name = type(layer).__name__, layer.name
+    if kind == "Normalization":
+        scale = 1.0 / np.maximum(np.sqrt(_f32(layer.variance)), 1e-7)
+        return Step(name, "affine", inputs, {"scale": scale.reshape(1, -1), "offset": (-_f32(layer.mean) * scale).reshape(1, -1)})
+    if kind == "BatchNormalization":
+        gamma, beta, mean, var = (_f32(w) for w in layer.get_weights())
+        scale = gamma / np.sqrt(var + np.float32(layer.epsilon))
+        return Step(name, "affine", inputs, {"scale": scale, "offset": beta - mean * scale})
+    if kind == "Rescaling":
+        return Step(name, "affine", inputs, {"scale": _f32(layer.scale), "offset": _f32(layer.offset)})
+    if kind in ("Dense", "Activation"):
+        activation = _activation_name(layer)
+        if activation is None:
+            return f"layer {name!r}: activation {getattr(layer.activation, '__name__', layer.activation)!r} has no numpy form"
+        if kind == "Activation":
+            return Step(name, "activation", inputs, activation=activation)
+        weights = [_f32(w) for w in layer.get_weights()]
+        arrays = {"kernel": weights[0], **({"bias": weights[1]} if len(weights) > 1 else {})}
+        return Step(name, "dense", inputs, arrays, activation)
+    if kind == "Columns":  # models.layers.Columns
+        return Step(name, "columns", inputs, {"indices": np.asarray(layer.indices, dtype=np.int64)})
+    if kind == "Concatenate" and layer.axis in (-1, 1):
+        return Step(name, "concat", inputs)
+    return f"layer {name!r} ({kind}) has no numpy form"
+
+
+def to_numpy(model: Any) -> Export:
+    """The network as numpy steps, or None and the first layer that has no numpy form."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.inputs[0].shape) != 2:
+        return Export(None, "the network does not take one [rows, features] input to one output")
+    names: dict[str, str] = {}  # Keras layer name -> step name whose value it stands for
+    steps: list[Step] = []
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            names[layer.name] = "input"
+            continue
+        if len(layer._inbound_nodes) != 1:
+            return Export(None, f"layer {layer.name!r} is called more than once")
+        inputs = tuple(names[t._keras_history.operation.name] for t in layer._inbound_nodes[0].input_tensors)
+        if kind == "Dropout":  # inference: the identity
+            names[layer.name] = inputs[0]
+            continue
+        step = _step(layer, inputs)
+        if isinstance(step, str):
+            return Export(None, step)
+        names[layer.name] = step.name
+        steps.append(step)
+    width = int(model.inputs[0].shape[1])
+    return Export(NumpyNet(width, tuple(steps), names[model.outputs[0]._keras_history.operation.name]), "")
+
+
+def export_checked(model: Any, rows: np.ndarray | None = None) -> Export:
+    """`to_numpy`, kept only if it gives Keras' answers on `rows` and on varied random rows."""
+    export = to_numpy(model)
+    if export.net is None:
+        return export
+    width = export.net.width
+    probe = np.random.default_rng(0).normal(size=(64, width)).astype(np.float32) * 3
+    if rows is not None:
+        probe = np.concatenate([probe, np.asarray(rows, dtype=np.float32).reshape(-1, width)[:256]])
+    reference = np.asarray(model(probe, training=False))
+    mine = export.net(probe)
+    if mine.shape != reference.shape or not np.allclose(mine, reference, rtol=RTOL, atol=ATOL):
+        worst = float(np.max(np.abs(mine - reference))) if mine.shape == reference.shape else float("nan")
+        return Export(None, f"the numpy program differs from Keras (largest difference {worst:.3g})")
+    return export

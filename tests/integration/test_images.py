@@ -1,0 +1,184 @@
+"""The built images, run for real (podman, or Docker where its engine runs): the workbench image
+runs a tiny study on a mounted volume and registers the champion; the numpy serving image (no
+TensorFlow in it) loads that model and answers /predict, /ready and its HEALTHCHECK; the
+TensorFlow serving image gives the same answers; a study stopped with SIGTERM mid-trial exits 143
+and resumes. CI builds the images first (scripts/images.sh); elsewhere the test skips without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+IMAGES = dict(line.split("=") for line in subprocess.run(
+    ["bash", str(ROOT / "scripts" / "images.sh"), "tags"], capture_output=True, text=True, check=True).stdout.split())
+UID = 10001  # the images' user: a bind-mounted folder must be theirs
+TINY = ["configs/breast_cancer.yaml", "--set", "training.epochs=2", "--set", "sampler.options={}", "--set", "sampler.type=random"]
+
+
+def _engine() -> list[str]:
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return ["docker"]
+    if shutil.which("podman"):
+        os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "scripts" / "containers.conf"))
+        return ["podman"]
+    return []
+
+
+ENGINE = _engine()
+
+
+@pytest.fixture(scope="module")
+def engine() -> list[str]:
+    missing = [] if ENGINE else ["a container engine (podman or docker)"]
+    if ENGINE:
+        missing = [image for image in IMAGES.values()
+                   if subprocess.run([*ENGINE, "image", "inspect", image], capture_output=True).returncode != 0]
+    if missing:
+        message = f"not built: {', '.join(missing)} (scripts/images.sh setup && scripts/images.sh build)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return ENGINE
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("volume")
+    os.chown(folder, UID, UID)
+    return folder
+
+
+def _run(engine, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*engine, "run", "--rm", "--init", "--network", "host", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def study(engine, data) -> Path:
+    done = _run(engine, "-v", f"{data}:/data", IMAGES["workbench"], *TINY, "--n-trials", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered" in done.stdout + done.stderr
+    return data
+
+
+class Server:
+    def __init__(self, engine, image: str, data: Path) -> None:
+        self.engine, self.port, self.name = engine, _free_port(), f"wb-{uuid.uuid4().hex[:8]}"
+        self.started = time.perf_counter()
+        subprocess.run([*engine, "run", "-d", "--init", "--network", "host", "--name", self.name, "-v", f"{data}:/data",
+                        "-e", f"SERVING_PORT={self.port}", image], check=True, capture_output=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def ready_seconds(self, limit: float = 120) -> float:
+        while time.perf_counter() - self.started < limit:
+            try:
+                _get(f"{self.url}/ready")
+                return time.perf_counter() - self.started
+            except OSError:
+                time.sleep(0.05)
+        logs = subprocess.run([*self.engine, "logs", self.name], capture_output=True, text=True)
+        raise AssertionError(f"not ready in {limit} s: {logs.stdout[-2000:]}{logs.stderr[-2000:]}")
+
+    def exec(self, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.engine, "exec", self.name, *command], capture_output=True, text=True)
+
+    def healthcheck(self) -> int:
+        if self.engine == ["podman"]:
+            return subprocess.run(["podman", "healthcheck", "run", self.name], capture_output=True).returncode
+        inspect = subprocess.run(["docker", "inspect", "--format", "{{json .Config.Healthcheck.Test}}", self.name],
+                                 capture_output=True, text=True, check=True)
+        return self.exec(*json.loads(inspect.stdout)[1:]).returncode  # ["CMD", ...]
+
+    def stop(self) -> None:
+        subprocess.run([*self.engine, "rm", "-f", self.name], capture_output=True)
+
+
+ROWS = [[float(v) for v in range(1, 31)], [0.5] * 30]
+
+
+def test_the_serving_images_answer_with_the_registered_champion(engine, study):
+    answers = {}
+    for target in ("serving", "serving-tf"):
+        server = Server(engine, IMAGES[target], study)
+        try:
+            seconds = server.ready_seconds()
+            print(f"{target}: container start to /ready {seconds:.2f} s")
+            answers[target] = _get(f"{server.url}/predict", {"instances": ROWS})
+            assert server.healthcheck() == 0
+            model = _get(f"{server.url}/model")
+            assert model["name"] == "breast_cancer_mlp" and model["version"] == "1"
+            has_tf = server.exec("python", "-c", "import tensorflow").returncode == 0
+            assert has_tf == (target == "serving-tf")
+            if target == "serving":  # no training package, no build tool in the numpy image
+                found = server.exec("python", "-c", "import importlib.util as u; print([m for m in "
+                                    "('tensorflow', 'keras', 'optuna', 'sklearn', 'scipy', 'pandas', 'pip', 'setuptools') "
+                                    "if u.find_spec(m)])")
+                assert found.stdout.strip() == "[]", found.stdout + found.stderr
+                assert server.exec("id", "-u").stdout.strip() == str(UID)
+        finally:
+            server.stop()
+    assert answers["serving"]["predictions"] == answers["serving-tf"]["predictions"]
+    assert answers["serving"]["probabilities"] == answers["serving-tf"]["probabilities"]
+
+
+def test_a_study_stopped_with_sigterm_mid_trial_exits_143_and_resumes(engine, study):
+    import optuna
+
+    storage = f"sqlite:///{study / 'optuna.db'}"
+    name = f"sigterm_{uuid.uuid4().hex[:6]}"
+    long = ["--study-name", name, "--no-register", "--n-trials", "20", "--set", "training.epochs=400",
+            "--set", "training.early_stopping_patience=null", "--set", "pruner.type=none", "--set", "pruner.options={}"]
+    container = f"wb-{name}"
+    subprocess.run([*engine, "run", "-d", "--init", "--network", "host", "--name", container, "-v", f"{study}:/data",
+                    IMAGES["workbench"], *TINY, *long], check=True, capture_output=True)
+    try:
+        deadline = time.monotonic() + 180
+        running = []
+        while not running and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            except KeyError:
+                continue
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        assert running, "no trial started in 180 s"
+        subprocess.run([*engine, "stop", "-t", "60", container], check=True, capture_output=True)
+        code = subprocess.run([*engine, "wait", container], capture_output=True, text=True).stdout.strip()
+        assert code == "143", subprocess.run([*engine, "logs", container], capture_output=True, text=True).stderr[-3000:]
+    finally:
+        subprocess.run([*engine, "rm", "-f", container], capture_output=True)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    cut = [t for t in trials if t.number == running[0].number][0]
+    assert cut.state == optuna.trial.TrialState.FAIL and "SIGTERM" in cut.user_attrs.get("fail_reason", "")
+    finished = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in trials)
+    again = _run(engine, "-v", f"{study}:/data", IMAGES["workbench"], *TINY, *long[:3], "--n-trials", str(finished + 1),
+                 "--set", "training.epochs=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    assert len(resumed) == len(trials) + 1 and resumed[-1].state == optuna.trial.TrialState.COMPLETE
