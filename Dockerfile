@@ -18,11 +18,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS venv
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY constraints.txt pyproject.toml README.md ./
+COPY constraints.txt pyproject.toml ./
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --only-binary=:all: -c constraints.txt --upgrade pip setuptools wheel \
  && mkdir studies search_spaces models serving \
- && touch studies/__init__.py search_spaces/__init__.py models/__init__.py serving/__init__.py
+ && touch README.md studies/__init__.py search_spaces/__init__.py models/__init__.py serving/__init__.py
 
 FROM venv AS deps-serving
 RUN /opt/venv/bin/pip install --only-binary=:all: -c constraints.txt ".[serve]"
@@ -58,13 +58,16 @@ FROM deps-workbench AS build-workbench
 COPY --from=source /src /code
 RUN /opt/venv/bin/pip install --only-binary=:all: -c constraints.txt --no-deps --force-reinstall /code
 
+# The final stages' base: the user, /data, and no build tools outside the venv (the base image's
+# own pip/setuptools and Debian's bundled wheels for ensurepip are older than the safe floors).
 FROM ${PYTHON_IMAGE} AS runtime
-RUN useradd --create-home --uid 10001 workbench && mkdir -p /data && chown workbench /data
+RUN useradd --create-home --uid 10001 workbench && mkdir -p /data && chown workbench /data \
+ && (python -m pip uninstall --yes --quiet pip setuptools wheel 2>/dev/null || true) \
+ && rm -rf /usr/share/python-wheels
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH WORKBENCH_HOME=/data TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 
-FROM runtime AS serving
-COPY --from=build-serving /opt/venv /opt/venv
+FROM runtime AS serving-base
 ENV SERVING_HOST=0.0.0.0 SERVING_PORT=8000
 USER workbench
 EXPOSE 8000
@@ -72,9 +75,12 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('SERVING_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["python", "-m", "serving"]
 
-# The serving image plus TensorFlow: for the models whose network numpy cannot run (the serving
-# image names this target when it is handed one).
-FROM serving AS serving-tf
+FROM serving-base AS serving
+COPY --from=build-serving /opt/venv /opt/venv
+
+# The same API with TensorFlow: for the models whose network numpy cannot run (the numpy image
+# names this target when it is handed one).
+FROM serving-base AS serving-tf
 COPY --from=build-serving-tf /opt/venv /opt/venv
 
 FROM runtime AS workbench

@@ -8,8 +8,8 @@
   requests/s      single-row `POST /predict` at 8 keep-alive connections (benchmarks/serving.py's
                   raw socket client), rounds interleaved, for: the numpy image, the TensorFlow
                   image, this tree's `python -m serving` natively, and the baseline's (`--baseline
-                  REF`, default HEAD: a git worktree of that commit, same venv, same model folder)
-                  natively (goal: the numpy image >= the baseline's requests/s)
+                  REF`, default the last commit before the numpy image: a git worktree of it, same
+                  venv, same model folder) natively (goal: the numpy image >= its requests/s)
 
     python benchmarks/images.py [--quick] [--baseline REF]
 
@@ -37,11 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import THREADS, free_port, request_bytes, throughput  # noqa: E402
 
-IMAGES = dict(line.split("=") for line in subprocess.run(["bash", str(ROOT / "scripts" / "images.sh"), "tags"],
-                                                         capture_output=True, text=True, check=True).stdout.split())
-ENGINE = ["docker"] if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0 \
-    else ["podman"]
-os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "scripts" / "containers.conf"))
+IMAGES: dict[str, str] = {}  # target -> image name (scripts/images.sh tags), filled by main()
+ENGINE: list[str] = []
+BEFORE = "372683e"  # the last commit with one TensorFlow serving image (today's server, before the split)
 ROW = [float(v) for v in range(1, 31)]  # breast_cancer: 30 features
 
 
@@ -86,8 +84,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, short windows")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0, help="throughput window per contender and round")
-    parser.add_argument("--baseline", default="HEAD", help="the commit whose `python -m serving` is today's")
+    parser.add_argument("--baseline", default=BEFORE, help=f"the commit whose `python -m serving` is today's (default {BEFORE})")
     args = parser.parse_args()
+    IMAGES.update(line.split("=") for line in sh("bash", str(ROOT / "scripts" / "images.sh"), "tags").split())
+    docker = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    ENGINE.append("docker" if docker else "podman")
+    os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "scripts" / "containers.conf"))
     rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
     work = Path(tempfile.mkdtemp(prefix="bench-images-"))
     data = work / "data"

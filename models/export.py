@@ -15,8 +15,9 @@ import numpy as np
 
 from models.numpy_net import ACTIVATIONS, NumpyNet, Step
 
-# Keras' float32 against numpy's: the same arithmetic in another order.
-RTOL, ATOL = 1e-4, 1e-5
+# Keras' float32 against numpy's: the same arithmetic in another order, so the bound is 1e-5 plus
+# 1e-5 of the largest output (a regression head answers in target units, hundreds for some).
+RTOL, ATOL = 1e-5, 1e-5
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,12 @@ def _step(layer: Any, inputs: tuple[str, ...]) -> Step | str:
         scale = 1.0 / np.maximum(np.sqrt(_f32(layer.variance)), 1e-7)
         return Step(name, "affine", inputs, {"scale": scale.reshape(1, -1), "offset": (-_f32(layer.mean) * scale).reshape(1, -1)})
     if kind == "BatchNormalization":
-        gamma, beta, mean, var = (_f32(w) for w in layer.get_weights())
-        scale = gamma / np.sqrt(var + np.float32(layer.epsilon))
+        if layer.axis not in (-1, 1):
+            return f"layer {name!r}: batch norm over axis {layer.axis}"
+        mean, var = _f32(layer.moving_mean), _f32(layer.moving_variance)
+        scale = 1.0 / np.sqrt(var + np.float32(layer.epsilon))
+        scale = scale * _f32(layer.gamma) if layer.gamma is not None else scale
+        beta = _f32(layer.beta) if layer.beta is not None else np.zeros_like(mean)
         return Step(name, "affine", inputs, {"scale": scale, "offset": beta - mean * scale})
     if kind == "Rescaling":
         return Step(name, "affine", inputs, {"scale": _f32(layer.scale), "offset": _f32(layer.offset)})
@@ -63,7 +68,15 @@ def _step(layer: Any, inputs: tuple[str, ...]) -> Step | str:
 
 
 def to_numpy(model: Any) -> Export:
-    """The network as numpy steps, or None and the first layer that has no numpy form."""
+    """The network as numpy steps, or None and the first layer that has no numpy form. Never
+    raises for the network's sake: a layer this walk misreads leaves the model to TensorFlow."""
+    try:
+        return _walk(model)
+    except Exception as e:  # a layer configured in a way the walk does not know (it reads Keras' graph)
+        return Export(None, f"the export failed ({type(e).__name__}: {e})")
+
+
+def _walk(model: Any) -> Export:
     if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.inputs[0].shape) != 2:
         return Export(None, "the network does not take one [rows, features] input to one output")
     names: dict[str, str] = {}  # Keras layer name -> step name whose value it stands for
@@ -99,7 +112,7 @@ def export_checked(model: Any, rows: np.ndarray | None = None) -> Export:
         probe = np.concatenate([probe, np.asarray(rows, dtype=np.float32).reshape(-1, width)[:256]])
     reference = np.asarray(model(probe, training=False))
     mine = export.net(probe)
-    if mine.shape != reference.shape or not np.allclose(mine, reference, rtol=RTOL, atol=ATOL):
-        worst = float(np.max(np.abs(mine - reference))) if mine.shape == reference.shape else float("nan")
+    worst = float(np.max(np.abs(mine - reference))) if mine.shape == reference.shape else float("inf")
+    if not worst <= ATOL + RTOL * float(np.max(np.abs(reference))):
         return Export(None, f"the numpy program differs from Keras (largest difference {worst:.3g})")
     return export

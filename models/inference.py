@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from models.numpy_net import NumpyNet
 
 Forward = Callable[[np.ndarray], Any]
 
@@ -24,6 +27,10 @@ class CompiledForward:
     n_outputs: int
     kind: str  # "numpy" or "tensorflow"
 
+    @classmethod
+    def numpy(cls, net: NumpyNet) -> CompiledForward:
+        return cls(net, net.n_outputs, "numpy")
+
 
 def compile_forward(model: Any, width: int, *, verify: bool = True) -> CompiledForward:
     """The fastest forward pass of a Keras model over `width` float32 inputs that gives Keras'
@@ -33,7 +40,7 @@ def compile_forward(model: Any, width: int, *, verify: bool = True) -> CompiledF
 
     net = (export_checked(model) if verify else to_numpy(model)).net
     if net is not None:
-        return CompiledForward(net, net.n_outputs, "numpy")
+        return CompiledForward.numpy(net)
 
     import tensorflow as tf
 

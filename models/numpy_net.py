@@ -150,9 +150,11 @@ class NumpyNet:
                     raise NetError(f"{path}: format {graph.get('format')!r}, this server reads {FORMAT}")
                 steps = tuple(Step(s["name"], s["op"], tuple(s["inputs"]), {k: data[f"{s['name']}/{k}"] for k in s["arrays"]},
                                    s["activation"]) for s in graph["steps"])
-        except (OSError, KeyError, ValueError) as e:
-            if isinstance(e, NetError):
-                raise
+            net = cls(int(graph["width"]), steps, graph["output"])
+            net(np.zeros((1, net.width), dtype=np.float32))  # shapes that do not chain fail here, not on a request
+            return net
+        except NetError as e:
+            raise NetError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+        except (OSError, KeyError, TypeError, ValueError) as e:
             raise NetError(f"{path}: not a numpy network ({type(e).__name__}: {e})") from None
-        return cls(int(graph["width"]), steps, graph["output"])
 

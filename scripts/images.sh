@@ -46,10 +46,12 @@ setup() {
   local need=()
   for tool in podman runc mmdebstrap; do command -v "$tool" >/dev/null || need+=("$tool"); done
   if ((${#need[@]})); then
+    ((EUID == 0)) || die "${need[*]} missing: install them as root (apt-get install podman runc mmdebstrap), or run setup as root"
     say "installing ${need[*]} (Debian packages)"
+    apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc mmdebstrap >/dev/null
   fi
-  if [[ ! -e /etc/containers/containers.conf ]]; then
+  if [[ ! -e /etc/containers/containers.conf && $EUID -eq 0 ]]; then
     install -D -m 0644 scripts/containers.conf /etc/containers/containers.conf
   fi
   podman_env
@@ -108,6 +110,8 @@ build() {
   podman image exists "$BASE" || die "no base image $BASE: run scripts/images.sh setup"
   local conf volumes=() path log
   conf=$(mktemp -d)/pip.conf
+  # shellcheck disable=SC2064
+  trap "rm -rf '$(dirname "$conf")'" EXIT   # the machine's pip configuration never outlives the build
   log=${IMAGES_LOG:-$(mktemp --suffix=-images.log)}
   pip_mounts "$conf"
   volumes+=(--volume "$conf:/etc/pip.conf:ro")
@@ -122,7 +126,6 @@ build() {
     fi
     say "$target: $(( SECONDS - started )) s, $(podman image inspect "${IMAGE[$target]}" --format '{{.Size}}') bytes"
   done
-  rm -rf "$(dirname "$conf")"
 }
 
 case "${1:-}" in

@@ -166,10 +166,9 @@ def _numpy(file: Path) -> CompiledForward:
     from models.numpy_net import NetError, NumpyNet
 
     try:
-        net = NumpyNet.load(file)
+        return CompiledForward.numpy(NumpyNet.load(file))
     except NetError as e:
         raise ContractError(str(e)) from None
-    return CompiledForward(net, net.n_outputs, "numpy")
 
 
 def _keras(path: Path, contract: ModelContract, resolved: ResolvedModel) -> CompiledForward:

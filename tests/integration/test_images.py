@@ -1,8 +1,9 @@
 """The built images, run for real (podman, or Docker where its engine runs): the workbench image
 runs a tiny study on a mounted volume and registers the champion; the numpy serving image (no
-TensorFlow in it) loads that model and answers /predict, /ready and its HEALTHCHECK; the
-TensorFlow serving image gives the same answers; a study stopped with SIGTERM mid-trial exits 143
-and resumes. CI builds the images first (scripts/images.sh); elsewhere the test skips without them.
+TensorFlow in it, at most 500 MB) loads that model and answers /predict, /ready and its
+HEALTHCHECK; the TensorFlow serving image gives the same answers, and serves a CNN that the numpy
+image refuses naming it; a study stopped with SIGTERM mid-trial exits 143 and resumes. CI builds
+the images first (scripts/images.sh); elsewhere the test skips without them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -22,8 +24,6 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
-IMAGES = dict(line.split("=") for line in subprocess.run(
-    ["bash", str(ROOT / "scripts" / "images.sh"), "tags"], capture_output=True, text=True, check=True).stdout.split())
 UID = 10001  # the images' user: a bind-mounted folder must be theirs
 TINY = ["configs/breast_cancer.yaml", "--set", "training.epochs=2", "--set", "sampler.options={}", "--set", "sampler.type=random"]
 
@@ -37,21 +37,23 @@ def _engine() -> list[str]:
     return []
 
 
-ENGINE = _engine()
+IMAGES: dict[str, str] = {}  # target -> image name (scripts/images.sh tags), filled by the `engine` fixture
 
 
 @pytest.fixture(scope="module")
 def engine() -> list[str]:
-    missing = [] if ENGINE else ["a container engine (podman or docker)"]
-    if ENGINE:
-        missing = [image for image in IMAGES.values()
-                   if subprocess.run([*ENGINE, "image", "inspect", image], capture_output=True).returncode != 0]
+    tags = subprocess.run(["bash", str(ROOT / "scripts" / "images.sh"), "tags"], capture_output=True, text=True, check=True)
+    IMAGES.update(line.split("=") for line in tags.stdout.split())
+    found = _engine()
+    missing = [image for image in IMAGES.values()
+               if subprocess.run([*found, "image", "inspect", image], capture_output=True).returncode != 0] if found else [
+        "a container engine (podman or docker)"]
     if missing:
         message = f"not built: {', '.join(missing)} (scripts/images.sh setup && scripts/images.sh build)"
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
-    return ENGINE
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +90,12 @@ def study(engine, data) -> Path:
 
 
 class Server:
-    def __init__(self, engine, image: str, data: Path) -> None:
+    def __init__(self, engine, image: str, data: Path, model_uri: str) -> None:
         self.engine, self.port, self.name = engine, _free_port(), f"wb-{uuid.uuid4().hex[:8]}"
         self.started = time.perf_counter()
         subprocess.run([*engine, "run", "-d", "--init", "--network", "host", "--name", self.name, "-v", f"{data}:/data",
-                        "-e", f"SERVING_PORT={self.port}", image], check=True, capture_output=True)
+                        "-e", f"SERVING_PORT={self.port}", "-e", f"SERVING_MODEL_URI={model_uri}", image],
+                       check=True, capture_output=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def ready_seconds(self, limit: float = 120) -> float:
@@ -100,10 +103,25 @@ class Server:
             try:
                 _get(f"{self.url}/ready")
                 return time.perf_counter() - self.started
+            except urllib.error.HTTPError as e:
+                raise AssertionError(f"not ready: {e.read().decode()[:2000]}") from None
             except OSError:
                 time.sleep(0.05)
         logs = subprocess.run([*self.engine, "logs", self.name], capture_output=True, text=True)
         raise AssertionError(f"not ready in {limit} s: {logs.stdout[-2000:]}{logs.stderr[-2000:]}")
+
+    def refusal(self, limit: float = 120) -> str:
+        """What /ready says when the server is up but has no model (503)."""
+        while time.perf_counter() - self.started < limit:
+            try:
+                _get(f"{self.url}/ready")
+                raise AssertionError("the server loaded the model")
+            except urllib.error.HTTPError as e:
+                assert e.code == 503
+                return json.loads(e.read())["detail"]
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"no answer in {limit} s")
 
     def exec(self, *command: str) -> subprocess.CompletedProcess:
         return subprocess.run([*self.engine, "exec", self.name, *command], capture_output=True, text=True)
@@ -123,9 +141,12 @@ ROWS = [[float(v) for v in range(1, 31)], [0.5] * 30]
 
 
 def test_the_serving_images_answer_with_the_registered_champion(engine, study):
+    size = int(subprocess.run([*engine, "image", "inspect", IMAGES["serving"], "--format", "{{.Size}}"],
+                              capture_output=True, text=True, check=True).stdout)
+    assert size <= 500e6, f"the numpy serving image is {size / 1e6:.0f} MB (at most 500)"
     answers = {}
     for target in ("serving", "serving-tf"):
-        server = Server(engine, IMAGES[target], study)
+        server = Server(engine, IMAGES[target], study, "models:/breast_cancer_mlp@champion")
         try:
             seconds = server.ready_seconds()
             print(f"{target}: container start to /ready {seconds:.2f} s")
@@ -145,6 +166,25 @@ def test_the_serving_images_answer_with_the_registered_champion(engine, study):
             server.stop()
     assert answers["serving"]["predictions"] == answers["serving-tf"]["predictions"]
     assert answers["serving"]["probabilities"] == answers["serving-tf"]["probabilities"]
+
+
+def test_a_cnn_is_served_by_the_tensorflow_image_and_refused_by_the_numpy_one(engine, study):
+    done = _run(engine, "-v", f"{study}:/data", IMAGES["workbench"], "configs/digits.yaml", "--n-trials", "1",
+                "--set", "training.epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    server = Server(engine, IMAGES["serving-tf"], study, "models:/digits_cnn@champion")
+    try:
+        server.ready_seconds()
+        answer = _get(f"{server.url}/predict", {"instances": [[0.0] * 64, [8.0] * 64]})
+        assert len(answer["predictions"]) == 2 and len(answer["probabilities"][0]) == 10
+    finally:
+        server.stop()
+    server = Server(engine, IMAGES["serving"], study, "models:/digits_cnn@champion")
+    try:
+        refusal = server.refusal()
+        assert "needs TensorFlow" in refusal and "serving-tf" in refusal, refusal
+    finally:
+        server.stop()
 
 
 def test_a_study_stopped_with_sigterm_mid_trial_exits_143_and_resumes(engine, study):
