@@ -59,7 +59,7 @@ class Step:
     """One node of the graph: `op` applied to the outputs of `inputs` (node names)."""
 
     name: str
-    op: str  # input, affine, dense, activation, columns, concat
+    op: str  # affine, dense, activation, columns, concat; `inputs` name earlier steps or "input" (the network's)
     inputs: tuple[str, ...] = ()
     arrays: Mapping[str, Array] = field(default_factory=dict)
     activation: str = "linear"
