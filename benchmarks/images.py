@@ -87,8 +87,7 @@ def main() -> int:
     parser.add_argument("--baseline", default=BEFORE, help=f"the commit whose `python -m serving` is today's (default {BEFORE})")
     args = parser.parse_args()
     IMAGES.update(line.split("=") for line in sh("bash", str(ROOT / "scripts" / "images.sh"), "tags").split())
-    docker = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-    ENGINE.append("docker" if docker else "podman")
+    ENGINE.append(sh("bash", str(ROOT / "scripts" / "images.sh"), "engine"))
     os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "scripts" / "containers.conf"))
     rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
     work = Path(tempfile.mkdtemp(prefix="bench-images-"))

@@ -4,6 +4,7 @@
 #   scripts/images.sh setup               podman + runc + mmdebstrap, containers.conf, the base image
 #   scripts/images.sh build [TARGET...]   build serving, serving-tf, workbench (default: all three)
 #   scripts/images.sh tags                the image names, one per line (TARGET=IMAGE)
+#   scripts/images.sh engine              the engine the images are in: docker (an engine runs) or podman
 #
 # With a Docker engine, `build` runs the same `docker build --target ... -t ... .` commands and
 # `setup` does nothing: the Dockerfile's base (python:3.11-slim-bookworm) comes from Docker Hub.
@@ -132,5 +133,6 @@ case "${1:-}" in
   setup) setup ;;
   build) shift; build "$@" ;;
   tags) for target in "${TARGETS[@]}"; do echo "$target=${IMAGE[$target]}"; done ;;
-  *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  engine) if docker_engine; then echo docker; elif command -v podman >/dev/null; then echo podman; else exit 1; fi ;;
+  *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHURN = ROOT / "configs" / "data" / "churn.csv"  # the shipped mixed-type table
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 

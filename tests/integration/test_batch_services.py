@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 import sqlalchemy
 
-from tests.conftest import CHURN, ROOT
+from tests.conftest import CHURN, ROOT, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -150,14 +149,9 @@ def test_s3_prefixes_in_and_out_incrementally(s3_bucket, env, monkeypatch, capsy
         f"error: --input: no .csv or .parquet files in 's3://{bucket}/{prefix}/nothing/'"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_dask_worker_killed_mid_job(env, tmp_path, monkeypatch, capsys):
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path / "dask.log"
     with open(logs, "w") as log:

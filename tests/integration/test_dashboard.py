@@ -14,14 +14,8 @@ import urllib.request
 
 import yaml
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, free_port, tiny_config
 from tests.integration.test_postgres_runner import HOME, finish, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> dict:
@@ -40,7 +34,7 @@ def test_dashboard_lists_optuna_and_kerastuner_studies(postgres_url, study_name,
         code, _, err = finish(run_cli(str(cfg), "--storage", postgres_url, "--no-tracking"))
         assert code == 0, err
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "WORKBENCH_HOME": HOME, "OPTUNA_STORAGE": postgres_url}
     proc = subprocess.Popen([sys.executable, "-m", "studies.dashboard", str(kt_cfg), "--port", str(port)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,30 +19,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 UID = 10001  # the images' user: a bind-mounted folder must be theirs
 TINY = ["configs/breast_cancer.yaml", "--set", "training.epochs=2", "--set", "sampler.options={}", "--set", "sampler.type=random"]
 
 
-def _engine() -> list[str]:
-    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
-        return ["docker"]
-    if shutil.which("podman"):
-        os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "scripts" / "containers.conf"))
-        return ["podman"]
-    return []
-
-
 IMAGES: dict[str, str] = {}  # target -> image name (scripts/images.sh tags), filled by the `engine` fixture
+
+
+def _images(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "images.sh"), *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
 def engine() -> list[str]:
-    tags = subprocess.run(["bash", str(ROOT / "scripts" / "images.sh"), "tags"], capture_output=True, text=True, check=True)
-    IMAGES.update(line.split("=") for line in tags.stdout.split())
-    found = _engine()
+    IMAGES.update(line.split("=") for line in _images("tags").stdout.split())
+    found = _images("engine").stdout.split()
+    os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "scripts" / "containers.conf"))  # podman on these machines
     missing = [image for image in IMAGES.values()
                if subprocess.run([*found, "image", "inspect", image], capture_output=True).returncode != 0] if found else [
         "a container engine (podman or docker)"]
@@ -68,11 +61,6 @@ def _run(engine, *args: str, timeout: float = 600) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _get(url: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
@@ -91,7 +79,7 @@ def study(engine, data) -> Path:
 
 class Server:
     def __init__(self, engine, image: str, data: Path, model_uri: str) -> None:
-        self.engine, self.port, self.name = engine, _free_port(), f"wb-{uuid.uuid4().hex[:8]}"
+        self.engine, self.port, self.name = engine, free_port(), f"wb-{uuid.uuid4().hex[:8]}"
         self.started = time.perf_counter()
         subprocess.run([*engine, "run", "-d", "--init", "--network", "host", "--name", self.name, "-v", f"{data}:/data",
                         "-e", f"SERVING_PORT={self.port}", "-e", f"SERVING_MODEL_URI={model_uri}", image],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,8 @@ from mlflow import MlflowClient
 
 from models import load_dataset
 from serving.shadow import read_evidence
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, free_port, tiny_config
 from tests.integration.test_postgres_runner import finish, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http(url: str, body: dict | None = None, method: str | None = None, token: str | None = None):
@@ -54,7 +47,7 @@ def test_study_select_serve_reload_and_batch(tmp_path, postgres_url, mlflow_uri,
     assert code == 0, err
     assert f"registered as {model_name} v1" in out
 
-    port = _free_port()
+    port = free_port()
     api_env = {**os.environ, **env, "SERVING_MODEL_URI": f"models:/{model_name}@champion", "SERVING_PORT": str(port),
                "TF_CPP_MIN_LOG_LEVEL": "3", "SERVING_ADMIN_TOKEN": "tok", "SERVING_SHADOW_ALIAS": "challenger",
                "SERVING_SHADOW_FRACTION": "1", "SERVING_SHADOW_LOG_SECONDS": "1", "SERVING_LOG_FORMAT": "json"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,7 @@ import pandas as pd
 from serving.model import load
 from serving.settings import ServingSettings
 from serving.store import Store
-from tests.conftest import CHURN
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import CHURN, free_port
 
 
 def post(url: str, body: dict) -> dict:

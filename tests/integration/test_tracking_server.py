@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from models import load_dataset
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 from tests.integration.test_postgres_runner import finish, run_cli
 
 
@@ -77,15 +77,12 @@ def test_two_worker_processes_share_one_parent_run(postgres_url, mlflow_uri, stu
 
 def test_unreachable_artifact_store_stops_before_training(tmp_path, postgres_url, study_name, write_config, tiny_space):
     """A tracking server whose S3 endpoint is down: one message, exit 1, no trial trained."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
