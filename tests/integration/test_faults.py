@@ -27,9 +27,9 @@ from tests.integration.test_tracking_server import runs_of, stack_env
 FINISHED = ("COMPLETE", "PRUNED")
 
 
-def slow_config(space: Path, n_trials: int, **sections) -> dict:
-    """Trials of ~1-2 s (8 epochs): long enough to be caught mid-trial."""
-    return tiny_config(space, budget={"n_trials": n_trials}, training={"epochs": 8, "batch_size": 32,
+def slow_config(space: Path, n_trials: int, epochs: int = 8, **sections) -> dict:
+    """Trials of ~1 s (8 epochs): long enough to be caught mid-trial."""
+    return tiny_config(space, budget={"n_trials": n_trials}, training={"epochs": epochs, "batch_size": 32,
                                                                          "early_stopping_patience": None},
                        tracking={"log_models": "none"}, registry={"auto": False}, **sections)
 
@@ -169,7 +169,9 @@ def test_cut_database_connections_are_retried_and_recorded(postgres_url, mlflow_
     real = make_url(postgres_url)
     with Proxy(real.host, real.port or 5432) as proxy:
         url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        path = write_config(slow_config(tiny_space, 6))
+        # Trials of 30 epochs: those left after the first outlive the outage, so a trial is always
+        # reporting epochs while the connections are cut (8-epoch trials could all end first).
+        path = write_config(slow_config(tiny_space, 6, epochs=30))
         proc = run_cli(str(path), "--storage", url, "--study-name", study_name, "--workers", "2",
                        env=stack_env(mlflow_uri))
         try:
