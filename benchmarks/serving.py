@@ -1,7 +1,10 @@
 """Serving benchmark, side by side in one run on loopback, one server worker each:
 
   HTTP  single-row latency p50/p99 with 1 client, requests/s with 8 concurrent keep-alive
-        connections, rounds interleaved, for:
+        connections; our servers and the no-op interleaved (latency in blocks of 25 requests,
+        throughput in 1 s slices, the order rotating) so that the ratios with goals are taken
+        under the same load of this shared machine (each ratio with a goal is the median over
+        rounds of that round's ratio); the slow peers after them; per round:
           ours          `POST /predict` of `python -m serving` (metrics on, access log on: defaults)
           ours-nometrics  the same with SERVING_METRICS=false (goal: ours >= 0.95x its req/s)
           ours-shadow   the same with SERVING_SHADOW_ALIAS=challenger at 10% (goal: p50 <= 1.1x ours)
@@ -222,6 +225,27 @@ async def latencies(port: int, raw: bytes, n: int, max_seconds: float = 10.0) ->
     return out
 
 
+async def paired_latencies(targets: dict[str, tuple[int, bytes]], n: int, block: int = 25) -> dict[str, list[float]]:
+    """n single-row requests to each server, interleaved in blocks of `block` back-to-back requests
+    (the first of each block, to a server that sat idle, not counted), the order rotating: every
+    contender's p50 is taken under the same moment-to-moment load of this shared machine, so the
+    ratios of p50s compare like with like."""
+    names = list(targets)
+    conns = {name: await asyncio.open_connection("127.0.0.1", port) for name, (port, _) in targets.items()}
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(-(-n // block)):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            reader, writer = conns[name]
+            for j in range(block + 1):
+                t = time.perf_counter()
+                await _one(reader, writer, targets[name][1])
+                if j:
+                    out[name].append((time.perf_counter() - t) * 1000)
+    for _, writer in conns.values():
+        writer.close()
+    return out
+
+
 def cpu_seconds(proc: subprocess.Popen) -> float:
     import psutil
 
@@ -307,7 +331,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: short windows, 1 round, 20k rows, no MLServer")
     parser.add_argument("--seconds", type=float, default=8.0, help="throughput window per contender and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--no-mlserver", action="store_true", help="leave out the MLServer peer")
     parser.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
@@ -360,45 +384,71 @@ def main() -> int:
         for name, rps in batch:
             print(f"  {name:<62} {rps:12,.0f} rows/s  ({rps / floor:.2f} x floor)")
         ours_batch = dict(batch)["ours (LoadedModel.predict_arrays, 100k chunks)"]
-        per_round = [o / n for o, n in zip(stats["ours"]["rps"], stats["noop"]["rps"], strict=True)]
         peers = f"ours/mlflow req/s = {med['ours']['rps'] / med['mlflow']['rps']:.1f}x"
         if "mlserver" in med:
             peers += (f"; ours/mlserver req/s = {med['ours']['rps'] / med['mlserver']['rps']:.2f}x, "
                       f"p50 mlserver/ours = {med['mlserver']['p50'] / med['ours']['p50']:.0f}x")
-        on_off = [o / n for o, n in zip(stats["ours"]["rps"], stats["ours-nometrics"]["rps"], strict=True)]
-        print(f"\nmetrics on/off req/s = {med['ours']['rps'] / med['ours-nometrics']['rps']:.2f} (per round: "
-              f"{', '.join(f'{r:.2f}' for r in on_off)}; goal >= 0.95); "
-              f"p50 shadow 10%/none = {med['ours-shadow']['p50'] / med['ours']['p50']:.2f} (goal <= 1.1); "
-              f"p50 v2/predict = {med['ours-v2']['p50'] / med['ours']['p50']:.2f} (goal <= 1.2); {peers}")
-        print(f"ours/noop req/s = {med['ours']['rps'] / med['noop']['rps']:.2f} (per round: "
-              f"{', '.join(f'{r:.2f}' for r in per_round)}; goal >= 0.50 in every round); "
-              f"p50 ours/noop = {med['ours']['p50'] / med['noop']['p50']:.2f} (goal <= 1.5); "
+
+        def paired(a: str, b: str, key: str, goal: str) -> str:
+            """The median over rounds of a/b (both measured in the same interleaved round), per round."""
+            ratios = [x / y for x, y in zip(stats[a][key], stats[b][key], strict=True)]
+            return f"{statistics.median(ratios):.2f} (per round: {', '.join(f'{r:.2f}' for r in ratios)}; goal {goal})"
+
+        print(f"\nmetrics on/off req/s = {paired('ours', 'ours-nometrics', 'rps', '>= 0.95')}; "
+              f"p50 shadow 10%/none = {paired('ours-shadow', 'ours', 'p50', '<= 1.1')}; "
+              f"p50 v2/predict = {paired('ours-v2', 'ours', 'p50', '<= 1.2')}; {peers}")
+        print(f"ours/noop req/s = {paired('ours', 'noop', 'rps', '>= 0.50 in every round')}; "
+              f"p50 ours/noop = {paired('ours', 'noop', 'p50', '<= 1.5')}; "
               f"batch ours/floor = {ours_batch / floor:.2f} (goal >= 0.50)")
     return 0
 
 
 def _http_rounds(names: list[str], ports: dict[str, int], servers: dict[str, subprocess.Popen], row: list[float],
                  args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """Latency then throughput per contender, contenders interleaved within each round."""
+    """Per round, for our servers and the no-op (the contenders with goals): single-row latencies
+    interleaved in blocks, then throughput in 1 s slices interleaved the same way (rotating order),
+    so that each pair's ratio is taken under the same moment-to-moment load of this shared
+    machine; then the slow peers, one after another."""
     stats: dict[str, dict[str, list[float]]] = {n: {"rps": [], "p50": [], "p99": [], "server_cpu": [], "client_cpu": []}
                                                 for n in names}
     raws = {n: request_bytes(n, ports[n], row) for n in names}
     for n in names:  # warm-up
         asyncio.run(throughput(ports[n], raws[n], 8, 1.0))
-    for round_no in range(args.rounds):
-        for n in names if round_no % 2 == 0 else reversed(names):  # ABBA: drift does not favour one end
-            lat = asyncio.run(latencies(ports[n], raws[n], 200 if args.quick else 1000))
-            cpu0, client0 = cpu_seconds(servers[n]), time.process_time()
-            done, errors = asyncio.run(throughput(ports[n], raws[n], 8, args.seconds))
-            if errors:
-                raise SystemExit(f"{n}: {errors} non-200 answers")
-            s = stats[n]
-            s["rps"].append(done / args.seconds)
-            s["p50"].append(statistics.median(lat))
-            s["p99"].append(sorted(lat)[int(0.99 * len(lat)) - 1])
-            s["server_cpu"].append(cpu_seconds(servers[n]) - cpu0)
-            s["client_cpu"].append(time.process_time() - client0)
+    fast = [n for n in names if n.startswith("ours") or n == "noop"]
+    n_latency = 200 if args.quick else 1000
+    slice_seconds = min(1.0, args.seconds)
+    slices = max(1, round(args.seconds / slice_seconds))
+    for _ in range(args.rounds):
+        lat = asyncio.run(paired_latencies({n: (ports[n], raws[n]) for n in fast}, n_latency))
+        done = dict.fromkeys(names, 0)
+        cpu = {n: [0.0, 0.0] for n in names}
+        for k in range(slices):
+            for n in fast[k % len(fast):] + fast[:k % len(fast)]:
+                _measure(n, ports, raws, servers, slice_seconds, done, cpu)
+        for n in names:
+            if n not in fast:
+                lat[n] = asyncio.run(latencies(ports[n], raws[n], n_latency))
+                _measure(n, ports, raws, servers, args.seconds, done, cpu)
+        for n in names:
+            s, seconds = stats[n], slices * slice_seconds if n in fast else args.seconds
+            s["rps"].append(done[n] / seconds)
+            s["p50"].append(statistics.median(lat[n]))
+            s["p99"].append(sorted(lat[n])[int(0.99 * len(lat[n])) - 1])
+            s["server_cpu"].append(cpu[n][0])
+            s["client_cpu"].append(cpu[n][1])
     return stats
+
+
+def _measure(n: str, ports: dict[str, int], raws: dict[str, bytes], servers: dict[str, subprocess.Popen], seconds: float,
+             done: dict[str, int], cpu: dict[str, list[float]]) -> None:
+    """One throughput window of one contender, added to its count and CPU seconds."""
+    cpu0, client0 = cpu_seconds(servers[n]), time.process_time()
+    ok, errors = asyncio.run(throughput(ports[n], raws[n], 8, seconds))
+    if errors:
+        raise SystemExit(f"{n}: {errors} non-200 answers")
+    done[n] += ok
+    cpu[n][0] += cpu_seconds(servers[n]) - cpu0
+    cpu[n][1] += time.process_time() - client0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and for uvicorn's and our other messages alike."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -12,15 +13,28 @@ from typing import Any
 
 class AccessLog:
     """One line per request on stderr, text or JSON, with the request id. Written directly rather
-    than through `logging`: a LogRecord per request costs about as much as routing the request."""
+    than through `logging` (a LogRecord per request costs about as much as routing the request),
+    and buffered like nginx's `access_log ... flush=`: lines reach stderr together at most
+    `flush_seconds` after the first of them (0: each at once), when 256 are waiting, and at shutdown.
+    One write per batch instead of one per request (stderr flushes every line)."""
 
-    def __init__(self, log_format: str) -> None:
+    MAX_LINES = 256
+
+    def __init__(self, log_format: str, flush_seconds: float = 1.0) -> None:
         self.json = log_format == "json"
+        self.flush_seconds = flush_seconds
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
 
     def write(self, client: str | None, method: str, path: str, status: int, seconds: float, version: str,
               request_id: str) -> None:
         now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+        second = int(now)
+        if second != self._second:  # strftime once a second, not once a request
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = f"{self._stamp}.{int(now * 1000) % 1000:03d}Z"
         ms = round(seconds * 1000, 3)
         if self.json:
             line = json.dumps({"time": stamp, "level": "INFO", "logger": "serving.access", "client": client,
@@ -29,7 +43,24 @@ class AccessLog:
         else:
             line = (f'{stamp} INFO serving.access: {client or "-"} "{method} {path}" {status} {ms:.2f} ms '
                     f"version={version or '-'} request_id={request_id}")
-        sys.stderr.write(line + "\n")
+        self._lines.append(line + "\n")
+        if self.flush_seconds <= 0 or len(self._lines) >= self.MAX_LINES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(self.flush_seconds, self.flush)
+            except RuntimeError:  # no event loop (a direct call): nothing would flush later
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the waiting lines now (the timer, a full buffer, the app's shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lines:
+            lines, self._lines = self._lines, []
+            sys.stderr.write("".join(lines))
+            sys.stderr.flush()
 
 
 class JsonFormatter(logging.Formatter):

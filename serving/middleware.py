@@ -7,8 +7,8 @@ endpoints called without FastAPI's per-request machinery.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Any
 
 from fastapi import HTTPException
@@ -42,7 +42,7 @@ class Observe:
                     request_id = value
                 break
         if request_id is None:
-            request_id = uuid.uuid4().hex.encode()
+            request_id = os.urandom(16).hex().encode()  # uuid4().hex's form, without the UUID object
         status = 500  # what the client gets if the app fails before it starts a response
 
         async def send_with_id(message):

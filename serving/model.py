@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,9 +104,8 @@ class LoadedModel:
             raise InvalidInput(f"records.{e.row}: {e.column!r}: {e.message}") from None
 
     def _finite(self, x: np.ndarray, key: str) -> np.ndarray:
-        bad = ~np.isfinite(x)
-        if bad.any():
-            row, col = (int(v) for v in np.argwhere(bad)[0])
+        if not np.isfinite(x).all():
+            row, col = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
             raise InvalidInput(f"{key}.{row}: {self.feature_names[col]!r} must be a finite number, got {x[row, col]}")
         return x
 
@@ -123,13 +123,16 @@ class LoadedModel:
         if probs is None:
             assert values is not None
             return values, None
-        labels = np.asarray(self.classes, dtype=object)
-        return labels[probs.argmax(axis=1)], probs
+        return self._labels[probs.argmax(axis=1)], probs
 
-    @property
+    @cached_property
     def classes(self) -> list[Any]:
         """The class of each probability column (indices if the model carries no labels)."""
         return self.class_labels or list(range(2 if self.task == "binary" else self.n_outputs))
+
+    @cached_property
+    def _labels(self) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)
 
     def predict(self, x: np.ndarray) -> dict[str, Any]:
         """Predictions for a validated matrix: labels and class probabilities, or values (JSON-ready)."""

@@ -49,6 +49,9 @@ class ServingSettings(MlflowLocation):
     serving_shadow_log_seconds: float = Field(default=60.0, gt=0, description="log shadow evidence to MLflow every N s")
     serving_metrics: bool = Field(default=True, description="GET /metrics (Prometheus) and the request metrics")
     serving_access_log: bool = Field(default=True, description="one log line per request (with its request id)")
+    serving_access_log_flush_seconds: float = Field(
+        default=1.0, ge=0, description="SERVING_ACCESS_LOG_FLUSH_SECONDS: access lines are written together at most this "
+        "long after the first of them (nginx's flush=); 0: each line at once")
     serving_log_format: Literal["text", "json"] = Field(default="text", description="SERVING_LOG_FORMAT: text or json")
     serving_admin_token: SecretStr | None = Field(
         default=None, description="SERVING_ADMIN_TOKEN: when set, /reload needs 'Authorization: Bearer <token>'")

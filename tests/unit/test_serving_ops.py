@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import keras
 import numpy as np
@@ -93,6 +94,38 @@ def test_request_id_is_echoed_or_made_and_in_the_access_log(two_versions, capsys
             first = json.loads(lines[0])
             assert (first["request_id"], first["status"], first["model_version"], first["path"]) == ("req-42", 200, "1", "/predict")
             assert json.loads(lines[1])["request_id"] == made
+
+
+def test_access_lines_are_written_together_within_the_flush_interval(two_versions, capsys):
+    data, _ = two_versions
+    body = {"instances": data.x_test[:1].tolist()}
+    with app_client(two_versions, serving_access_log_flush_seconds=0.3) as client:
+        for _ in range(3):
+            assert client.post("/predict", json=body).status_code == 200
+        deadline = time.monotonic() + 5
+        lines: list[str] = []
+        while len(lines) < 3 and time.monotonic() < deadline:  # the server is still up: the timer wrote them
+            time.sleep(0.1)
+            lines += [line for line in capsys.readouterr().err.splitlines() if "serving.access" in line]
+        assert len(lines) == 3
+    with app_client(two_versions, serving_access_log_flush_seconds=0) as client:  # 0: each line at once
+        client.post("/predict", json=body)
+        assert "serving.access" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_on_a_prediction_route_is_a_500_counted_and_logged(two_versions, capsys, monkeypatch):
+    data, (v1, _) = two_versions
+
+    def broken(x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(v1, "forward", broken)
+    with app_client(two_versions, serving_access_log_flush_seconds=0) as client:
+        quiet = TestClient(client.app, raise_server_exceptions=False)  # as a server answers: a 500
+        assert quiet.post("/predict", json={"instances": data.x_test[:1].tolist()}).status_code == 500
+        got = samples(client)
+    assert got[("workbench_http_requests_total", (("model_version", "1"), ("route", "/predict"), ("status", "5xx")))] == 1
+    assert '"POST /predict" 500 ' in capsys.readouterr().err
 
 
 def test_the_admin_token_guards_reload_not_predictions(two_versions):
