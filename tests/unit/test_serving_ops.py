@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models import FAMILIES, load_dataset
 from models.training import fit
 from serving.app import create_app
+from serving.logs import AccessLog
 from serving.model import from_directory
 from serving.settings import ServingSettings
 from serving.shadow import Shadow, read_evidence
@@ -111,6 +112,31 @@ def test_access_lines_are_written_together_within_the_flush_interval(two_version
     with app_client(two_versions, serving_access_log_flush_seconds=0) as client:  # 0: each line at once
         client.post("/predict", json=body)
         assert "serving.access" in capsys.readouterr().err
+
+
+def test_a_batch_of_access_lines_is_written_in_whole_lines_of_at_most_pipe_buf_bytes(monkeypatch):
+    """Several workers share one stderr pipe: each write must be atomic (<= PIPE_BUF) and whole lines."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Recorder())
+    log = AccessLog("json", flush_seconds=60)
+    for i in range(AccessLog.MAX_LINES - 1):  # no event loop: each line is written at once
+        log.write("127.0.0.1", "POST", f"/predict/é{i}", 200, 0.001, "1", "r" * 32)
+    assert len(writes) == AccessLog.MAX_LINES - 1
+    writes.clear()
+    log._lines = [f'{{"n": {i}, "path": "{"é" * 100}"}}\n' for i in range(AccessLog.MAX_LINES)]
+    log.flush()
+    assert 1 < len(writes) < AccessLog.MAX_LINES
+    assert all(len(w.encode()) <= 4096 and w.endswith("\n") for w in writes)
+    assert [json.loads(line)["n"] for w in writes for line in w.splitlines()] == list(range(AccessLog.MAX_LINES))
 
 
 def test_an_unexpected_error_on_a_prediction_route_is_a_500_counted_and_logged(two_versions, capsys, monkeypatch):
