@@ -4,7 +4,9 @@
         connections; our servers and the no-op interleaved (latency in blocks of 25 requests,
         throughput in 1 s slices, the order rotating) so that the ratios with goals are taken
         under the same load of this shared machine (each ratio with a goal is the median over
-        rounds of that round's ratio); the slow peers after them; per round:
+        rounds of that round's ratio; our servers are started afresh for every round, so that no
+        one process's memory layout or hash seed decides a ratio); the slow peers after them;
+        per round:
           ours          `POST /predict` of `python -m serving` (metrics on, access log on: defaults)
           ours-nometrics  the same with SERVING_METRICS=false (goal: ours >= 0.95x its req/s)
           ours-shadow   the same with SERVING_SHADOW_ALIAS=challenger at 10% (goal: p50 <= 1.1x ours)
@@ -365,7 +367,19 @@ def main() -> int:
             for n, env in servers_env.items():
                 servers[n] = start(n, ports[n], model_dir, env, workdir)
             servers["ours-v2"] = servers["ours"]
-            stats = _http_rounds(names, ports, servers, row, args)
+
+            def restart_ours() -> None:
+                """Fresh processes for our servers (one process's memory layout and hash seed can
+                shift its speed by several per cent: each round draws new ones)."""
+                ours = [n for n in servers_env if n.startswith("ours")]
+                for n in ours:
+                    os.killpg(servers[n].pid, 15)
+                    servers[n].wait(timeout=30)
+                for n in ours:
+                    servers[n] = start(n, ports[n], model_dir, servers_env[n], workdir)
+                servers["ours-v2"] = servers["ours"]
+
+            stats = _http_rounds(names, ports, servers, row, args, restart_ours)
         finally:
             for n, proc in servers.items():
                 if n != "ours-v2" and proc.poll() is None:
@@ -404,8 +418,9 @@ def main() -> int:
 
 
 def _http_rounds(names: list[str], ports: dict[str, int], servers: dict[str, subprocess.Popen], row: list[float],
-                 args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """Per round, for our servers and the no-op (the contenders with goals): single-row latencies
+                 args: argparse.Namespace, restart_ours) -> dict[str, dict[str, list[float]]]:
+    """Per round, with our servers started afresh (but in the first round), for our servers and the
+    no-op (the contenders with goals): single-row latencies
     interleaved in blocks, then throughput in 1 s slices interleaved the same way (rotating order),
     so that each pair's ratio is taken under the same moment-to-moment load of this shared
     machine; then the slow peers, one after another."""
@@ -418,7 +433,11 @@ def _http_rounds(names: list[str], ports: dict[str, int], servers: dict[str, sub
     n_latency = 200 if args.quick else 1000
     slice_seconds = min(1.0, args.seconds)
     slices = max(1, round(args.seconds / slice_seconds))
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
+        if r:
+            restart_ours()
+            for n in fast:  # warm-up of the new processes (and the no-op beside them)
+                asyncio.run(throughput(ports[n], raws[n], 8, 1.0))
         lat = asyncio.run(paired_latencies({n: (ports[n], raws[n]) for n in fast}, n_latency))
         done = dict.fromkeys(names, 0)
         cpu = {n: [0.0, 0.0] for n in names}

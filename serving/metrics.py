@@ -6,15 +6,15 @@ shadow challenger's agreement, latency and errors (serving.shadow). With several
 (`SERVING_WORKERS`), `python -m serving` points PROMETHEUS_MULTIPROC_DIR at a fresh folder and
 `/metrics` adds up every worker.
 
-The request path touches only pre-built label children (a dict lookup and a locked add), so the
-metrics cost a few microseconds per request.
+In one process the request path appends one tuple to a list (RequestSeries); with several, it
+touches only pre-built label children of prometheus_client's file-backed metrics.
 """
 
 from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -74,11 +74,12 @@ class Metrics:
         self._latency_children: dict[str, Any] = {}
         self._rows_children: dict[str, Any] = {}
         self._model_labels: set[tuple[str, str, str]] = set()
+        # observe(route template, status, version that answered, seconds, rows scored or None):
+        # one request; the single-process series take it straight, with no call in between.
+        self.observe: Callable[[str, int, str, float, int | None], None] = (
+            self._fast.observe if self._fast is not None else self._observe_files)
 
-    def observe_request(self, route: str, status: int, version: str, seconds: float) -> None:
-        if self._fast is not None:
-            self._fast.request(route, status, version, seconds)
-            return
+    def _observe_files(self, route: str, status: int, version: str, seconds: float, rows: int | None) -> None:
         key = (route, status, version)
         counter = self._request_children.get(key)
         if counter is None:
@@ -88,15 +89,11 @@ class Metrics:
         if histogram is None:
             histogram = self._latency_children[route] = self.latency.labels(route)
         histogram.observe(seconds)
-
-    def observe_rows(self, route: str, rows: int) -> None:
-        if self._fast is not None:
-            self._fast.rows(route, rows)
-            return
-        histogram = self._rows_children.get(route)
-        if histogram is None:
-            histogram = self._rows_children[route] = self.rows.labels(route)
-        histogram.observe(rows)
+        if rows is not None:
+            histogram = self._rows_children.get(route)
+            if histogram is None:
+                histogram = self._rows_children[route] = self.rows.labels(route)
+            histogram.observe(rows)
 
     def set_models(self, roles: dict[str, tuple[str, str]]) -> None:
         """Which versions are loaded: role -> (model name, version); a version that left drops to 0
@@ -118,45 +115,68 @@ class Metrics:
 
 
 class RequestSeries:
-    """The per-request series of one process as plain numbers (no lock, no label lookup: the event
-    loop is the only writer), turned into Prometheus families when scraped. About a microsecond
-    per request, against ~10 for three locked prometheus_client metrics."""
+    """The per-request series of one process as plain numbers, turned into Prometheus families
+    when scraped. A request costs one tuple appended to a list (no lock, no label lookup: the event
+    loop is the only writer); every 1,024 requests, and at each scrape, the list is folded into one
+    list of counts per (route, status, version) in a tight loop. About a fifth of a microsecond a
+    request, against ~10 for three locked prometheus_client metrics."""
+
+    FOLD_EVERY = 1024
+    # A cell: [requests, latency bucket counts (+Inf last)..., latency sum, rows bucket counts..., rows sum]
+    _LATENCY = slice(1, len(LATENCY_BUCKETS) + 3)
+    _ROWS = slice(len(LATENCY_BUCKETS) + 3, None)
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, int, str], int] = {}
-        self.latency: dict[str, list[float]] = {}  # route -> [count per bucket ..., +Inf count, sum]
-        self.row_counts: dict[str, list[float]] = {}
+        self.cells: dict[tuple[str, int, str], list[float]] = {}
+        self.pending: list[tuple[str, int, str, float, int | None]] = []
 
-    def request(self, route: str, status: int, version: str, seconds: float) -> None:
-        key = (route, status, version)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        _add(self.latency, route, LATENCY_BUCKETS, seconds)
+    def observe(self, route: str, status: int, version: str, seconds: float, rows: int | None) -> None:
+        pending = self.pending
+        pending.append((route, status, version, seconds, rows))
+        if len(pending) >= self.FOLD_EVERY:
+            self.fold()
 
-    def rows(self, route: str, rows: int) -> None:
-        _add(self.row_counts, route, ROW_BUCKETS, rows)
+    def fold(self) -> None:
+        """Add the pending requests to the counts."""
+        pending, self.pending = self.pending, []
+        cells, lat_n, width = self.cells, len(LATENCY_BUCKETS), len(LATENCY_BUCKETS) + len(ROW_BUCKETS) + 5
+        for route, status, version, seconds, rows in pending:
+            key = (route, status, version)
+            cell = cells.get(key)
+            if cell is None:
+                cell = cells[key] = [0.0] * width
+            cell[0] += 1
+            cell[1 + bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            cell[lat_n + 2] += seconds
+            if rows is not None:
+                cell[lat_n + 3 + bisect_left(ROW_BUCKETS, rows)] += 1
+                cell[-1] += rows
 
     def describe(self) -> list:
         return []  # collected on demand only
 
     def collect(self) -> Iterator[Any]:
+        self.fold()
         requests = CounterMetricFamily(*REQUESTS, labels=["route", "status", "model_version"])
-        by_class: dict[tuple[str, str, str], int] = {}
-        for (route, status, version), n in list(self.counts.items()):
+        by_class: dict[tuple[str, str, str], float] = {}
+        latency: dict[str, list[float]] = {}
+        rows: dict[str, list[float]] = {}
+        for (route, status, version), cell in list(self.cells.items()):
             key = (route, _status_class(status), version)
-            by_class[key] = by_class.get(key, 0) + n
+            by_class[key] = by_class.get(key, 0) + cell[0]
+            _sum_into(latency, route, cell[self._LATENCY])
+            if cell[-1] or any(cell[self._ROWS]):
+                _sum_into(rows, route, cell[self._ROWS])
         for labels, n in by_class.items():
             requests.add_metric(list(labels), n)
         yield requests
-        yield _histogram(*LATENCY, self.latency, LATENCY_BUCKETS)
-        yield _histogram(*ROWS, self.row_counts, ROW_BUCKETS)
+        yield _histogram(*LATENCY, latency, LATENCY_BUCKETS)
+        yield _histogram(*ROWS, rows, ROW_BUCKETS)
 
 
-def _add(table: dict[str, list[float]], route: str, buckets: tuple[float, ...], value: float) -> None:
-    counts = table.get(route)
-    if counts is None:
-        counts = table[route] = [0.0] * (len(buckets) + 2)
-    counts[bisect_left(buckets, value)] += 1
-    counts[-1] += value
+def _sum_into(table: dict[str, list[float]], route: str, counts: list[float]) -> None:
+    total = table.get(route)
+    table[route] = counts if total is None else [a + b for a, b in zip(total, counts, strict=True)]
 
 
 def _histogram(name: str, documentation: str, table: dict[str, list[float]], buckets: tuple[float, ...]) -> Any:

@@ -115,7 +115,12 @@ class LoadedModel:
         out = np.asarray(self.forward(x))
         if self.task == "regression":
             return out[:, 0], None
-        return None, np.stack([1.0 - out[:, 0], out[:, 0]], axis=1) if self.task == "binary" else out
+        if self.task != "binary":
+            return None, out
+        probs = np.empty((len(out), 2), dtype=out.dtype)
+        probs[:, 1] = out[:, 0]
+        np.subtract(1.0, out[:, 0], out=probs[:, 0])
+        return None, probs
 
     def predict_arrays(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(predictions, class probabilities or None) as arrays: no Python lists."""

@@ -18,7 +18,6 @@ answers with the champion; `/versions/{v}` with any version this server holds. E
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic_core import from_json, to_json
 
 from serving.middleware import FAST
 from serving.model import InvalidInput, LoadedModel
@@ -165,7 +165,7 @@ def _parse(body: bytes, header_length: str | None) -> tuple[dict[str, Any], list
     else:
         text, binary = body, b""
     try:
-        header = json.loads(text)
+        header = from_json(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise OipError(400, f"the request is not JSON: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
@@ -379,7 +379,7 @@ def _respond(model: LoadedModel, name: str, header: dict[str, Any], predictions:
     body: dict[str, Any] = {"model_name": name, "model_version": model.resolved.version or "", "outputs": outputs}
     if isinstance(header.get("id"), str):
         body["id"] = header["id"]
-    text = json.dumps(body, separators=(",", ":")).encode()
+    text = to_json(body)
     if not blobs:
         return Response(text, media_type="application/json")
     return Response(b"".join([text, *blobs]), media_type="application/octet-stream",

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from serving.auth import require_admin
 from serving.metrics import CONTENT_TYPE
-from serving.middleware import FAST, VERSION_KEY
+from serving.middleware import FAST, ROWS_KEY, VERSION_KEY
 from serving.model import InvalidInput, LoadedModel
 from serving.schemas import LoadedVersion, ModelInfo, PredictRequest, PredictResponse, ReloadResponse
 from serving.store import ServingError
@@ -30,11 +30,11 @@ def served(request: Request) -> Served:
 
 
 def observe_rows(request: Request, model: LoadedModel, rows: int) -> None:
-    """Tell the access log and metrics which version answered, and how many rows."""
-    request.scope[VERSION_KEY] = model.resolved.version or ""
-    metrics = request.app.state.metrics
-    if metrics is not None:
-        metrics.observe_rows(request.scope["route"].path, rows)
+    """Tell the access log and metrics (serving.middleware.Observe) which version answered, and
+    how many rows."""
+    scope = request.scope
+    scope[VERSION_KEY] = model.resolved.version or ""
+    scope[ROWS_KEY] = rows
 
 
 # The body is read and validated here (pydantic's JSON parser, in one pass) rather than by a body
@@ -84,7 +84,7 @@ async def predict(request: Request) -> Response:
     # Serialised here, not by FastAPI's response-model pass: the schema above documents it.
     result = {"model_name": model.resolved.name, "model_version": model.resolved.version, "probabilities": None,
               "classes": None, **answer}
-    return Response(json.dumps(result, separators=(",", ":")), media_type="application/json",
+    return Response(to_json(result), media_type="application/json",
                     headers={"x-model-version": model.resolved.version or ""})
 
 

@@ -117,6 +117,10 @@ def test_oversized_body_and_malformed_json(binary):
     client, _, _ = binary
     r = client.post("/predict", content=b"{" + b" " * 300_000 + b"}", headers={"content-type": "application/json"})
     assert r.status_code == 413 and "the limit is 200000" in r.text
+    # Without a Content-Length (chunked), the body is counted as it streams in.
+    chunks = (b"{" if i == 0 else b" " * 50_000 for i in range(7))
+    r = client.post("/predict", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "more than 200000" in r.text, r.text
     r = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
     # Seen in CI (schemathesis): a body that is not UTF-8 was a 500.

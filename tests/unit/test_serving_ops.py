@@ -5,7 +5,10 @@ real Keras models (versions 1 and 2 of one registered name) served with FastAPI'
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 import time
 
 import keras
@@ -18,6 +21,7 @@ from models import FAMILIES, load_dataset
 from models.training import fit
 from serving.app import create_app
 from serving.logs import AccessLog
+from serving.metrics import Metrics, RequestSeries
 from serving.model import from_directory
 from serving.settings import ServingSettings
 from serving.shadow import Shadow, read_evidence
@@ -69,6 +73,44 @@ def test_metrics_count_requests_rows_versions_and_loaded_models(two_versions):
     assert got[("workbench_http_request_duration_seconds_count", (("route", "/predict"),))] == 2
     assert got[("workbench_model_info", (("name", "t"), ("role", "champion"), ("version", "1")))] == 1
     assert got[("workbench_model_info", (("name", "t"), ("role", "challenger"), ("version", "2")))] == 1
+
+
+def test_request_series_fold_in_batches_and_at_each_scrape():
+    """Requests wait in a list, folded every FOLD_EVERY and whenever /metrics is scraped: the
+    scrape sees every request, and the list never holds more than FOLD_EVERY."""
+    series = Metrics()
+    n = 2 * RequestSeries.FOLD_EVERY + 7
+    for i in range(n):
+        series.observe("/predict", 200, "1", 0.0004 if i % 2 else 0.003, 2)
+    series.observe("/predict", 422, "", 0.0001, None)
+    assert series._fast is not None and len(series._fast.pending) == 8
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(series.exposition().decode()) for s in family.samples}
+    assert not series._fast.pending
+    assert got[("workbench_http_requests_total", (("model_version", "1"), ("route", "/predict"), ("status", "2xx")))] == n
+    assert got[("workbench_http_requests_total", (("model_version", ""), ("route", "/predict"), ("status", "4xx")))] == 1
+    assert got[("workbench_http_request_duration_seconds_count", (("route", "/predict"),))] == n + 1
+    assert got[("workbench_http_request_duration_seconds_bucket", (("le", "0.0005"), ("route", "/predict")))] == n // 2 + 1
+    assert got[("workbench_rows_per_request_count", (("route", "/predict"),))] == n
+    assert got[("workbench_rows_per_request_sum", (("route", "/predict"),))] == 2 * n
+
+
+def test_metrics_of_several_workers_add_up_in_files(tmp_path):
+    """SERVING_WORKERS > 1: each worker process writes prometheus_client's files (the mode is
+    chosen when prometheus_client is imported, so each worker here is a fresh process); a scrape
+    in any of them adds them all up."""
+    worker = ("import sys; from serving.metrics import Metrics; m = Metrics()\n"
+              "for _ in range(3): m.observe('/predict', 200, '1', 0.002, 4)\n"
+              "m.observe('/health', 200, '', 0.0001, None)\n"
+              "sys.stdout.write(m.exposition().decode())")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", worker], env=env, check=True, capture_output=True)
+    text = subprocess.run([sys.executable, "-c", worker], env=env, check=True, capture_output=True, text=True).stdout
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(text) for s in family.samples}
+    assert got[("workbench_http_requests_total", (("model_version", "1"), ("route", "/predict"), ("status", "2xx")))] == 6
+    assert got[("workbench_rows_per_request_sum", (("route", "/predict"),))] == 24
+    assert ("workbench_rows_per_request_count", (("route", "/health"),)) not in got
 
 
 def test_metrics_can_be_turned_off(two_versions):
