@@ -82,12 +82,16 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        declared, chunked = None, False
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit():
                 if int(value) > self.limit:
                     return await self._refuse(scope, receive, send, value.decode())
-                # The server reads exactly Content-Length bytes of body: nothing more to count.
-                return await self.app(scope, receive, send)
+                declared = value
+            elif key == b"transfer-encoding":
+                chunked = True  # it beats Content-Length (RFC 9112 6.3): count as the body streams
+        if declared is not None and not chunked:  # the server reads exactly Content-Length bytes
+            return await self.app(scope, receive, send)
         seen = 0
 
         async def limited_receive():

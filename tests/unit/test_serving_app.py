@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import keras
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from models import FAMILIES, load_dataset
 from models.training import fit
 from serving.app import create_app
+from serving.middleware import BodyLimit
 from serving.model import from_directory
 from serving.settings import ServingSettings
 from serving.store import ResolvedModel
@@ -111,6 +113,33 @@ def test_nan_and_inf_are_refused(binary):
         r = client.post("/predict", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422, (token, r.text)
         assert "must be a finite number" in r.text or "valid number" in r.text
+
+
+@pytest.mark.parametrize("headers, status", [
+    ([(b"content-length", b"100")], 200),  # the server reads exactly that many bytes: not counted again
+    ([(b"content-length", b"200")], 413),  # declared over the limit: refused before reading
+    ([(b"content-length", b"10"), (b"transfer-encoding", b"chunked")], 413),  # chunked wins: counted
+    ([], 413),  # no length: counted as it streams
+])
+def test_body_limit_counts_every_body_whose_length_is_not_fixed(headers, status):
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    chunks = [{"type": "http.request", "body": b"x" * 100, "more_body": i < 2} for i in range(3)]
+    sent: list[dict] = []
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+    asyncio.run(BodyLimit(app, limit=150)(scope, receive, send))
+    assert sent[0]["status"] == status
 
 
 def test_oversized_body_and_malformed_json(binary):
