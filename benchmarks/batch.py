@@ -14,7 +14,10 @@ rows (default 1,000,000: an integer id and 30 float features).
   Dask      an 8-part Parquet folder: `--engine dask` on a local cluster of 2 worker processes vs
             the single-process engine. Warm (the workers hold the model, as a cluster joined with
             --scheduler does after its first job; goal >= 1.6x; this machine's two-process ceiling
-            measured 1.74x) and cold (the cluster started and the model loaded inside the timing).
+            measured 1.74x for two one-core processes) and cold (the cluster started and the model
+            loaded inside the timing). Also prints how many cores the single process keeps busy
+            (its reader and writer threads run beside the scoring thread): 2 workers can be at most
+            (cores of the machine / that) faster.
   MLflow    the whole `python -m serving.batch` process vs `mlflow models predict` (--env-manager
             local) on the same 200,000 rows (ours from CSV; MLflow from its JSON tensor format, as it
             cannot build the model's tensor input from named CSV columns), wall time including
@@ -151,7 +154,7 @@ def bench_dask(store, frame, workdir: Path, rounds: int) -> dict[str, list[float
         frame.iloc[i * size:(i + 1) * size].to_parquet(folder / f"part-{i}.parquet", index=False)
 
     def job(output: str, scheduler: str | None) -> float:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         p = plan(JobSpec(input=str(folder), output=output, model_uri="models:/bench@champion"), store, stamp="x",
                  distributed=scheduler is not None)
         if scheduler is None:
@@ -160,9 +163,12 @@ def bench_dask(store, frame, workdir: Path, rounds: int) -> dict[str, list[float
             run_local(p, progress=False)
         else:
             run_dask(p, scheduler=scheduler, workers=2)
-        return time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        if scheduler is None:  # how many cores the single process keeps busy (its reader and writer threads)
+            out["single cores"].append((time.process_time() - cpu) / seconds)
+        return seconds
 
-    out: dict[str, list[float]] = {"single": [], "dask": [], "dask cold": []}
+    out: dict[str, list[float]] = {"single": [], "dask": [], "dask cold": [], "single cores": []}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         t = time.perf_counter()
         job(str(workdir / "warmup"), cluster.scheduler_address)  # the workers load the model
@@ -244,6 +250,11 @@ def main() -> int:
             dk = bench_dask(store, frame, workdir, args.rounds)
             report("dask", dk["dask"], dk["single"], 1.6, "one process")
             report("dask cold", dk["dask cold"], dk["single"][:1], None, "one process")
+            cores = statistics.median(dk["single cores"])
+            lines.append(f"dask      the single process kept {cores:.2f} of this machine's {os.cpu_count()} cores busy "
+                         f"(rounds {', '.join(f'{c:.2f}' for c in dk['single cores'])}): 2 worker processes can be at "
+                         f"most {(os.cpu_count() or 1) / cores:.2f}x faster here")
+            print(lines[-1], flush=True)
         if not args.no_mlflow:
             n = min(args.rows, args.mlflow_rows)
             seconds = bench_mlflow(frame.head(n), model_dir, workdir, tracking)

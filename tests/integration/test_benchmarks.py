@@ -68,6 +68,7 @@ def test_batch_quick(postgres_url):
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("files", "postgres", "dask", "dask cold"):
         assert re.search(rf"^{name} +[\d,]+ rows/s vs .*: [\d.]+x", out.stdout, re.M), out.stdout
+    assert re.search(r"^dask +the single process kept [\d.]+ of this machine's \d+ cores busy", out.stdout, re.M), out.stdout
     assert "goals met:" in out.stdout
 
 
