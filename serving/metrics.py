@@ -123,8 +123,11 @@ class RequestSeries:
 
     FOLD_EVERY = 1024
     # A cell: [requests, latency bucket counts (+Inf last)..., latency sum, rows bucket counts..., rows sum]
-    _LATENCY = slice(1, len(LATENCY_BUCKETS) + 3)
-    _ROWS = slice(len(LATENCY_BUCKETS) + 3, None)
+    _LATENCY_SUM = len(LATENCY_BUCKETS) + 2
+    _ROWS_AT = _LATENCY_SUM + 1
+    _WIDTH = _ROWS_AT + len(ROW_BUCKETS) + 2
+    _LATENCY = slice(1, _ROWS_AT)
+    _ROWS = slice(_ROWS_AT, None)
 
     def __init__(self) -> None:
         self.cells: dict[tuple[str, int, str], list[float]] = {}
@@ -139,17 +142,17 @@ class RequestSeries:
     def fold(self) -> None:
         """Add the pending requests to the counts."""
         pending, self.pending = self.pending, []
-        cells, lat_n, width = self.cells, len(LATENCY_BUCKETS), len(LATENCY_BUCKETS) + len(ROW_BUCKETS) + 5
+        cells, latency_sum, rows_at = self.cells, self._LATENCY_SUM, self._ROWS_AT
         for route, status, version, seconds, rows in pending:
             key = (route, status, version)
             cell = cells.get(key)
             if cell is None:
-                cell = cells[key] = [0.0] * width
+                cell = cells[key] = [0.0] * self._WIDTH
             cell[0] += 1
             cell[1 + bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            cell[lat_n + 2] += seconds
+            cell[latency_sum] += seconds
             if rows is not None:
-                cell[lat_n + 3 + bisect_left(ROW_BUCKETS, rows)] += 1
+                cell[rows_at + bisect_left(ROW_BUCKETS, rows)] += 1
                 cell[-1] += rows
 
     def describe(self) -> list:

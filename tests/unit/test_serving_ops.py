@@ -51,8 +51,13 @@ def app_client(two_versions, *, shadow: Shadow | None = None, challenger: bool =
 
 
 def samples(client: TestClient) -> dict[tuple[str, tuple], float]:
+    return parse_samples(client.get("/metrics").text)
+
+
+def parse_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value of a Prometheus text exposition."""
     out = {}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
@@ -84,8 +89,7 @@ def test_request_series_fold_in_batches_and_at_each_scrape():
         series.observe("/predict", 200, "1", 0.0004 if i % 2 else 0.003, 2)
     series.observe("/predict", 422, "", 0.0001, None)
     assert series._fast is not None and len(series._fast.pending) == 8
-    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
-           for family in text_string_to_metric_families(series.exposition().decode()) for s in family.samples}
+    got = parse_samples(series.exposition().decode())
     assert not series._fast.pending
     assert got[("workbench_http_requests_total", (("model_version", "1"), ("route", "/predict"), ("status", "2xx")))] == n
     assert got[("workbench_http_requests_total", (("model_version", ""), ("route", "/predict"), ("status", "4xx")))] == 1
@@ -106,8 +110,7 @@ def test_metrics_of_several_workers_add_up_in_files(tmp_path):
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", worker], env=env, check=True, capture_output=True)
     text = subprocess.run([sys.executable, "-c", worker], env=env, check=True, capture_output=True, text=True).stdout
-    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
-           for family in text_string_to_metric_families(text) for s in family.samples}
+    got = parse_samples(text)
     assert got[("workbench_http_requests_total", (("model_version", "1"), ("route", "/predict"), ("status", "2xx")))] == 6
     assert got[("workbench_rows_per_request_sum", (("route", "/predict"),))] == 24
     assert ("workbench_rows_per_request_count", (("route", "/health"),)) not in got
