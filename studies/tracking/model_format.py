@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# The distributions a logged model pins, and the module each provides.
+_PINNED = {"tensorflow-cpu": "tensorflow", "tensorflow": "tensorflow", "keras": "keras", "numpy": "numpy", "mlflow": "mlflow"}
+
+
 @functools.cache
 def pip_requirements() -> tuple[str, ...]:
     """Pinned requirements of a logged model, given explicitly (inferring them costs ~12 s a model)."""
     from importlib import metadata
 
     reqs = []
-    for dist in ("tensorflow-cpu", "tensorflow", "keras", "numpy", "mlflow"):
+    for dist in _PINNED:
         try:
             reqs.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -36,11 +40,20 @@ def pip_requirements() -> tuple[str, ...]:
     return tuple(reqs)
 
 
-def warm_requirement_checks() -> None:
+def prime_requirement_checks() -> None:
+    """Saving a model, MLflow checks its requirements against this environment, and first maps
+    every installed distribution to its modules (importlib.metadata.packages_distributions: ~5 s
+    of CPU over this project's ~250 distributions, once per process). That map is only its
+    fallback for a requirement whose version the distribution's metadata does not give; ours are
+    pinned from that metadata (pip_requirements), so MLflow is handed the map of those alone."""
     from mlflow.utils import requirements_utils
 
-    pip_requirements()
-    requirements_utils._init_packages_to_modules_map()
+    if requirements_utils._MODULES_TO_PACKAGES is None:
+        own: dict[str, list[str]] = {}
+        for requirement in pip_requirements():
+            dist = requirement.partition("==")[0]
+            own.setdefault(_PINNED[dist], []).append(dist)
+        requirements_utils._MODULES_TO_PACKAGES = own  # type: ignore[assignment]  # declared as None there
 
 
 def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path:
@@ -49,6 +62,7 @@ def save_model(model: keras.Model, spec: DataSpec, tags: dict[str, str]) -> Path
     dense network is also exported as numpy steps (runtime numpy: served without TensorFlow)."""
     from models.export import export_checked
 
+    prime_requirement_checks()
     export = export_checked(model)
     if export.net is None:
         log.info("model kept for TensorFlow serving only: %s", export.reason)

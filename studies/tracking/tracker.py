@@ -27,7 +27,7 @@ from studies.tracking.client import (
     retry_step,
     tags_of,
 )
-from studies.tracking.model_format import save_model, warm_requirement_checks
+from studies.tracking.model_format import save_model
 from studies.tracking.names import PARENT_ROLE, RUN_ID_ATTR, RUN_STATUS, STUDY_TAG
 
 if TYPE_CHECKING:
@@ -89,10 +89,6 @@ class Tracker:
         self.parent_run_id = retry_step(lambda: self._parent_run(study.study_name, parent_tags), "creating the study's parent run")
         # Writing the inputs checks the artifact store (S3) before any trial trains.
         retry_step(lambda: self._log_inputs(loaded), "uploading the config to the artifact store")
-        # MLflow maps installed packages to modules on the first model save (~1 s): do it now, in the
-        # background, while the first trial trains.
-        if self.log_models != "none":
-            self.log.run(warm_requirement_checks)
         study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         study.set_user_attr("mlflow_experiment_id", self.experiment_id)
         return self.parent_run_id
