@@ -118,3 +118,22 @@ def test_unreachable_tracking_server_stops_before_training(home, write_config, t
     assert "MLflow tracking server http://127.0.0.1:9 does not answer" in err and "Traceback" not in err
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
     assert study.trials == []
+
+
+def test_a_models_requirement_check_reads_only_the_pinned_distributions(monkeypatch, caplog):
+    """MLflow's check of a saved model's requirements never scans every installed distribution
+    (~5 s of CPU a process), and still finds ours installed at their pinned versions."""
+    from mlflow.utils import requirements_utils
+
+    from studies.tracking.model_format import pip_requirements, prime_requirement_checks
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions",
+                        lambda: pytest.fail("every distribution was mapped"))
+    prime_requirement_checks()
+    pinned = [r.partition("==")[0] for r in pip_requirements()]
+    assert sorted(p for ps in requirements_utils._MODULES_TO_PACKAGES.values() for p in ps) == sorted(pinned)
+    assert {"keras", "numpy", "mlflow"} <= set(pinned) and any(p.startswith("tensorflow") for p in pinned)
+    requirements_utils.warn_dependency_requirement_mismatches([*pip_requirements(), "numpy<1"])
+    mismatches = [r.getMessage() for r in caplog.records if "mismatches" in r.getMessage()]
+    assert len(mismatches) == 1 and "numpy" in mismatches[0] and "keras" not in mismatches[0]
