@@ -42,8 +42,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-    # The whole-stack test stops the services at its end: it runs after every other test.
-    items.sort(key=lambda item: item.fspath.basename == "test_stack.py")
+    # Tests that restart or stop shared services run after the others (make test runs them alone,
+    # after the parallel part); the whole-stack test, which stops the services, runs last.
+    items.sort(key=lambda item: (item.get_closest_marker("exclusive") is not None, item.fspath.basename == "test_stack.py"))
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,7 @@ def _pg_version() -> str:
     return sorted(os.listdir("/etc/postgresql"))[-1]
 
 
+@pytest.mark.exclusive  # restarts PostgreSQL
 def test_a_killed_postgres_job_and_a_restart_under_its_rerun_score_each_row_once(postgres_url, env):
     engine = sqlalchemy.create_engine(postgres_url)
     source, target = f"rows_{uuid.uuid4().hex[:8]}", f"pred_{uuid.uuid4().hex[:8]}"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 
 from studies.storage.study import derive_seed
@@ -116,6 +117,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_its_run_closed(postgres_url, m
     assert retry_run.data.tags["workbench.retry_of"] == str(target.number)
 
 
+@pytest.mark.exclusive  # restarts PostgreSQL
 def test_postgres_restart_mid_study(postgres_url, mlflow_uri, study_name, write_config, tiny_space):
     path = write_config(slow_config(tiny_space, 8))
     proc = run_cli(str(path), "--storage", postgres_url, "--study-name", study_name, "--workers", "2",

@@ -19,9 +19,12 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, tiny_config
 from tests.readme import Command, readme_blocks, with_tiny_budget
+
+pytestmark = pytest.mark.exclusive  # `down` stops the services the other tests use
 
 SCRIPT = ROOT / "scripts" / "stack.py"
 STATE = ROOT / ".workbench" / "stack"
