@@ -115,42 +115,58 @@ def trials(n: int) -> None:
 
 
 def served_latency(study, tracking_uri: str) -> None:
-    """The registered winner's latency as the trial recorded it, against the same model loaded by
-    serving: its forward pass, and POST /predict of one row through the app (in-process ASGI
-    client, no network)."""
-    import logging
+    """The registered winner's latency as its trial recorded it (POST /predict on the API in a
+    thread of the study's process: serving.probe) against the same model served for real:
+    `python -m serving` in its own process, timed with the same keep-alive client, 5 alternating
+    rounds of the served process and a fresh probe in this process."""
+    import socket
 
     import numpy as np
-    from fastapi.testclient import TestClient
 
     from models import load_dataset
-    from models.inference import measure_latency
-    from serving.app import create_app
     from serving.model import load
-    from serving.settings import ServingSettings
+    from serving.probe import Client, ServingProbe, predict_bodies
     from serving.store import Store
-    from serving.versions import ModelSet
 
-    logging.getLogger("serving.access").setLevel(logging.WARNING)
     model = load("models:/cost@champion", Store(tracking_uri))
     trial = study.trials[int(model.resolved.tags["workbench.trial_number"])]
     recorded = trial.user_attrs["latency_p50_ms"]
     data = load_dataset(name="breast_cancer", path=None, target=None, features=None, task="binary", image_shape=None,
                         validation=0.2, test=0.2, seed=42, columns=None)
-    forward = measure_latency(model.forward, data.x_val[:64]).p50_ms
-    body = {"instances": data.x_test[:1].tolist()}
-    app = create_app(ServingSettings(), ModelSet.fixed(model))
-    logging.getLogger("serving.access").disabled = True  # the app sets up its access log: 300 lines here
-    with TestClient(app) as client:
-        times = []
-        for _ in range(300):
-            start = time.perf_counter()
-            assert client.post("/predict", json=body).status_code == 200
-            times.append(time.perf_counter() - start)
-    http = float(np.median(times[50:])) * 1000
-    print(f"\nserving latency of the registered trial {trial.number}: recorded latency_p50_ms {recorded:.4f} ms; "
-          f"served forward pass {forward:.4f} ms ({forward / recorded:.2f}x); POST /predict one row {http:.3f} ms "
-          f"({http / recorded:.1f}x; goal: within 1.2x)")
+    one, batch = predict_bodies(data.x_val[:64], model.table)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "SERVING_MODEL_URI": "models:/cost@champion",
+           "SERVING_PORT": str(port), "SERVING_ACCESS_LOG": "false", "TF_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    served, probed = [], []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client("127.0.0.1", port)
+                client.post("/predict", one)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the served model did not answer") from None
+                time.sleep(0.2)
+        for _ in range(5):
+            served.append(client.median_ms("/predict", one, 0.5, 1000))
+            probe = ServingProbe()
+            probed.append(probe.measure(model, one, batch, budget_seconds=0.5, max_calls=1000).p50_ms)
+            probe.close()
+        client.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    served_p50, probed_p50 = float(np.median(served)), float(np.median(probed))
+    print(f"\nserving latency of the registered trial {trial.number}: recorded latency_p50_ms {recorded:.3f} ms "
+          f"(the trial's probe, untrained weights); the registered model on a fresh probe {probed_p50:.3f} ms; "
+          f"served by python -m serving {served_p50:.3f} ms (rounds {', '.join(f'{v:.3f}' for v in served)}): "
+          f"served/recorded = {served_p50 / recorded:.2f}x, served/probe = {served_p50 / probed_p50:.2f}x (goal: within 1.2x)")
 
 
 def main() -> None:

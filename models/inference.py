@@ -3,7 +3,8 @@ trial measures the latency that the API will show.
 
 `compile_forward` gives the numpy program of a dense network (models.export) when it matches
 Keras on varied rows, else a `tf.function` with a fixed input signature (traced once here).
-`measure_latency` times that forward pass on one row and on 64 rows.
+`measure_latency` times that forward pass on one row and on 64 rows (what a trial records is
+the API's own latency over HTTP: serving.probe).
 """
 
 from __future__ import annotations
@@ -80,12 +81,3 @@ def _median_ms(forward: Forward, x: np.ndarray, budget_seconds: float, max_calls
         np.asarray(forward(x))
         times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1000.0
-
-
-def serving_costs(model: Any, rows: np.ndarray) -> dict[str, float]:
-    """What serving this network will cost: latency_p50_ms and latency_batch64_ms of its forward
-    pass on `rows` (model inputs, e.g. validation rows), and model_bytes, the bytes of its weights."""
-    x = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
-    compiled = compile_forward(model, x.shape[1], verify=False)
-    size = sum(int(np.prod(w.shape)) * np.dtype(str(w.dtype)).itemsize for w in model.weights)
-    return {**measure_latency(compiled.forward, x).as_metrics(), "model_bytes": float(size)}

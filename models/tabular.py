@@ -115,6 +115,16 @@ class TableEncoder:
         lines += [f"{name[:23]:<24}{'drop':<13}" for name in self.dropped]
         return lines
 
+    def typical_record(self) -> dict[str, Any]:
+        """A raw record of typical values (each numeric column's mean, each boolean's majority,
+        each categorical's most frequent level): what a latency probe sends (serving.probe)."""
+        def typical(c: Column) -> Any:
+            if c.kind == "categorical":
+                return c.levels[0] if c.levels else None
+            return bool(c.mean >= 0.5) if c.kind == "boolean" else float(c.mean)
+
+        return {c.name: typical(c) for c in self.columns}
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": 1, "columns": [{**asdict(c), "levels": list(c.levels)} for c in self.columns],
                 "ids": list(self.ids), "dropped": list(self.dropped)}

@@ -216,8 +216,8 @@ class Objective:
 
     def _train(self, trial: optuna.trial.BaseTrial, params: dict[str, Any], seed: int, run_id: str | None,
                outcome: TrialOutcome, *, model: Any = None, fit_options: dict[str, Any] | None = None) -> float | tuple[float, ...]:
-        from models.inference import serving_costs
         from models.training import evaluate, fit
+        from serving.probe import serving_costs
 
         cfg = self.loaded.config
         started = time.perf_counter()
@@ -228,7 +228,7 @@ class Objective:
         attrs = outcome.attrs
         attrs["n_params"] = int(model.count_params())
         # Before training: the same for a trained network, and pruned trials carry them too (constraints).
-        costs = serving_costs(model, self.data.x_val[:64])
+        costs = serving_costs(model, self.data.spec, self.data.x_val[:64])
         metrics.update(costs)
         attrs.update(costs)
         for key, value in cfg.constraint_values({**costs, "n_params": metrics["n_params"]}).items():

@@ -185,3 +185,24 @@ def test_v2_named_tensors_with_bytes_and_nulls_answer_like_predict(served):
     inputs[0] = {**inputs[0], "datatype": "BYTES", "data": ["twelve"] * len(records)}
     r = client.post("/v2/models/churn_tiny/infer", json={"inputs": inputs})
     assert r.status_code == 400 and "a numeric column takes FP32/FP64/INT*, got BYTES" in r.json()["error"]
+
+
+def test_a_table_models_serving_costs_are_timed_on_its_raw_records(churn_study, served):
+    """The churn study's trials recorded /predict latencies of raw records (its typical one),
+    and the registered model answers that record through the probe as the API would."""
+    import optuna
+
+    from serving.probe import predict_bodies, probe
+
+    config, code = churn_study
+    assert code == 0
+    trials = optuna.load_study(study_name="churn_tiny", storage=f"sqlite:///{config.parent / 'home' / 'optuna.db'}").trials
+    for trial in trials:
+        assert 0 < trial.user_attrs["latency_p50_ms"] < trial.user_attrs["latency_batch64_ms"] < 100
+    _, model, _ = served
+    record = model.table.typical_record()
+    assert set(record) == set(model.feature_names) and model.encode_records([record]).shape == (1, model.input_width)
+    one, batch = predict_bodies(np.zeros((1, 1)), model.table)
+    assert json.loads(one) == {"records": [record]} and len(json.loads(batch)["records"]) == 64
+    latency = probe().measure(model, one, batch)
+    assert 0 < latency.p50_ms < latency.batch64_ms
