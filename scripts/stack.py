@@ -709,19 +709,36 @@ def _existing_role(env: dict[str, str]) -> str:
     return env.get("PGUSER") or "postgres"
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies aside)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
 def _stop_group(pid: int, seconds: float = 10.0) -> None:
-    """SIGTERM to the process group, SIGKILL to whatever of it is left after `seconds`."""
+    """SIGTERM to the process group, SIGKILL to whatever of it is left after `seconds`; returns
+    once no process of the group runs (a process signalled is not gone at once, least of all on
+    a busy machine)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and alive(pid):
-        time.sleep(0.2)
+    while time.monotonic() < deadline and group_alive(pid):
+        time.sleep(0.05)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and group_alive(pid):
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- commands
