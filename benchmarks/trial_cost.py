@@ -117,15 +117,16 @@ def trials(n: int) -> None:
 def served_latency(study, tracking_uri: str) -> None:
     """The registered winner's latency as its trial recorded it (POST /predict on the API in a
     thread of the study's process: serving.probe) against the same model served for real:
-    `python -m serving` in its own process, timed with the same keep-alive client, 5 alternating
+    `python -m serving` in its own process, timed by the same client process, 5 alternating
     rounds of the served process and a fresh probe in this process."""
     import socket
+    import urllib.request
 
     import numpy as np
 
     from models import load_dataset
     from serving.model import load
-    from serving.probe import Client, ServingProbe, predict_bodies
+    from serving.probe import RemoteClient, ServingProbe, predict_bodies
     from serving.store import Store
 
     model = load("models:/cost@champion", Store(tracking_uri))
@@ -146,13 +147,13 @@ def served_latency(study, tracking_uri: str) -> None:
         deadline = time.monotonic() + 120
         while True:
             try:
-                client = Client("127.0.0.1", port)
-                client.post("/predict", one)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5).read()
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the served model did not answer") from None
                 time.sleep(0.2)
+        client = RemoteClient("127.0.0.1", port)
         for _ in range(5):
             served.append(client.median_ms("/predict", one, 0.5, 1000))
             probe = ServingProbe()

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from models.datasets import Dataset
+from models.scores import Score, numpy_metric
 
 Report = Callable[[int, dict[str, float]], bool]
 
@@ -180,37 +181,43 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, *, chunk: int = 8
     """Loss and metrics of the model on one split, as `model.evaluate` computes them (mean loss
     plus the regularization penalty, the compiled metrics by name), from eager forward passes of
     `chunk` rows. Eager on purpose: `model.evaluate` traces a test function per model, ~0.25 s,
-    more than a small model's whole evaluation."""
+    more than a small model's whole evaluation. The metrics the families compile are computed in
+    numpy from the predictions (models.scores: an eager AUC update costs ~50 ms)."""
     loss_fn, weight, metrics = _scorers(model)
-    for metric in metrics:
+    keras_metrics = [m for m, twin in metrics if twin is None]
+    for metric in keras_metrics:
         metric.reset_state()
     total, n = 0.0, len(x)
+    preds = []
     for start in range(0, n, chunk):
         xb, yb = x[start:start + chunk], y[start:start + chunk]
         pred = model(xb, training=False)
         yb = _aligned(yb, pred)
         total += float(keras.ops.sum(loss_fn(yb, pred)))
-        for metric in metrics:
+        for metric in keras_metrics:
             metric.update_state(yb, pred)
+        preds.append(keras.ops.convert_to_numpy(pred))
     penalty = sum(float(loss) for loss in model.losses)
     out = {"loss": weight * total / max(n, 1) + penalty}
-    out.update({metric.name: float(metric.result()) for metric in metrics})
+    predicted = np.concatenate(preds) if preds else np.zeros((0, 1), dtype=np.float32)
+    for metric, twin in metrics:
+        out[metric.name] = float(metric.result()) if twin is None else twin(y, predicted)
     return out
 
 
-_SCORERS: weakref.WeakKeyDictionary[keras.Model, tuple[Callable[..., Any], float, list[keras.metrics.Metric]]] = (
+_SCORERS: weakref.WeakKeyDictionary[keras.Model, tuple[Callable[..., Any], float, list[tuple[keras.metrics.Metric, Score | None]]]] = (
     weakref.WeakKeyDictionary())
 
 
-def _scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[keras.metrics.Metric]]:
-    """The per-sample loss function, its weight, and copies of the compiled metrics of a model,
-    made once per model (an AUC builds 200 thresholds' variables: ~12 ms at each evaluation)."""
+def _scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[tuple[keras.metrics.Metric, Score | None]]]:
+    """The per-sample loss function, its weight, and copies of the compiled metrics of a model
+    with their numpy twins (None: updated in Keras), made once per model."""
     if model not in _SCORERS:
         _SCORERS[model] = _new_scorers(model)
     return _SCORERS[model]
 
 
-def _new_scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[keras.metrics.Metric]]:
+def _new_scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[tuple[keras.metrics.Metric, Score | None]]]:
     config = model.get_compile_config()
     if not config:
         raise ValueError("the model is not compiled: no loss to evaluate")
@@ -222,7 +229,7 @@ def _new_scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[ke
     metrics = [keras.metrics.deserialize(m) for m in (config.get("metrics") or [])]
     weights = config.get("loss_weights")
     weight = float(weights[0] if isinstance(weights, (list, tuple)) else weights) if weights is not None else 1.0
-    return loss_fn, weight, metrics
+    return loss_fn, weight, [(m, numpy_metric(m)) for m in metrics]
 
 
 def _aligned(y: np.ndarray, pred: Any) -> np.ndarray:

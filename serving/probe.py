@@ -1,6 +1,7 @@
 """What a model will cost a client of the API, measured on the API itself: the app (serving.app)
 on a loopback port, in a thread of this process, answering with whichever model it was last
-handed, and POST /predict timed over one keep-alive HTTP connection, the way a client sees it.
+handed, and POST /predict timed over one keep-alive HTTP connection by a small client process
+(serving.probe_client), the way a client sees it.
 
 A study measures each trial's network here before training (the `latency_p50_ms` and
 `latency_batch64_ms` an objective, a constraint or `registry.limits` can use), so the figure it
@@ -10,9 +11,10 @@ the two); the forward pass alone is a few microseconds of a ~0.3 ms request.
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,9 +29,6 @@ from serving.store import ResolvedModel, ServingError
 if TYPE_CHECKING:
     from models import DataSpec
     from models.tabular import TableEncoder
-
-_WARM = 5  # requests before timing: first-call costs are not the steady state
-
 
 class ServingProbe:
     """The API in a thread of this process, on 127.0.0.1 and a free port; `measure` times it."""
@@ -60,7 +59,7 @@ class ServingProbe:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise ServingError("the serving probe did not start (its app on a loopback port)")
             time.sleep(0.005)
-        self._client = Client("127.0.0.1", self.port)
+        self._client = RemoteClient("127.0.0.1", self.port)
 
     def measure(self, model: LoadedModel, body_one: bytes, body_batch: bytes, *, budget_seconds: float = 0.05,
                 max_calls: int = 100) -> Latency:
@@ -78,42 +77,39 @@ class ServingProbe:
         self._socket.close()
 
 
-class Client:
-    """One keep-alive HTTP/1.1 connection timing POST requests (the probe's, and the benchmark's
-    against a served process: the same client on both sides of the comparison)."""
+class RemoteClient:
+    """Times POST requests from its own small process (serving.probe_client): the same client for
+    the probe and for a served process (benchmarks/trial_cost.py)."""
 
     def __init__(self, host: str, port: int) -> None:
-        self._connection = http.client.HTTPConnection(host, port, timeout=30)
-
-    def post(self, path: str, body: bytes) -> bytes:
-        try:
-            response = self._send(path, body)
-        except (http.client.HTTPException, OSError):  # the server closed an idle connection: a new one
-            self._connection.close()
-            response = self._send(path, body)
-        answer = response.read()
-        if response.status != 200:
-            raise ServingError(f"POST {path} answered {response.status}: {answer[:300]!r}")
-        return answer
-
-    def _send(self, path: str, body: bytes) -> http.client.HTTPResponse:
-        self._connection.request("POST", path, body, {"content-type": "application/json"})
-        return self._connection.getresponse()
+        self._process = subprocess.Popen([sys.executable, "-m", "serving.probe_client", host, str(port)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def median_ms(self, path: str, body: bytes, budget_seconds: float, max_calls: int) -> float:
-        """Median wall time of the request: at least 5 timed after the warm-up, more while the budget lasts."""
-        for _ in range(_WARM):
-            self.post(path, body)
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_seconds
-        while len(times) < max_calls and (len(times) < 5 or time.perf_counter() < deadline):
-            start = time.perf_counter()
-            self.post(path, body)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times)) * 1000.0
+        """Median milliseconds of POST `path` with `body` (after a warm-up, as long as the budget lasts)."""
+        assert self._process.stdin is not None and self._process.stdout is not None
+        command = {"path": path, "body": body.decode(), "budget_seconds": budget_seconds, "max_calls": max_calls}
+        try:
+            self._process.stdin.write(json.dumps(command) + "\n")
+            self._process.stdin.flush()
+            line = self._process.stdout.readline()
+        except OSError as e:
+            raise ServingError(f"the probe's client process is gone: {e}") from None
+        if not line:
+            raise ServingError(f"the probe's client process exited ({self._process.poll()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ServingError(f"POST {path} on the probe: {answer['error']}")
+        return float(answer["median_ms"])
 
     def close(self) -> None:
-        self._connection.close()
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 def predict_bodies(rows: np.ndarray, table: TableEncoder | None = None) -> tuple[bytes, bytes]:

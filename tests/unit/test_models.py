@@ -101,3 +101,28 @@ def test_balanced_class_weight_gives_each_class_the_same_total_weight():
         trained.append(result.history["loss"][0])
         assert {"val_auc", "val_pr_auc"} <= set(result.history)  # ranking metrics on every epoch
     assert trained[0] != pytest.approx(trained[1], rel=1e-3)  # the weights reach the training loss
+
+
+def test_numpy_metrics_give_keras_metric_values():
+    """models.scores against the Keras objects it mirrors: AUCs with predictions on the
+    thresholds, at 0 and 1, and NaN (a diverged model: a value, no error); accuracies and errors."""
+    from models.scores import numpy_metric
+
+    rng = np.random.default_rng(0)
+    for case in range(12):
+        n = int(rng.integers(5, 400))
+        y = rng.integers(0, 2, n).astype(np.float32)
+        p = rng.random((n, 1)).astype(np.float32)
+        if case % 3 == 0:
+            p = np.round(p * 199) / 199  # exactly on Keras's thresholds
+        p[:4, 0] = [0.0, 1.0, 0.5, 1.0]
+        for metric in (keras.metrics.AUC(), keras.metrics.AUC(curve="PR"), keras.metrics.BinaryAccuracy(),
+                       keras.metrics.MeanAbsoluteError(), keras.metrics.RootMeanSquaredError()):
+            metric.update_state(y[:, None], p)
+            assert numpy_metric(metric)(y, p) == pytest.approx(float(metric.result()), abs=1e-6), (case, metric.name)
+    labels, probs = rng.integers(0, 3, 50), rng.random((50, 3)).astype(np.float32)
+    accuracy = keras.metrics.SparseCategoricalAccuracy()
+    accuracy.update_state(labels, probs)
+    assert numpy_metric(accuracy)(labels, probs) == pytest.approx(float(accuracy.result()))
+    assert np.isfinite(numpy_metric(keras.metrics.AUC())(np.array([0, 1, 1]), np.array([[np.nan], [0.2], [0.9]])))
+    assert numpy_metric(keras.metrics.AUC(multi_label=True)) is None and numpy_metric(keras.metrics.Precision()) is None
