@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from models import DataSpec
     from models.tabular import TableEncoder
 
+
 class ServingProbe:
     """The API in a thread of this process, on 127.0.0.1 and a free port; `measure` times it."""
 
