@@ -87,13 +87,16 @@ def test_workers_share_the_budget_the_parent_run_and_seeds(postgres_url, mlflow_
 
 def test_a_worker_killed_mid_trial_is_retried_and_its_run_closed(postgres_url, mlflow_uri, study_name, write_config,
                                                                  tiny_space):
-    path = write_config(slow_config(tiny_space, 8))
+    # Trials of 30 epochs, and a victim with at most 10 behind it: it cannot finish between being
+    # read and being killed, even on a busy machine (8-epoch trials sometimes did).
+    path = write_config(slow_config(tiny_space, 8, epochs=30))
     proc = run_cli(str(path), "--storage", postgres_url, "--study-name", study_name, "--workers", "2",
                    env={**stack_env(mlflow_uri), "HEARTBEAT_SECONDS": "1"})
     try:
         def victim():
             ts = trials(postgres_url, study_name)
             running = [t for t in ts if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs
+                       and len(t.intermediate_values) <= 10
                        and t.user_attrs.get("worker", "").endswith(tuple(f":{p}" for p in _children(proc.pid)))]
             return finished(ts) and running and running[0]
 
