@@ -3,13 +3,11 @@ trial measures the latency that the API will show.
 
 `compile_forward` gives the numpy program of a dense network (models.export) when it matches
 Keras on varied rows, else a `tf.function` with a fixed input signature (traced once here).
-`measure_latency` times that forward pass on one row and on 64 rows (what a trial records is
-the API's own latency over HTTP: serving.probe).
+`Latency` is what serving a model costs a client (measured on the API itself: serving.probe).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,23 +59,3 @@ class Latency:
 
     def as_metrics(self) -> dict[str, float]:
         return {"latency_p50_ms": round(self.p50_ms, 4), "latency_batch64_ms": round(self.batch64_ms, 4)}
-
-
-def measure_latency(forward: Forward, rows: np.ndarray, *, budget_seconds: float = 0.05, max_calls: int = 200) -> Latency:
-    """Median wall time of the forward pass (result converted to numpy, as the API does) on one
-    row and on 64 rows (`rows` repeated if it has fewer); at most `budget_seconds` per size."""
-    rows = np.asarray(rows, dtype=np.float32)
-    batch = np.resize(rows, (64, rows.shape[1])) if len(rows) < 64 else rows[:64]
-    return Latency(_median_ms(forward, rows[:1], budget_seconds, max_calls),
-                   _median_ms(forward, batch, budget_seconds, max_calls))
-
-
-def _median_ms(forward: Forward, x: np.ndarray, budget_seconds: float, max_calls: int) -> float:
-    np.asarray(forward(x))  # warm: first-call costs are not the steady state
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_seconds
-    while len(times) < max_calls and (len(times) < 5 or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        np.asarray(forward(x))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000.0
