@@ -88,19 +88,33 @@ def child(mode: str, config: str, n_trials: int, epochs: int, workdir: str) -> i
         argv.append("--no-tracking")
     if mode == "naive":
         runner.Tracker = NaiveTracker  # the tracker the runner starts
+    out = SummaryClock()
     started = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(out):
         code = main(argv)
     elapsed = time.perf_counter() - started
+    to_summary = (out.at or time.perf_counter()) - started
     import optuna
 
     trials = optuna.load_study(study_name=name, storage=argv[2]).trials
     in_trials = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials if t.datetime_complete)
-    print(json.dumps({"code": code, "seconds": elapsed, "trial_seconds": in_trials, "http": HTTP_CALLS[0]}))
+    print(json.dumps({"code": code, "seconds": elapsed, "to_summary": to_summary, "trial_seconds": in_trials,
+                      "http": HTTP_CALLS[0]}))
     return code
 
 
-def run_once(mode: str, config: str, n_trials: int, epochs: int, workdir: Path) -> tuple[float, float, int]:
+class SummaryClock(io.StringIO):
+    """Swallows the runner's output and notes when its summary (the line `wall time`) was written."""
+
+    at: float | None = None
+
+    def write(self, text: str) -> int:
+        if self.at is None and "wall time" in text:
+            self.at = time.perf_counter()
+        return super().write(text)
+
+
+def run_once(mode: str, config: str, n_trials: int, epochs: int, workdir: Path) -> tuple[float, float, float, int]:
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--config", config, "--trials", str(n_trials),
                           "--epochs", str(epochs), "--workdir", str(workdir)], capture_output=True, text=True)
     try:
@@ -109,12 +123,12 @@ def run_once(mode: str, config: str, n_trials: int, epochs: int, workdir: Path) 
         raise SystemExit(f"{mode} run failed:\n{out.stderr[-3000:]}") from None
     if result["code"] != 0:
         raise SystemExit(f"{mode} run failed with exit code {result['code']}:\n{out.stderr[-3000:]}")
-    return result["seconds"], result["trial_seconds"], result["http"]
+    return result["seconds"], result["to_summary"], result["trial_seconds"], result["http"]
 
 
 def main_bench() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 trials, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 trials, 2 epochs, no warm-up")
     parser.add_argument("--config", default=str(ROOT / "configs" / "breast_cancer.yaml"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=8)
@@ -132,18 +146,22 @@ def main_bench() -> int:
         return 2
     modes = ("off", "ours", "naive")
     times: dict[str, list[float]] = {m: [] for m in modes}
+    to_summary: dict[str, list[float]] = {m: [] for m in modes}
     trial_times: dict[str, list[float]] = {m: [] for m in modes}
     calls: dict[str, list[float]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        run_once("ours", args.config, 1, 1, workdir)  # warm-up: file caches, the server's connection pool
+        if not args.quick:  # warm-up: file caches, the server's connection pool
+            run_once("ours", args.config, 1, 1, workdir)
         for round_no in range(args.rounds):
             for mode in modes:
-                seconds, in_trials, n_calls = run_once(mode, args.config, args.trials, args.epochs, workdir)
+                seconds, until_summary, in_trials, n_calls = run_once(mode, args.config, args.trials, args.epochs, workdir)
                 times[mode].append(seconds)
+                to_summary[mode].append(until_summary)
                 trial_times[mode].append(in_trials)
                 calls[mode].append(n_calls / args.trials)
-                print(f"round {round_no + 1} {mode:<6} invocation {seconds:7.2f} s  inside trials {in_trials:7.2f} s  "
+                print(f"round {round_no + 1} {mode:<6} invocation {seconds:7.2f} s  summary at {until_summary:7.2f} s  "
+                      f"inside trials {in_trials:7.2f} s  "
                       f"{n_calls / args.trials:6.1f} HTTP requests/trial", flush=True)
     print(f"\nstudy: {args.trials} trials x {args.epochs} epochs, no pruning, breast_cancer MLP, "
           f"1 TF thread (TF_THREADS=1, OMP_NUM_THREADS=1), {args.rounds} rounds, server {uri}")
@@ -156,7 +174,10 @@ def main_bench() -> int:
     fixed = (statistics.median(times["ours"]) - statistics.median(trial_times["ours"])) - (off - off_trials)
     print(f"naive/off: trials {statistics.median(trial_times['naive']) / off_trials:.3f}, "
           f"invocation {statistics.median(times['naive']) / off:.3f}")
-    print(f"ours per-invocation fixed cost (MLflow import, parent run, summary, plotly report): {fixed:+.2f} s")
+    before = (statistics.median(to_summary["ours"]) - statistics.median(trial_times["ours"])) - (
+        statistics.median(to_summary["off"]) - off_trials)
+    print(f"ours per-invocation fixed cost (MLflow import, parent run, summary, plotly report): {fixed:+.2f} s; "
+          f"of it before the summary is printed (the critical path; goal <= 2 s): {before:+.2f} s")
     print(f"ours/off: invocation {statistics.median(times['ours']) / off:.3f}; "
           f"trial wall time {statistics.median(trial_times['ours']) / off_trials:.3f} (goal <= 1.05)")
     return 0

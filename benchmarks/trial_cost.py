@@ -155,9 +155,9 @@ def served_latency(study, tracking_uri: str) -> None:
                 time.sleep(0.2)
         client = RemoteClient("127.0.0.1", port)
         for _ in range(5):
-            served.append(client.median_ms("/predict", one, 0.5, 1000))
+            served.append(client.medians_ms("/predict", [one, batch], 1.0, 1000)[0])
             probe = ServingProbe()
-            probed.append(probe.measure(model, one, batch, budget_seconds=0.5, max_calls=1000).p50_ms)
+            probed.append(probe.measure(model, one, batch, budget_seconds=1.0, max_calls=1000).p50_ms)
             probe.close()
         client.close()
     finally:

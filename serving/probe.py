@@ -62,14 +62,15 @@ class ServingProbe:
             time.sleep(0.005)
         self._client = RemoteClient("127.0.0.1", self.port)
 
-    def measure(self, model: LoadedModel, body_one: bytes, body_batch: bytes, *, budget_seconds: float = 0.05,
+    def measure(self, model: LoadedModel, body_one: bytes, body_batch: bytes, *, budget_seconds: float = 0.1,
                 max_calls: int = 100) -> Latency:
-        """Median milliseconds of POST /predict with each body (one row, 64 rows), `model` answering."""
+        """Median milliseconds of POST /predict with each body (one row, 64 rows; sent in turn),
+        `model` answering."""
         from serving.versions import Served
 
         self.models.served = Served(model)
-        return Latency(self._client.median_ms("/predict", body_one, budget_seconds, max_calls),
-                       self._client.median_ms("/predict", body_batch, budget_seconds, max_calls))
+        one, batch = self._client.medians_ms("/predict", [body_one, body_batch], budget_seconds, max_calls)
+        return Latency(one, batch)
 
     def close(self) -> None:
         self._client.close()
@@ -86,10 +87,12 @@ class RemoteClient:
         self._process = subprocess.Popen([sys.executable, "-m", "serving.probe_client", host, str(port)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def median_ms(self, path: str, body: bytes, budget_seconds: float, max_calls: int) -> float:
-        """Median milliseconds of POST `path` with `body` (after a warm-up, as long as the budget lasts)."""
+    def medians_ms(self, path: str, bodies: list[bytes], budget_seconds: float, max_calls: int) -> list[float]:
+        """Median milliseconds of POST `path` with each body, sent in turn (after a warm-up, as
+        long as the budget lasts)."""
         assert self._process.stdin is not None and self._process.stdout is not None
-        command = {"path": path, "body": body.decode(), "budget_seconds": budget_seconds, "max_calls": max_calls}
+        command = {"path": path, "bodies": [body.decode() for body in bodies], "budget_seconds": budget_seconds,
+                   "max_calls": max_calls}
         try:
             self._process.stdin.write(json.dumps(command) + "\n")
             self._process.stdin.flush()
@@ -101,7 +104,7 @@ class RemoteClient:
         answer = json.loads(line)
         if "error" in answer:
             raise ServingError(f"POST {path} on the probe: {answer['error']}")
-        return float(answer["median_ms"])
+        return [float(ms) for ms in answer["median_ms"]]
 
     def close(self) -> None:
         if self._process.stdin is not None:

@@ -3,8 +3,10 @@
 thread of a study process or a served process, then shares no interpreter lock with the client
 that times it, as with any real client.
 
-Commands arrive on stdin, one JSON object a line: {"path", "body", "budget_seconds",
-"max_calls"}; each answer is one line on stdout: {"median_ms": float} or {"error": str}.
+Commands arrive on stdin, one JSON object a line: {"path", "bodies", "budget_seconds",
+"max_calls"}; each answer is one line on stdout: {"median_ms": [float, ...]} (one per body) or
+{"error": str}. The bodies are sent in turn, so each median is taken over the same moments: a
+burst of load elsewhere on the machine weighs on all of them alike.
 """
 
 from __future__ import annotations
@@ -39,17 +41,20 @@ class Client:
         self._connection.request("POST", path, body, {"content-type": "application/json"})
         return self._connection.getresponse()
 
-    def median_ms(self, path: str, body: bytes, budget_seconds: float, max_calls: int) -> float:
-        """Median wall time of the request: at least 5 timed after the warm-up, more while the budget lasts."""
+    def medians_ms(self, path: str, bodies: list[bytes], budget_seconds: float, max_calls: int) -> list[float]:
+        """Median wall time of the request with each body, sent in turn: at least 5 of each timed
+        after the warm-up, more while the budget lasts (`max_calls` of each at most)."""
         for _ in range(WARM):
-            self.post(path, body)
-        times: list[float] = []
+            for body in bodies:
+                self.post(path, body)
+        times: list[list[float]] = [[] for _ in bodies]
         deadline = time.perf_counter() + budget_seconds
-        while len(times) < max_calls and (len(times) < 5 or time.perf_counter() < deadline):
-            start = time.perf_counter()
-            self.post(path, body)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000.0
+        while len(times[0]) < max_calls and (len(times[0]) < 5 or time.perf_counter() < deadline):
+            for body, timed in zip(bodies, times, strict=True):
+                start = time.perf_counter()
+                self.post(path, body)
+                timed.append(time.perf_counter() - start)
+        return [statistics.median(timed) * 1000.0 for timed in times]
 
 
 def main() -> int:
@@ -57,8 +62,9 @@ def main() -> int:
     for line in sys.stdin:
         command = json.loads(line)
         try:
-            answer: dict[str, object] = {"median_ms": client.median_ms(
-                command["path"], command["body"].encode(), float(command["budget_seconds"]), int(command["max_calls"]))}
+            answer: dict[str, object] = {"median_ms": client.medians_ms(
+                command["path"], [body.encode() for body in command["bodies"]], float(command["budget_seconds"]),
+                int(command["max_calls"]))}
         except Exception as e:  # reported to the caller, which raises it there
             answer = {"error": f"{type(e).__name__}: {e}"}
         sys.stdout.write(json.dumps(answer) + "\n")

@@ -87,6 +87,7 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
         assert isinstance(stale, StaleTrialHandler)  # open_session always sets a heartbeat (HEARTBEAT_SECONDS >= 1)
         stale.on_stale = functools.partial(close_stale_run, tracker)
     failed = False
+    settled = False  # the engine returned or was interrupted (not an error on its way out)
     stopped_workers: set[str] = set()  # host:pid of the workers this coordinator ran, once they exited
     try:
         if not options.is_worker:  # trials and runs a dead worker left behind, before any new trial starts
@@ -107,20 +108,26 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
 
             failed = optimize(session, tracker, label=None if not options.is_worker else f"w{options.worker_index}",
                               ignore_stop=options.ignore_stop)
+        settled = True
     except Interrupted:
-        pass
+        settled = True
     finally:
         stop.closing = True
         if tracker is not None:
             if not options.is_worker:  # runs a stopped worker could not close (all of ours have stopped by now)
                 _quietly(reconcile, tracker, study, stopped_workers)
-            _end_tracking(tracker, study, session.names, stop.signum is not None, end_parent=not options.is_worker)
+            if options.is_worker or not settled:
+                _end_tracking(tracker, study, session.names, stop.signum is not None, end_parent=not options.is_worker)
     interrupted = stop.signum is not None
     if options.is_worker:
         return stop.exit_code() if interrupted else (ExitCode.FAILURE if failed else ExitCode.OK)
     if interrupted != bool(study.user_attrs.get(INTERRUPTED_ATTR)):
         _quietly(study.set_user_attr, INTERRUPTED_ATTR, interrupted)
-    print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names))
+    print(summary(study, storage_url=redact(session.url), wall_seconds=clock.seconds, metric_names=session.names), flush=True)
+    if tracker is not None:
+        # After the summary: the user has the result while the last trial's logging, the study
+        # report and the parent run finish (the selector below needs the winner's model logged).
+        _end_tracking(tracker, study, session.names, interrupted, end_parent=True)
     if interrupted:
         print("interrupted: running trials were recorded as FAIL (reason \"interrupted\"); run the same command to resume",
               file=sys.stderr)

@@ -97,8 +97,10 @@ def test_unreachable_artifact_store_stops_before_training(tmp_path, postgres_url
                 break
             except OSError:
                 time.sleep(0.5)
+        # MLflow's own HTTP retries off: the runner's bounded retries (1+2+4+8 s) still run and fail.
+        env = {**stack_env(uri), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
         code, _, err = finish(run_cli(str(write_config(tiny_config(tiny_space))), "--storage", postgres_url,
-                                      "--study-name", study_name, env=stack_env(uri)), timeout=300)
+                                      "--study-name", study_name, env=env), timeout=300)
         assert code == 1, err
         assert "uploading the config to the artifact store failed" in err and "Traceback" not in err
         assert optuna.load_study(study_name=study_name, storage=postgres_url).trials == []

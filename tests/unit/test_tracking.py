@@ -31,9 +31,17 @@ def runs_of(client, experiment: str):
     return parents, children
 
 
-def test_study_logs_one_parent_and_a_child_per_trial(home, write_config, tiny_space):
+def test_study_logs_one_parent_and_a_child_per_trial(home, write_config, tiny_space, monkeypatch):
+    from studies.engines import runner
+    from studies.tracking import Tracker
+
+    order = []
+    summary, end_study = runner.summary, Tracker.end_study
+    monkeypatch.setattr(runner, "summary", lambda *a, **k: order.append("summary") or summary(*a, **k))
+    monkeypatch.setattr(Tracker, "end_study", lambda *a, **k: order.append("end_study") or end_study(*a, **k))
     path = write_config(tiny_config(tiny_space, budget={"n_trials": 3}, training={"epochs": 3, "batch_size": 128}))
     assert main([str(path)]) == 0
+    assert order == ["summary", "end_study"]  # the report and the parent run's end are off the user's path
     client = client_for(home)
     parents, children = runs_of(client, "tiny")
     assert len(parents) == 1 and len(children) == 3
