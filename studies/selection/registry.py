@@ -99,17 +99,18 @@ class Registry:
         """Point `champion` at the version; remember the move. Returns the previous champion."""
         previous = self.by_alias(name, CHAMPION)
         previous_version = str(previous.version) if previous is not None else None
-        self.client.set_registered_model_alias(name, CHAMPION, version)
+        self._set_alias(name, CHAMPION, version)
         self._record(name, version, previous_version, reason)
         history = self.history(name)
-        self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(version)]))
+        if history[-1:] != [str(version)]:  # a second selector of the same winner adds nothing
+            self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(version)]))
         challenger = self.by_alias(name, CHALLENGER)
         if challenger is not None and str(challenger.version) == str(version):
             self.client.delete_registered_model_alias(name, CHALLENGER)
         return previous_version
 
     def make_challenger(self, name: str, version: str, *, reason: str) -> None:
-        self.client.set_registered_model_alias(name, CHALLENGER, version)
+        self._set_alias(name, CHALLENGER, version)
         self._record(name, version, None, reason)
 
     def rollback(self, name: str) -> tuple[str, str]:
@@ -123,6 +124,19 @@ class Registry:
         self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
         self._record(name, target, str(current.version), f"rollback from version {current.version}")
         return str(current.version), target
+
+    def _set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point `alias` at `version`. The store inserts an alias it does not have; when another
+        selector (a second process of the same study) inserted it in between, the insert fails
+        on the key, and setting it again updates the row that is there now."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_registered_model_alias(name, alias, version)
+        except MlflowException as e:
+            if "already exists" not in str(e) and "UNIQUE constraint" not in str(e):
+                raise
+            self.client.set_registered_model_alias(name, alias, version)
 
     def _record(self, name: str, version: str, previous: str | None, reason: str) -> None:
         moves = json.loads(self.client.get_model_version(name, version).tags.get("workbench.alias_moves", "[]"))

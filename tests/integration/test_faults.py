@@ -144,8 +144,10 @@ def test_sigterm_fails_running_trials_then_the_study_resumes(postgres_url, mlflo
     args = (str(path), "--storage", postgres_url, "--study-name", study_name, "--workers", "2")
     proc = run_cli(*args, env=stack_env(mlflow_uri))
     try:
-        wait_for(lambda: finished(ts := trials(postgres_url, study_name)) and any(t.state.name == "RUNNING" for t in ts),
-                 what="a finished and a running trial")
+        # A trial in training (some epochs reported, most to come), not one being told or just asked.
+        wait_for(lambda: finished(ts := trials(postgres_url, study_name)) and any(
+            t.state.name == "RUNNING" and 1 <= len(t.intermediate_values) <= 4 for t in ts),
+                 what="a finished trial and a running one in training")
         proc.send_signal(signal.SIGTERM)
         code, _, err = finish(proc, timeout=120)
     finally:

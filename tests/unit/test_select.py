@@ -139,3 +139,36 @@ def test_criterion_and_alias_rule():
 def test_registry_keys_are_checked():
     with pytest.raises(ValueError, match="must be one of the objective metrics"):
         _cfg(primary="val_loss")
+
+
+def test_two_selectors_of_one_winner_both_set_the_champion(tmp_path):
+    """Two processes of one study both register its winner at the end: the second alias insert
+    fails on the key (the other inserted it meanwhile) and is set again; the history holds it once."""
+    from mlflow.exceptions import MlflowException
+
+    from serving.store import Store
+    from studies.selection import CHAMPION, Registry
+
+    registry = Registry(Store(f"sqlite:///{tmp_path / 'm.db'}"))
+    client = registry.client
+    client.create_registered_model("m")
+    version = client.create_model_version("m", source=str(tmp_path)).version
+    real = client.set_registered_model_alias
+    calls = []
+
+    def racing(name, alias, version):
+        calls.append(alias)
+        if len(calls) == 1:  # the other selector's insert lands first; ours then hits the key
+            real(name, alias, version)
+            raise MlflowException("duplicate key value violates unique constraint; Key (name, alias) already exists")
+        real(name, alias, version)
+
+    client.set_registered_model_alias = racing
+    registry.make_champion("m", str(version), reason="first selector")
+    registry.make_champion("m", str(version), reason="second selector")
+    assert calls == [CHAMPION] * 3
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == str(version)
+    assert registry.history("m") == [str(version)]
+    client.set_registered_model_alias = lambda *a: (_ for _ in ()).throw(MlflowException("RESOURCE_DOES_NOT_EXIST"))
+    with pytest.raises(MlflowException):  # any other refusal is not a race: raised as is
+        registry.make_champion("m", str(version), reason="third")
