@@ -103,11 +103,11 @@ def test_flatten_params():
     assert flatten_params({"units": [8, 4], "lr": 0.1}) == {"units_0": 8, "units_1": 4, "lr": 0.1}
 
 
-def _open_mlflow(uri: str) -> str:
+def _open_mlflow(uri: str, at: float) -> str:
     import time
 
-    time.sleep(max(0.0, float(uri.rpartition("#")[2]) - time.time()))  # all start at one moment
-    tracking_client.mlflow_client(uri.rpartition("#")[0]).search_experiments()
+    time.sleep(max(0.0, at - time.time()))  # all start at one moment
+    tracking_client.mlflow_client(uri).search_experiments()
     return "ok"
 
 
@@ -121,4 +121,4 @@ def test_processes_opening_a_fresh_mlflow_sqlite_store_at_once_all_open_it(tmp_p
     with ctx.Pool(4) as pool:
         pool.map(str, range(4))  # the workers are up before the clock starts
         at = time.time() + 2.5  # after each has imported MLflow (with this module)
-        assert pool.map(_open_mlflow, [f"sqlite:///{tmp_path / 'm.db'}#{at}"] * 4) == ["ok"] * 4
+        assert pool.starmap(_open_mlflow, [(f"sqlite:///{tmp_path / 'm.db'}", at)] * 4) == ["ok"] * 4
