@@ -19,14 +19,16 @@ run: install
 	$(PY) -m studies.run $(CONFIG) $(ARGS)
 
 # Starts compose.yaml's services up to the MLflow server natively (PostgreSQL, S3, bucket, MLflow),
-# runs the tests in two processes, then alone the few that restart or stop shared services
-# (marker `exclusive`; the whole-stack test brings up and tears down the stack), stops what it started.
+# runs the integration tests in two processes, then the few that restart or stop shared services
+# (marker `exclusive`; the whole-stack test brings up and tears down the stack) one after another
+# in one process while the unit tests (no shared service) run in the other (tests/conftest.py's
+# scheduler), stops what it started.
 # `pytest` alone runs every test in one process, the exclusive ones last.
 test: install
 	scripts/stack.sh up mlflow
 	eval "$$(scripts/stack.sh env --tests)"; \
-	  $(PY) -m pytest -n 2 --dist worksteal -m "not exclusive" --durations=15; status=$$?; \
-	  $(PY) -m pytest -m exclusive --durations=5 || status=$$?; \
+	  $(PY) -m pytest -n 2 --dist worksteal -m "integration and not exclusive" --durations=15; status=$$?; \
+	  $(PY) -m pytest -n 2 --integration-in-one-process -m "exclusive or not integration" --durations=10 || status=$$?; \
 	  scripts/stack.sh down; exit $$status
 
 lint: install

@@ -1,9 +1,10 @@
 """Search efficiency: best validation loss within the same wall-time budget, Optuna vs KerasTuner.
 
-    python benchmarks/search_efficiency.py [--quick] [--seeds 5] [--budget digits=60,breast_cancer=40]
+    python benchmarks/search_efficiency.py [--quick] [--seeds 5] [--budget digits=90,breast_cancer=60,churn=60]
                                            [--contenders optuna,kt_hyperband,...] [--parallel 2]
 
-Every contender searches the shipped MLP space (search_spaces/mlp.yaml) on the same data split
+Every contender searches the shipped MLP space (search_spaces/mlp.yaml; on the mixed-type table
+`churn`, configs/data/churn.csv, the table's space search_spaces/mlp_table.yaml) on the same data split
 (study seed = benchmark seed), training at most 20 epochs with early stopping (patience 4),
 objective val_loss, one TensorFlow thread (TF_THREADS=1, OMP_NUM_THREADS=1), tracking off,
 SQLite storage, each run a fresh `python -m studies.run` process with `budget.timeout` = B:
@@ -73,14 +74,21 @@ VARIANTS = {
 }
 
 
+# The mixed-type example table (configs/churn.yaml's data and space); the others are bundled datasets.
+TABLES = {
+    "churn": ({"path": str(ROOT / "configs" / "data" / "churn.csv"), "target": "churn",
+               "columns": {"customer_id": "id"}}, "binary", "mlp_table.yaml"),
+}
+
+
 def config(folder: Path, dataset: str, contender: str, seed: int, budget: float) -> Path:
     spec = {**CONTENDERS, **VARIANTS}[contender]
     data = {
         "study": {"name": f"{dataset}_{contender}_s{seed}", "seed": seed},
         **({"engine": spec["engine"], "keras_tuner": spec["keras_tuner"]} if "engine" in spec else {}),
-        "dataset": {"name": dataset},
-        "model": {"family": "mlp"},
-        "search_space": str(ROOT / "search_spaces" / "mlp.yaml"),
+        "dataset": TABLES[dataset][0] if dataset in TABLES else {"name": dataset},
+        "model": {"family": "mlp", "task": TABLES[dataset][1]} if dataset in TABLES else {"family": "mlp"},
+        "search_space": str(ROOT / "search_spaces" / (TABLES[dataset][2] if dataset in TABLES else "mlp.yaml")),
         "objective": {"metric": "val_loss"},
         "budget": {"n_trials": 100_000, "timeout": budget * (2 if contender == "random_2x" else 1), "max_failed": 1000},
         **({k: spec[k] for k in ("sampler", "pruner") if k in spec}),
@@ -125,9 +133,9 @@ def fmt(value: float | None, digits: int = 4) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, breast_cancer, 8 s budget, 2 contenders")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, the churn table, 8 s budget, 2 contenders")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--budget", default="digits=60,breast_cancer=40", help="seconds per run, per dataset")
+    p.add_argument("--budget", default="digits=90,breast_cancer=60,churn=60", help="seconds per run, per dataset")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one thread)")
     p.add_argument("--report", metavar="URL", help="only print the tables of an earlier run's storage")
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = args.contenders.split(",")
     seeds = list(range(args.seeds))
     if args.quick:
-        budgets, contenders, seeds = {"breast_cancer": 8.0}, ["optuna", "kt_hyperband"], [0]
+        budgets, contenders, seeds = {"churn": 8.0}, ["optuna", "kt_hyperband"], [0]
     if "kt_hyperband" not in contenders:
         p.error("kt_hyperband is the reference: keep it in --contenders")
     if args.report:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from models.errors import ExitCode
 from studies.cli import run_with_config, study_flags
+
+if TYPE_CHECKING:
+    from models import Dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +88,12 @@ def _select(loaded, args: argparse.Namespace) -> int:
         print(promote_challenger(settings, name, criterion(loaded.config), shadow).describe())
         return ExitCode.OK
     study = load_existing(loaded, args.storage, settings)
-    prepare_tensorflow(settings)  # the winner is evaluated again: Keras, quietly unless --verbose
-    print(select(loaded, study, load_data(loaded), settings, force=args.force).describe())
+
+    def data() -> Dataset:  # only for a winner not registered yet: it is evaluated on the test split
+        prepare_tensorflow(settings)  # Keras, quietly unless --verbose
+        return load_data(loaded)
+
+    print(select(loaded, study, data, settings, force=args.force).describe())
     return ExitCode.OK
 
 

@@ -99,3 +99,28 @@ def churn_study(tmp_path_factory):
         model={"family": "mlp", "task": "binary"}, objective={"metric": "val_auc", "direction": "maximize"})))
     yield config, run_main([str(config)])
     patch.undo()
+
+
+
+def pytest_addoption(parser):
+    parser.addoption("--integration-in-one-process", action="store_true",
+                     help="with -n: the selected integration tests run one after another in one process, "
+                          "handed out first; the other tests one by one to any process")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s second part (`-n 2 --integration-in-one-process -m "exclusive or not
+    integration"`): the integration tests selected there are the exclusive ones, which must run one
+    after another (each restarts or stops services the others use). They form one work unit,
+    handed out first (the largest), while the other process runs the unit tests one by one.
+    xdist's own `--dist loadgroup` does not group with pytest 9 (it renames items through an
+    attribute pytest no longer reads), hence a scheduler here."""
+    if not config.getoption("integration_in_one_process"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationInOneProcess(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/integration" if nodeid.startswith("tests/integration/") else nodeid
+
+    return IntegrationInOneProcess(config, log)

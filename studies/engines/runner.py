@@ -135,7 +135,7 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
     if tracker is not None and cfg.registry.auto and state_counts(study)["COMPLETE"]:
         from studies.selection import select
 
-        print(select(loaded, study, session.data, settings).describe())
+        print(select(loaded, study, lambda: session.data, settings).describe())
     return ExitCode.FAILURE if failed else ExitCode.OK
 
 

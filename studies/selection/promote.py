@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from serving.store import Store
 from studies.selection.registry import CHALLENGER, CHAMPION, Registry, RegistryError
@@ -19,6 +19,8 @@ from studies.selection.winner import Criterion, alias_for, criterion, pick_winne
 from studies.tracking.names import RUN_ID_ATTR
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import optuna
 
     from models import Dataset
@@ -44,11 +46,13 @@ class Selection:
                 f"alias @{self.alias}" + (f" (was v{self.previous_champion})" if self.previous_champion else ""))
 
 
-def select(loaded: LoadedConfig, study: optuna.Study, data: Dataset, location: MlflowLocation, *,
+def select(loaded: LoadedConfig, study: optuna.Study, data: Callable[[], Dataset], location: MlflowLocation, *,
            force: bool = False) -> Selection:
-    """Pick, evaluate, register and alias the winner of a study."""
-    from models.training import evaluate
+    """Pick, evaluate, register and alias the winner of a study.
 
+    `data` gives the dataset (and readies Keras) only when the winner must be evaluated: a
+    winner registered before keeps the test metric recorded on its version, so selecting again
+    loads neither the data nor TensorFlow."""
     cfg = loaded.config
     name = cfg.registry.model_name or study.study_name
     rule = criterion(cfg)
@@ -58,22 +62,17 @@ def select(loaded: LoadedConfig, study: optuna.Study, data: Dataset, location: M
     if not run_id or not registry.has_model(run_id):
         raise RegistryError(f"trial {winner.number} has no model logged in MLflow at {registry.tracking_uri} "
                             "(was tracking off, or tracking.log_models none?)")
-    model = registry.load_keras(run_id)
-    metrics = {f"test_{k}": v for k, v in evaluate(model, data.x_test, data.y_test).items()}
-    metrics["n_params"] = float(model.count_params())
-    value = metrics[rule.metric]
-    tags = {
-        "workbench.study": study.study_name,
-        "workbench.trial_number": str(winner.number),
-        "workbench.params": json.dumps(winner.params, sort_keys=True),
-        "workbench.data_hash": data.fingerprint,
-        "workbench.compare_metric": rule.metric,
-        "workbench.compare_value": repr(value),
-        **{f"workbench.{k}": repr(v) for k, v in metrics.items()},
-    }
-    description = (f"Trial {winner.number} of study {study.study_name!r}: {rule.metric} = {value:.6g} on the test split; "
-                   f"params {json.dumps(winner.params, sort_keys=True)}")
-    version, created = registry.register(name, run_id, tags=tags, description=description)
+    version = registry.version_for_run(name, run_id)
+    recorded = _recorded_value(version, rule.metric) if version is not None else None
+    if version is not None and recorded is not None:
+        created, value = False, recorded
+    else:
+        value, tags = _evaluate(registry, run_id, data(), rule.metric)
+        tags.update({"workbench.study": study.study_name, "workbench.trial_number": str(winner.number),
+                     "workbench.params": json.dumps(winner.params, sort_keys=True)})
+        description = (f"Trial {winner.number} of study {study.study_name!r}: {rule.metric} = {value:.6g} on the test "
+                       f"split; params {json.dumps(winner.params, sort_keys=True)}")
+        version, created = registry.register(name, run_id, tags=tags, description=description)
     champion = registry.by_alias(name, "champion")
     number = str(version.version)
     if champion is not None and str(champion.version) == number:
@@ -90,6 +89,27 @@ def select(loaded: LoadedConfig, study: optuna.Study, data: Dataset, location: M
         registry.make_challenger(name, number,
                                  reason=f"does not beat v{champion.version} ({rule.metric} {champion_value:.6g})")
     return Selection(name, number, alias, created, winner.number, rule.metric, value, previous)
+
+
+def _recorded_value(version: Any, metric: str) -> float | None:
+    """The test metric a registered version was selected on, if it is the one asked for now."""
+    tags = version.tags
+    if tags.get("workbench.compare_metric") != metric or "workbench.compare_value" not in tags:
+        return None
+    return float(tags["workbench.compare_value"])
+
+
+def _evaluate(registry: Registry, run_id: str, data: Dataset, metric: str) -> tuple[float, dict[str, str]]:
+    """The run's model on the test split: (the compared metric, the version's tags)."""
+    from models.training import evaluate
+
+    model = registry.load_keras(run_id)
+    metrics = {f"test_{k}": v for k, v in evaluate(model, data.x_test, data.y_test).items()}
+    metrics["n_params"] = float(model.count_params())
+    value = metrics[metric]
+    tags = {"workbench.data_hash": data.fingerprint, "workbench.compare_metric": metric,
+            "workbench.compare_value": repr(value), **{f"workbench.{k}": repr(v) for k, v in metrics.items()}}
+    return value, tags
 
 
 @dataclass(frozen=True)

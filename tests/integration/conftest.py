@@ -38,6 +38,7 @@ def study_name() -> str:
     return f"it_{uuid.uuid4().hex[:10]}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects
 def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):

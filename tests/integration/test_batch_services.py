@@ -94,7 +94,8 @@ def test_a_killed_postgres_job_and_a_restart_under_its_rerun_score_each_row_once
         assert 0 < before < 40_000, before  # killed mid-job
 
         second = batch(env, *args)
-        wait_until(lambda: scored() > before, 120, "the rerun's first chunk")
+        wait_until(lambda: scored() > before or second.poll() is not None, 120, "the rerun's first chunk")
+        assert second.poll() is None, second.communicate()[1][-3000:]  # still running: the restart comes mid-job
         restart = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main", "restart"],
                                  capture_output=True, text=True, timeout=120)
         assert restart.returncode == 0, restart.stderr
