@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     open_storage(storage)  # the schema, before two runs start at once
     print(f"# search efficiency: {', '.join(f'{d} {b:g} s' for d, b in budgets.items())} per run, seeds {seeds}, "
-          f"{args.parallel} runs at a time, 1 TF thread each, mlp.yaml, {EPOCHS} epochs max, patience {PATIENCE}")
+          f"{args.parallel} runs at a time, 1 TF thread each, mlp.yaml (churn: mlp_table.yaml), {EPOCHS} epochs max, "
+          f"patience {PATIENCE}")
     print(f"# optuna = {OPTUNA}")
     jobs = []
     for dataset, budget in budgets.items():

@@ -8,8 +8,11 @@ registry URIs explicitly, never MLflow's process-wide default.
 
 from __future__ import annotations
 
+import fcntl
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +47,29 @@ class ResolvedModel:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+@contextmanager
+def one_opener_at_a_time(uri: str) -> Iterator[None]:
+    """Around opening an MLflow client: a client on a SQLite store creates or migrates its schema
+    when it opens it, and two processes doing that to one fresh file at once break each other's
+    migration (the second finds the first's half-made tables). They take turns: an exclusive lock
+    on a file beside the database. Other stores, and a folder where no lock file can be written
+    (read-only, or missing: the opener then fails or proceeds as it would), pass through."""
+    database = Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
+    try:
+        lock = open(database.with_name(database.name + ".lock"), "a") if database and database.name != ":memory:" else None
+    except OSError:
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Store:
     """Resolves model URIs against the registry and downloads model files, with both URIs explicit."""
 
@@ -52,7 +78,8 @@ class Store:
 
         self.tracking_uri = tracking_uri
         self.registry_uri = registry_uri or tracking_uri
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        with one_opener_at_a_time(self.tracking_uri):  # a study may be opening the same fresh store
+            self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
 
     @classmethod
     def at(cls, location: MlflowLocation) -> Store:

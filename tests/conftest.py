@@ -108,6 +108,7 @@ def pytest_addoption(parser):
                           "handed out first; the other tests one by one to any process")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent with -p no:xdist
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s second part (`-n 2 --integration-in-one-process -m "exclusive or not
     integration"`): the integration tests selected there are the exclusive ones, which must run one

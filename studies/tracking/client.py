@@ -3,18 +3,17 @@ retries of one logging step, the server check, experiments, and metric and tag e
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.errors import WorkbenchError
 from models.faults import RetryLog, describe, retry_call
+from serving.store import one_opener_at_a_time
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,26 +51,10 @@ def mlflow_client(tracking_uri: str, registry_uri: str | None = None, *, check: 
 
     if check and tracking_uri.startswith(("http://", "https://")):
         check_http(tracking_uri)
-    with _one_at_a_time(tracking_uri):
+    if tracking_uri.startswith("sqlite:///"):  # the embedded store's folder (.workbench/) on first use
+        Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    with one_opener_at_a_time(tracking_uri):  # serving.store's: both sides open the embedded store
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
-
-
-@contextmanager
-def _one_at_a_time(uri: str) -> Iterator[None]:
-    """A client on a SQLite store creates or migrates its schema when it opens it; two processes
-    doing that to one fresh file at once break each other's migration (the second finds the
-    first's half-made tables). They take turns: an exclusive lock on a file beside the database."""
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        yield
-        return
-    database = Path(uri.removeprefix("sqlite:///").partition("?")[0])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_commit(cwd: Path) -> str | None:

@@ -40,9 +40,11 @@ def test_champion_challenger_force_rollback_and_idempotence(home, tmp_path, writ
     assert float(champion.tags["workbench.test_loss"]) == pytest.approx(study.best_trial.user_attrs["test_loss"], rel=1e-4)
 
     import studies.engines.session
+    import studies.selection.promote
 
     with monkeypatch.context() as m:  # the registered winner keeps its recorded metric: no data, no Keras
         m.setattr(studies.engines.session, "load_data", lambda loaded: pytest.fail("the data was loaded again"))
+        m.setattr(studies.selection.promote, "_evaluate", lambda *a: pytest.fail("the winner was evaluated again"))
         assert select_main([str(good)]) == 0  # idempotent: the same run is not registered twice
     assert "already registered as m v1: test_loss = " in capsys.readouterr().out
     assert len(client.search_model_versions("name = 'm'")) == 1

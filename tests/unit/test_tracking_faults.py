@@ -103,22 +103,33 @@ def test_flatten_params():
     assert flatten_params({"units": [8, 4], "lr": 0.1}) == {"units_0": 8, "units_1": 4, "lr": 0.1}
 
 
-def _open_mlflow(uri: str, at: float) -> str:
+def _imported(_: int) -> None:
+    import mlflow  # noqa: F401
+
+    import serving.store  # noqa: F401
+
+
+def _open_mlflow(uri: str, at: float, how: str) -> str:
     import time
 
+    from serving.store import Store
+
     time.sleep(max(0.0, at - time.time()))  # all start at one moment
-    tracking_client.mlflow_client(uri).search_experiments()
+    client = tracking_client.mlflow_client(uri) if how == "study" else Store(uri).client  # the API, batch, select
+    client.search_experiments()
     return "ok"
 
 
 def test_processes_opening_a_fresh_mlflow_sqlite_store_at_once_all_open_it(tmp_path):
     """Seen with two runners of one study started together on the embedded default: the second
-    found the first's half-made tables ('table _alembic_tmp_model_versions already exists')."""
+    found the first's half-made tables ('table _alembic_tmp_model_versions already exists').
+    Studies and serving (the API, batch scoring) take turns through the same lock."""
     import multiprocessing
     import time
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(4) as pool:
-        pool.map(str, range(4))  # the workers are up before the clock starts
-        at = time.time() + 2.5  # after each has imported MLflow (with this module)
-        assert pool.starmap(_open_mlflow, [(f"sqlite:///{tmp_path / 'm.db'}", at)] * 4) == ["ok"] * 4
+        pool.map(_imported, range(4))  # each worker has imported MLflow and both openers before the clock starts
+        at = time.time() + 0.5
+        uri = f"sqlite:///{tmp_path / 'm.db'}"
+        assert pool.starmap(_open_mlflow, [(uri, at, how) for how in ("study", "serving") * 2]) == ["ok"] * 4
