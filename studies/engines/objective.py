@@ -264,7 +264,10 @@ class Objective:
             raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run - 1}")
         attrs["best_epoch"] = result.best_epoch
         metrics["best_epoch"] = float(result.best_epoch)
-        scores = {f"val_{k}": v for k, v in evaluate(model, self.data.x_val, self.data.y_val).items()}
+        validation = result.best_validation(int(options.get("initial_epoch", 0)))
+        if validation is None:
+            validation = evaluate(model, self.data.x_val, self.data.y_val)
+        scores = {f"val_{k}": v for k, v in validation.items()}
         scores |= {f"test_{k}": v for k, v in evaluate(model, self.data.x_test, self.data.y_test).items()}
         attrs.update(scores)
         # In MLflow `val_*` is the per-epoch curve; the restored best epoch's scores get their own names.

@@ -23,8 +23,13 @@ def test_families_build_and_train(family, dataset, params):
     data = load_dataset(name=dataset, seed=0)
     keras.utils.set_random_seed(0)
     model = FAMILIES[family].build(params, data.spec)
+    traced, step = [], model.train_step
+    model.train_step = lambda batch: (traced.append(1), step(batch))[1]  # runs once per trace of the step
     result = fit(model, data, epochs=2, batch_size=64)
     assert result.epochs_run == 2 and "val_loss" in result.history
+    assert len(traced) == 1  # the optimizer's variables existed before the first trace: not traced twice
+    again = evaluate(model, data.x_val, data.y_val)  # the restored best epoch's weights score as they did then
+    assert result.best_validation() == pytest.approx(again, rel=1e-6)
     metrics = evaluate(model, data.x_test, data.y_test)
     assert np.isfinite(metrics["loss"])
     # The scaling is a layer of the model: raw features go in, the saved statistics apply.
