@@ -47,6 +47,14 @@ class ResolvedModel:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store URI (None for other stores and `:memory:`)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    return None if path.name == ":memory:" else path
+
+
 @contextmanager
 def one_opener_at_a_time(uri: str) -> Iterator[None]:
     """Around opening an MLflow client: a client on a SQLite store creates or migrates its schema
@@ -54,9 +62,9 @@ def one_opener_at_a_time(uri: str) -> Iterator[None]:
     migration (the second finds the first's half-made tables). They take turns: an exclusive lock
     on a file beside the database. Other stores, and a folder where no lock file can be written
     (read-only, or missing: the opener then fails or proceeds as it would), pass through."""
-    database = Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
+    database = sqlite_file(uri)
     try:
-        lock = open(database.with_name(database.name + ".lock"), "a") if database and database.name != ":memory:" else None
+        lock = open(database.with_name(database.name + ".lock"), "a") if database is not None else None
     except OSError:
         lock = None
     if lock is None:

@@ -101,7 +101,6 @@ def churn_study(tmp_path_factory):
     patch.undo()
 
 
-
 def pytest_addoption(parser):
     parser.addoption("--integration-in-one-process", action="store_true",
                      help="with -n: the selected integration tests run one after another in one process, "

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.errors import WorkbenchError
 from models.faults import RetryLog, describe, retry_call
-from serving.store import one_opener_at_a_time
+from serving.store import one_opener_at_a_time, sqlite_file
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -51,8 +51,9 @@ def mlflow_client(tracking_uri: str, registry_uri: str | None = None, *, check: 
 
     if check and tracking_uri.startswith(("http://", "https://")):
         check_http(tracking_uri)
-    if tracking_uri.startswith("sqlite:///"):  # the embedded store's folder (.workbench/) on first use
-        Path(tracking_uri.removeprefix("sqlite:///").partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_file(tracking_uri)
+    if database is not None:  # the embedded store's folder (.workbench/) on first use
+        database.parent.mkdir(parents=True, exist_ok=True)
     with one_opener_at_a_time(tracking_uri):  # serving.store's: both sides open the embedded store
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 

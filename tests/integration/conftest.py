@@ -41,7 +41,7 @@ def study_name() -> str:
 @pytest.hookimpl(tryfirst=True)  # before -m selects
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "integration" in str(item.fspath):
+        if item.nodeid.startswith("tests/integration/"):  # as make test's scheduler tells them (tests/conftest.py)
             item.add_marker(pytest.mark.integration)
     # Tests that restart or stop shared services run after the others (make test runs them alone,
     # after the parallel part); the whole-stack test, which stops the services, runs last.
