@@ -63,9 +63,10 @@ class ServingProbe:
         self._client = RemoteClient("127.0.0.1", self.port)
 
     def measure(self, model: LoadedModel, body_one: bytes, body_batch: bytes, *, budget_seconds: float = 0.1,
-                max_calls: int = 100) -> Latency:
+                max_calls: int = 30) -> Latency:
         """Median milliseconds of POST /predict with each body (one row, 64 rows; sent in turn),
-        `model` answering."""
+        `model` answering. 30 calls of each cost a trial ~25 ms; their median varied by 1.8%
+        (coefficient of variation over 30 repeats, the breast-cancer MLP) as did 100 calls' (~75 ms)."""
         from serving.versions import Served
 
         self.models.served = Served(model)
