@@ -222,6 +222,22 @@ def test_processes_creating_a_fresh_sqlite_storage_at_once_all_open_it(tmp_path)
             assert pool.map(_open, [url] * 6) == ["ok"] * 6
 
 
+def test_a_sqlite_storage_is_written_ahead_and_others_read_it(tmp_path):
+    import sqlite3
+
+    import optuna
+
+    from studies.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    study = optuna.create_study(storage=open_storage(url), study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with sqlite3.connect(tmp_path / "wal.db") as plain:  # the mode belongs to the file
+        assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    # Optuna's own storage (as optuna-dashboard opens it) sees every commit.
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 2
+
+
 def test_a_lost_schema_race_opens_the_storage_again(tmp_path, monkeypatch):
     import studies.storage.rdb as storage_module
 
