@@ -170,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         for (dataset, seed, contender, _), (code, took, err) in zip(
                 jobs, pool.map(lambda job: run(job[3], folder, storage), jobs), strict=True):
             print(f"  ran {dataset:<14} seed {seed} {contender:<24} {took:6.1f} s  exit {code}", flush=True)
-            if code != 0:
-                failures.append(f"{dataset} {contender} seed {seed}: {err}")
-    if failures:
-        print("\n".join(failures), file=sys.stderr)
-        return 1
-
+            if code != 0:  # told at once; the other runs still count (the tables say which one is cut short)
+                failures.append(f"{dataset} {contender} seed {seed}")
+                print(f"    its stderr ends:\n{err}", flush=True)
     report(storage, budgets, contenders, seeds)
+    if failures:
+        print(f"failed runs (their studies end where they failed): {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

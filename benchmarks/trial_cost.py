@@ -6,7 +6,9 @@ Part 1, the fit path in one process, the same seeded models alternately fitted t
 does by default ("before": arrays batched by Keras, so the smaller last batch traces the train
 step again; optimizer variables created inside the first trace, which traces it twice; the
 compiled metrics computed on every train batch) and the way models.training.fit does now:
-first epoch (tracing included), steady epoch, whole 3-epoch fit.
+first epoch (tracing included), steady epoch, whole 3-epoch fit. (Once models.training.fit has
+run, Grappler's graph rewrites are off in the process, for both ways: the difference shown is the
+fit path's alone.)
 
 Part 2, whole trials of `python -m studies.run configs/breast_cancer.yaml` (3 epochs, no pruner,
 one TensorFlow thread) with tracking on (embedded MLflow) and off, from each trial's own record
