@@ -78,7 +78,7 @@ def test_workers_share_the_budget_the_parent_run_and_seeds(postgres_url, mlflow_
     code, out, err = finish(run_cli(str(path), "--storage", postgres_url, "--study-name", study_name, "--workers", "2",
                                     env=stack_env(mlflow_uri)))
     assert code == 0, err
-    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 6)
+    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 4)
     assert len({t.user_attrs["worker"] for t in ts}) == 2  # both workers ran trials
     for t in ts:  # replayable alone: the seed is a function of study seed and trial number
         assert t.user_attrs["seed"] == derive_seed(1, t.number)
@@ -176,9 +176,10 @@ def test_cut_database_connections_are_retried_and_recorded(postgres_url, mlflow_
     real = make_url(postgres_url)
     with Proxy(real.host, real.port or 5432) as proxy:
         url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        # Trials of 30 epochs: those left after the first outlive the outage, so a trial is always
-        # reporting epochs while the connections are cut (8-epoch trials could all end first).
-        path = write_config(slow_config(tiny_space, 6, epochs=30))
+        # Trials of 150 epochs (~3 s each): those left after the first outlive the outage, so a trial
+        # is always reporting epochs while the connections are cut (30-epoch trials of ~0.8 s could
+        # all end first, or the cut fall between trials, once trials got cheaper).
+        path = write_config(slow_config(tiny_space, 4, epochs=150))
         proc = run_cli(str(path), "--storage", url, "--study-name", study_name, "--workers", "2",
                        env=stack_env(mlflow_uri))
         try:
@@ -189,7 +190,7 @@ def test_cut_database_connections_are_retried_and_recorded(postgres_url, mlflow_
         finally:
             proc.kill()
     assert code == 0, err
-    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 6)
+    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 4)
     retried = [t for t in ts if t.user_attrs.get("transient_retries")]
     assert retried, "no trial recorded a retried storage call"
     entry = retried[0].user_attrs["transient_retries"][0]
