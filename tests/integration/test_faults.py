@@ -78,7 +78,7 @@ def test_workers_share_the_budget_the_parent_run_and_seeds(postgres_url, mlflow_
     code, out, err = finish(run_cli(str(path), "--storage", postgres_url, "--study-name", study_name, "--workers", "2",
                                     env=stack_env(mlflow_uri)))
     assert code == 0, err
-    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 4)
+    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 6)
     assert len({t.user_attrs["worker"] for t in ts}) == 2  # both workers ran trials
     for t in ts:  # replayable alone: the seed is a function of study seed and trial number
         assert t.user_attrs["seed"] == derive_seed(1, t.number)
