@@ -58,8 +58,9 @@ class WalConnection(sqlite3.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         try:
-            self.execute("PRAGMA journal_mode=WAL")
-            self.execute("PRAGMA synchronous=NORMAL")
+            mode = self.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode and str(mode[0]).lower() == "wal":  # NORMAL is safe against power loss in WAL mode only
+                self.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.OperationalError:
             pass
 
