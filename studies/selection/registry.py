@@ -103,7 +103,7 @@ class Registry:
         self._record(name, version, previous_version, reason)
         history = self.history(name)
         if history[-1:] != [str(version)]:  # a second selector of the same winner adds nothing
-            self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(version)]))
+            _upsert(self.client.set_registered_model_tag, name, HISTORY_TAG, ",".join([*history, str(version)]))
         challenger = self.by_alias(name, CHALLENGER)
         if challenger is not None and str(challenger.version) == str(version):
             self.client.delete_registered_model_alias(name, CHALLENGER)
@@ -121,26 +121,30 @@ class Registry:
             raise RegistryError(f"registered model {name!r} has no previous champion to roll back to")
         target = history[-2]
         self.client.set_registered_model_alias(name, CHAMPION, target)
-        self.client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
+        _upsert(self.client.set_registered_model_tag, name, HISTORY_TAG, ",".join(history[:-1]))
         self._record(name, target, str(current.version), f"rollback from version {current.version}")
         return str(current.version), target
 
     def _set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point `alias` at `version`. The store inserts an alias it does not have; when another
-        selector (a second process of the same study) inserted it in between, the insert fails
-        on the key, and setting it again updates the row that is there now."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.set_registered_model_alias(name, alias, version)
-        except MlflowException as e:
-            if "already exists" not in str(e) and "UNIQUE constraint" not in str(e):
-                raise
-            self.client.set_registered_model_alias(name, alias, version)
+        _upsert(self.client.set_registered_model_alias, name, alias, version)
 
     def _record(self, name: str, version: str, previous: str | None, reason: str) -> None:
         moves = json.loads(self.client.get_model_version(name, version).tags.get("workbench.alias_moves", "[]"))
         moves.append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason, "previous_champion": previous})
-        self.client.set_model_version_tag(name, version, "workbench.alias_moves", json.dumps(moves)[-4900:])
+        _upsert(self.client.set_model_version_tag, name, version, "workbench.alias_moves", json.dumps(moves)[-4900:])
         if previous is not None:
-            self.client.set_model_version_tag(name, version, "workbench.previous_champion", str(previous))
+            _upsert(self.client.set_model_version_tag, name, version, "workbench.previous_champion", str(previous))
+
+
+def _upsert(setter: Any, *args: Any) -> None:
+    """Set an alias or a tag. MLflow's SQL store inserts one it does not have; when another selector
+    (a second process of the same study) inserted it in between, the insert fails on the key, and
+    setting it again updates the row that is there now."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        setter(*args)
+    except MlflowException as e:
+        if "already exists" not in str(e) and "UNIQUE constraint" not in str(e):
+            raise
+        setter(*args)

@@ -178,3 +178,35 @@ def test_two_selectors_of_one_winner_both_set_the_champion(tmp_path):
     client.set_registered_model_alias = lambda *a: (_ for _ in ()).throw(MlflowException("RESOURCE_DOES_NOT_EXIST"))
     with pytest.raises(MlflowException):  # any other refusal is not a race: raised as is
         registry.make_champion("m", str(version), reason="third")
+
+
+def test_two_selectors_racing_on_the_history_and_version_tags_both_end_cleanly(tmp_path):
+    """Seen in CI: two processes of one study selected the same winner at the same moment; the
+    second insert of the champion history tag failed on SQLite's key and ended the study with a
+    traceback. Tags are set again, as aliases are."""
+    from mlflow.exceptions import MlflowException
+
+    from serving.store import Store
+    from studies.selection import CHAMPION, Registry
+
+    registry = Registry(Store(f"sqlite:///{tmp_path / 'm.db'}"))
+    client = registry.client
+    client.create_registered_model("m")
+    version = str(client.create_model_version("m", source=str(tmp_path)).version)
+    raced = []
+
+    def racing(real):
+        def setter(*args):
+            if real.__name__ not in raced:  # the other selector's insert lands first; ours then hits the key
+                raced.append(real.__name__)
+                real(*args)
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_tags.key")
+            real(*args)
+        return setter
+
+    client.set_registered_model_tag = racing(client.set_registered_model_tag)
+    client.set_model_version_tag = racing(client.set_model_version_tag)
+    registry.make_champion("m", version, reason="first selector")
+    assert sorted(raced) == ["set_model_version_tag", "set_registered_model_tag"]
+    assert registry.history("m") == [version]
+    assert str(client.get_model_version_by_alias("m", CHAMPION).version) == version
