@@ -120,7 +120,7 @@ class Registry:
         if current is None or len(history) < 2:
             raise RegistryError(f"registered model {name!r} has no previous champion to roll back to")
         target = history[-2]
-        self.client.set_registered_model_alias(name, CHAMPION, target)
+        self._set_alias(name, CHAMPION, target)
         _upsert(self.client.set_registered_model_tag, name, HISTORY_TAG, ",".join(history[:-1]))
         self._record(name, target, str(current.version), f"rollback from version {current.version}")
         return str(current.version), target
