@@ -47,13 +47,48 @@ def _serve(loaded, args: argparse.Namespace) -> int:
         print(f"  (no study named {loaded.study_name!r} yet: run `python -m studies.run {loaded.source}` first)")
     sys.stdout.flush()
     try:
-        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+        server = _make_server(optuna_dashboard.wsgi(storage), args.host, args.port)
     except OSError as e:  # the port is taken, the address is not ours
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return ExitCode.FAILURE
-    except KeyboardInterrupt:
-        pass
+    _serve_until_signalled(server)
     return ExitCode.OK
+
+
+def _make_server(app, host: str, port: int):
+    import socket
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Handler(WSGIRequestHandler):
+        def address_string(self) -> str:  # no reverse DNS lookup per request
+            return self.client_address[0]
+
+    class Server(WSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    return make_server(host, port, app, Server, Handler)
+
+
+def _serve_until_signalled(server) -> None:
+    """Serve until SIGINT or SIGTERM, then finish the request in hand and close.
+
+    optuna_dashboard.run_server stops on KeyboardInterrupt, but wsgiref's handler swallows one that
+    lands while a request is served (its bare `except:`), and the server then serves on: Ctrl-C
+    is taken as a stop request instead, which the serving loop sees between requests.
+    """
+    import signal
+    import threading
+
+    def stop(signum, frame) -> None:  # shutdown() waits for serve_forever, so not on this thread
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.server_close()
 
 
 if __name__ == "__main__":

@@ -85,3 +85,39 @@ def test_dashboard_reports_a_port_in_use(postgres_url, write_config, tiny_space)
                               env={**os.environ, "WORKBENCH_HOME": HOME})
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_during_a_request_stops_the_dashboard(tmp_path, write_config, tiny_space):
+    """Ctrl-C that lands while a response is being written (the 6 MB bundle to a client that does
+    not read) ends the command with 0 once that request ends; wsgiref's handler used to swallow it
+    and the dashboard served on."""
+    cfg = write_config(tiny_config(tiny_space))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "studies.dashboard", str(cfg), "--port", str(port),
+                             "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"], cwd=ROOT,
+                            env={**os.environ, "WORKBENCH_HOME": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _get(f"http://127.0.0.1:{port}/api/meta")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer within 60 s"
+                time.sleep(0.3)
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", port))
+            client.sendall(b"GET /static/bundle.js HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept-Encoding: identity\r\n\r\n")
+            assert client.recv(64).startswith(b"HTTP/1.0 200")  # the response has begun and then stalls
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
