@@ -183,8 +183,12 @@ def test_cut_database_connections_are_retried_and_recorded(postgres_url, mlflow_
         proc = run_cli(str(path), "--storage", url, "--study-name", study_name, "--workers", "2",
                        env=stack_env(mlflow_uri))
         try:
-            wait_for(lambda: finished(ts := trials(postgres_url, study_name)) and any(t.state.name == "RUNNING" for t in ts),
-                     what="a finished and a running trial")
+            # A trial mid-training with at least 100 epochs (~2 s) to go: its epoch reports fall in the
+            # outage (waiting for "a finished and a running trial" could catch the running one in its
+            # last epoch and the next one not started, so that only the runner's own calls were cut).
+            wait_for(lambda: any(t.state.name == "RUNNING" and 2 <= len(t.intermediate_values) <= 50
+                                 for t in trials(postgres_url, study_name)),
+                     what="a trial between its 2nd and 50th epoch")
             proxy.outage(3.0)
             code, _, err = finish(proc)
         finally:
@@ -192,7 +196,7 @@ def test_cut_database_connections_are_retried_and_recorded(postgres_url, mlflow_
     assert code == 0, err
     ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 4)
     retried = [t for t in ts if t.user_attrs.get("transient_retries")]
-    assert retried, "no trial recorded a retried storage call"
+    assert retried, f"no trial recorded a retried storage call; the study's stderr:\n{err[-4000:]}"
     entry = retried[0].user_attrs["transient_retries"][0]
     assert entry.startswith("storage.") and "OperationalError" in entry
     run = MlflowClient(mlflow_uri).get_run(retried[0].user_attrs["mlflow_run_id"])
