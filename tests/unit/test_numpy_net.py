@@ -15,7 +15,7 @@ import yaml
 from models import FAMILIES, load_dataset
 from models.contract import NUMPY_FILE, ModelContract
 from models.export import export_checked, to_numpy
-from models.numpy_net import NetError, NumpyNet
+from models.numpy_net import MAX_BLOCK_ROWS, NetError, NumpyNet
 from models.training import fit
 from studies.tracking import save_model
 from tests.conftest import CHURN, ROOT
@@ -51,6 +51,10 @@ def test_the_numpy_program_gives_keras_answers_on_the_test_split(dataset, params
         assert np.max(np.abs(mine - keras_out)) <= 1e-5
     back = NumpyNet.load(export.net.save(tmp_path / NUMPY_FILE))
     assert np.array_equal(back(data.x_test), mine)
+    # Many rows run in blocks: each row's answer is still Keras', the last partial block included.
+    many = np.resize(data.x_test, (2 * MAX_BLOCK_ROWS + 123, data.x_test.shape[1]))
+    np.testing.assert_allclose(export.net(many), np.asarray(model.predict(many, verbose=0, batch_size=4096)),
+                               rtol=1e-5 if data.spec.task == "regression" else 0, atol=1e-5)
 
 
 def test_other_layers_keep_tensorflow_and_say_which():
