@@ -89,6 +89,8 @@ COPY --from=build-workbench /opt/venv /opt/venv
 # files only (the code is installed in the venv).
 COPY configs configs
 COPY search_spaces/*.yaml search_spaces/
+# compose's dask profile runs `dask scheduler` / `dask worker` from this image: the batch parts' settings.
+COPY serving/batch/dask.yaml /etc/dask/workbench.yaml
 USER workbench
 EXPOSE 5000 8080
 ENTRYPOINT ["python", "-m", "studies.run"]

@@ -10,6 +10,7 @@ cannot be scored go to an errors output with their identity and reason (exit cod
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import threading
 import time
@@ -66,6 +67,10 @@ def run_once(args: argparse.Namespace, store, stop: threading.Event) -> int:
     spec = _spec(args)
     start = time.perf_counter()
     p = plan(spec, store, stamp=stamp, distributed=args.engine == "dask")
+    if not gc.get_freeze_count():
+        # The libraries and the model are loaded: the collector leaves them alone from now on (a
+        # full collection of a heap with TensorFlow on it paused a 1M-row job for ~0.3 s).
+        gc.freeze()
     sink = p.task.sink
     errors_uri = spec.errors or sink.errors_uri(stamp)
     if isinstance(sink, FileSink) and not spec.errors and not errors_uri.startswith("s3://"):

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from serving.batch.job import PartResult, PartTask, Plan, Stopped, run_part, worker_model
 from serving.batch.sources import Part
 from serving.store import ServingError
+
+SETTINGS = Path(__file__).with_name("dask.yaml")  # also /etc/dask/ in the workbench image
 
 
 def score_remote(part: Part, task: PartTask) -> PartResult:
@@ -37,9 +40,26 @@ def connect(scheduler: str | None, workers: int) -> Iterator[Any]:
         with client:
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    import dask
+
+    with dask.config.set(worker_settings()), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         yield client
+
+
+def worker_settings() -> dict[str, Any]:
+    """serving/batch/dask.yaml as dotted keys (`dask.config.set` would replace a nested mapping whole)."""
+    import yaml
+
+    def flat(tree: dict[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(flat(yaml.safe_load(SETTINGS.read_text()), ""))
 
 
 def run_dask(p: Plan, *, scheduler: str | None, workers: int, stop: threading.Event | None = None) -> list[PartResult]:

@@ -77,6 +77,17 @@ def study(engine, data) -> Path:
     return data
 
 
+def test_dask_in_the_workbench_image_reads_the_batch_settings(engine):
+    """compose's dask profile runs `dask worker` from the workbench image: it reads
+    /etc/dask/workbench.yaml, the settings the local cluster of `--engine dask` uses too."""
+    code = ("import dask; from serving.batch.cluster import worker_settings; "
+            "env = dask.config.get('distributed.nanny.pre-spawn-environ'); "
+            "assert env['MALLOC_TRIM_THRESHOLD_'] is None and env['OPENBLAS_NUM_THREADS'] == 1, env; "
+            "assert all(dask.config.get(k) == v for k, v in worker_settings().items()); print('ok')")
+    done = _run(engine, "--entrypoint", "python", IMAGES["workbench"], "-c", code, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 class Server:
     def __init__(self, engine, image: str, data: Path, model_uri: str) -> None:
         self.engine, self.port, self.name = engine, free_port(), f"wb-{uuid.uuid4().hex[:8]}"
