@@ -80,7 +80,7 @@ def study(engine, data) -> Path:
 def test_dask_in_the_workbench_image_reads_the_batch_settings(engine):
     """compose's dask profile runs `dask worker` from the workbench image: it reads
     /etc/dask/workbench.yaml, the settings the local cluster of `--engine dask` uses too."""
-    code = ("import dask; from serving.batch.cluster import worker_settings; "
+    code = ("import dask, distributed; from serving.batch.cluster import worker_settings; "  # distributed adds its defaults
             "env = dask.config.get('distributed.nanny.pre-spawn-environ'); "
             "assert env['MALLOC_TRIM_THRESHOLD_'] is None and env['OPENBLAS_NUM_THREADS'] == 1, env; "
             "assert all(dask.config.get(k) == v for k, v in worker_settings().items()); print('ok')")
