@@ -74,12 +74,19 @@ def _serve_until_signalled(server) -> None:
 
     optuna_dashboard.run_server stops on KeyboardInterrupt, but wsgiref's handler swallows one that
     lands while a request is served (its bare `except:`), and the server then serves on: Ctrl-C
-    is taken as a stop request instead, which the serving loop sees between requests.
+    is taken as a stop request instead, which the serving loop sees between requests. A second
+    one (a client that holds its request open) ends the process at once.
     """
+    import os
     import signal
     import threading
 
+    stopping = threading.Event()
+
     def stop(signum, frame) -> None:  # shutdown() waits for serve_forever, so not on this thread
+        if stopping.is_set():
+            os._exit(128 + signum)
+        stopping.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}

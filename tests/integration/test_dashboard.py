@@ -3,6 +3,7 @@ the same space, side by side, read back through optuna-dashboard's HTTP API."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -91,26 +92,9 @@ def test_ctrl_c_during_a_request_stops_the_dashboard(tmp_path, write_config, tin
     """Ctrl-C that lands while a response is being written (the 6 MB bundle to a client that does
     not read) ends the command with 0 once that request ends; wsgiref's handler used to swallow it
     and the dashboard served on."""
-    cfg = write_config(tiny_config(tiny_space))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "studies.dashboard", str(cfg), "--port", str(port),
-                             "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"], cwd=ROOT,
-                            env={**os.environ, "WORKBENCH_HOME": str(tmp_path)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, port = _start_on_sqlite(tmp_path, write_config(tiny_config(tiny_space)))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get(f"http://127.0.0.1:{port}/api/meta")
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "optuna-dashboard did not answer within 60 s"
-                time.sleep(0.3)
-        with socket.socket() as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            client.connect(("127.0.0.1", port))
-            client.sendall(b"GET /static/bundle.js HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept-Encoding: identity\r\n\r\n")
+        with _stalled_download(port) as client:
             assert client.recv(64).startswith(b"HTTP/1.0 200")  # the response has begun and then stalls
             time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
@@ -121,3 +105,60 @@ def test_ctrl_c_during_a_request_stops_the_dashboard(tmp_path, write_config, tin
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
+
+
+def test_a_second_ctrl_c_ends_a_dashboard_held_by_a_client(tmp_path, write_config, tiny_space):
+    """A client that keeps its response unread holds the first Ctrl-C's stop; the second ends the
+    process at once (130)."""
+    proc, port = _start_on_sqlite(tmp_path, write_config(tiny_config(tiny_space)))
+    try:
+        with _stalled_download(port) as client:
+            assert client.recv(64).startswith(b"HTTP/1.0 200")
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert proc.poll() is None  # the first waits for the request in hand
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT
+
+
+def _start_on_sqlite(tmp_path, cfg) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "studies.dashboard", str(cfg), "--port", str(port),
+                             "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"], cwd=ROOT,
+                            env={**os.environ, "WORKBENCH_HOME": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until_it_answers(proc, port)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc, port
+
+
+@contextlib.contextmanager
+def _stalled_download(port: int):
+    """A request for the 6 MB bundle whose response the client does not read: the server is left
+    writing it."""
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"GET /static/bundle.js HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept-Encoding: identity\r\n\r\n")
+        yield client
+
+
+def _wait_until_it_answers(proc: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            _get(f"http://127.0.0.1:{port}/api/meta")
+            return
+        except OSError:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "optuna-dashboard did not answer within 60 s"
+            time.sleep(0.3)
