@@ -41,15 +41,7 @@ def test_dashboard_lists_optuna_and_kerastuner_studies(postgres_url, study_name,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get(f"{base}/api/meta")
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "optuna-dashboard did not answer within 60 s"
-                time.sleep(0.5)
+        _wait_until_it_answers(proc, port)
         studies = {s["study_name"]: s for s in _get(f"{base}/api/studies")["study_summaries"]}
         assert {f"{study_name}_optuna", f"{study_name}_kt"} <= set(studies)
         kt_id = studies[f"{study_name}_kt"]["study_id"]
