@@ -147,10 +147,7 @@ def drop(engine, table: str) -> None:
 
 
 def bench_dask(store, frame, workdir: Path, rounds: int) -> dict[str, list[float]]:
-    import dask
-    from distributed import LocalCluster
-
-    from serving.batch.cluster import run_dask, worker_settings
+    from serving.batch.cluster import connect, run_dask
     from serving.batch.job import JobSpec, plan
 
     folder = workdir / "parts"
@@ -175,14 +172,14 @@ def bench_dask(store, frame, workdir: Path, rounds: int) -> dict[str, list[float
         return seconds
 
     out: dict[str, list[float]] = {"single": [], "dask": [], "dask cold": [], "single cores": []}
-    with dask.config.set(worker_settings()), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with connect(None, 2) as client:  # the local cluster `--engine dask --workers 2` starts
+        scheduler = client.scheduler.address
         t = time.perf_counter()
-        job(str(workdir / "warmup"), cluster.scheduler_address)  # the workers load the model
+        job(str(workdir / "warmup"), scheduler)  # the workers load the model
         out["dask cold"].append(len(frame) / (time.perf_counter() - t))
         for r in range(rounds):
             out["single"].append(len(frame) / job(str(workdir / f"single{r}"), None))
-            out["dask"].append(len(frame) / job(str(workdir / f"dask{r}"), cluster.scheduler_address))
+            out["dask"].append(len(frame) / job(str(workdir / f"dask{r}"), scheduler))
     return out
 
 
