@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 from models.errors import ConfigError, ExitCode, WorkbenchError
 from studies.config import LoadedConfig, load_config
+from studies.engines.workers import Interrupted
 
 
 def study_flags(*, one_study: bool = True) -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def overrides(args: argparse.Namespace, sugar: Mapping[str, object] | None = Non
 
 def run_command(body: Callable[[], int]) -> int:
     """Run a command's body: a user mistake exits 2, a runtime failure 1, each as its message
-    without a traceback; Ctrl-C before any work was recorded exits 130."""
+    without a traceback; Ctrl-C before any work was recorded exits 130 (SIGTERM 143)."""
     try:
         return int(body())
     except ConfigError as e:
@@ -49,9 +50,9 @@ def run_command(body: Callable[[], int]) -> int:
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or (Interrupted) a SIGTERM while the study was being opened
         print("interrupted", file=sys.stderr)
-        return ExitCode.INTERRUPTED
+        return e.exit_code if isinstance(e, Interrupted) else ExitCode.INTERRUPTED
 
 
 def run_with_config(args: argparse.Namespace, body: Callable[[LoadedConfig], int], *,

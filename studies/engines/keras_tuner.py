@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from models.faults import describe
 from search_spaces import compile_space, params_from_values, to_hyperparameters
 from studies.engines.objective import Objective
-from studies.engines.workers import interruption_reason, signals_deferred
+from studies.engines.workers import interruption_reason, raise_if_signalled, signals_deferred
 from studies.reporting.progress import Progress
 from studies.storage.study import BUDGET_STATES, sampler_seed, state_counts
 from studies.tracking import flatten_params
@@ -103,6 +103,8 @@ class Engine:
     def begin(self, kt_trial: Any) -> None:
         """A RUNNING Optuna trial holding the KerasTuner trial's values and the space's distributions."""
         from optuna.storages._heartbeat import get_heartbeat_thread
+
+        raise_if_signalled()  # a signal that waited for TensorFlow (KerasTuner's own steps) stops before a new trial
 
         values = kt_trial.hyperparameters.values
         params = params_from_values(self.space, values)

@@ -13,7 +13,7 @@ import optuna
 
 from models.faults import RetryLog, describe, is_transient
 from search_spaces import optuna_suggest, sample
-from studies.engines.workers import interruption_reason, signals_allowed, signals_deferred
+from studies.engines.workers import interruption_reason, raise_if_signalled, signals_allowed, signals_deferred
 from studies.storage.study import WARM_START_SEED, derive_seed, improves, trial_metrics
 
 if TYPE_CHECKING:
@@ -223,6 +223,7 @@ class Objective:
         started = time.perf_counter()
         if model is None:
             model = self.build(params, seed)
+        raise_if_signalled()  # each step below runs TensorFlow, where a signal waits (studies.engines.workers)
         metrics = outcome.metrics
         metrics["n_params"] = float(model.count_params())
         attrs = outcome.attrs
@@ -233,8 +234,10 @@ class Objective:
         attrs.update(costs)
         for key, value in cfg.constraint_values({**costs, "n_params": metrics["n_params"]}).items():
             trial.set_constraint(key, value)  # the sampler steers around infeasible regions
+        raise_if_signalled()
 
         def report(epoch: int, logs: dict[str, float]) -> bool:
+            raise_if_signalled()  # Keras calls this at each epoch's end: a safe point to stop
             if self.tracker is not None:
                 self.tracker.log_epoch(run_id, epoch, logs)
             if cfg.multi_objective:
@@ -264,6 +267,7 @@ class Objective:
             raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run - 1}")
         attrs["best_epoch"] = result.best_epoch
         metrics["best_epoch"] = float(result.best_epoch)
+        raise_if_signalled()
         validation = result.best_validation(int(options.get("initial_epoch", 0)))
         if validation is None:
             validation = evaluate(model, self.data.x_val, self.data.y_val)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from studies.engines.objective import Objective, TrialFailed
 from studies.engines.session import Session, prepare_tensorflow
 from studies.engines.stopping import StopRule, continued_since, record_stop
-from studies.engines.workers import signal_pending, signals_deferred
+from studies.engines.workers import raise_if_signalled, signal_pending, signals_deferred
 from studies.reporting.progress import Progress
 from studies.storage.study import BUDGET_STATES, stopped_record
 
@@ -27,6 +27,7 @@ def optimize(session: Session, tracker: TrialTracker | None, *, label: str | Non
 
     cfg = session.loaded.config
     prepare_tensorflow(session.settings)
+    raise_if_signalled()  # one that waited for TensorFlow's import
     progress = Progress(session.study, session.target, session.names, label=label)
     max_failed = cfg.budget.failure_limit
 

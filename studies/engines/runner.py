@@ -161,7 +161,7 @@ def _coordinate(session: Session, options: RunOptions, stop: SignalStop, stopped
     reclaim(session.study, session.storage, dead_workers=stopped_workers, requeue=False)
     if outcome.signal is not None:
         stop.signum = outcome.signal
-        raise Interrupted(str(outcome.signal))
+        raise Interrupted(outcome.signal)
     if outcome.failed:
         print(f"error: worker(s) {', '.join(map(str, outcome.failed))} exited with an error (see above)", file=sys.stderr)
         return True

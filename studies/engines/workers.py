@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TypedDict
 
 # How long stopping workers get to record their running trial as FAIL before being killed.
@@ -24,6 +25,14 @@ STOP_GRACE_SECONDS = 30.0
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: the running trial ends as FAIL with reason "interrupted (SIG...)"."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def interruption_reason(e: KeyboardInterrupt) -> str:
@@ -70,16 +79,46 @@ def signal_pending() -> bool:
     return _deferral["pending"] is not None
 
 
+def raise_if_signalled() -> None:
+    """A point where a trial may stop: a signal that waited for TensorFlow to return to this
+    code (see SignalStop) is raised here, unless a deferred section is open (it ends there)."""
+    if not _deferral["depth"]:
+        _raise_pending()
+
+
 def _raise_pending() -> None:
     pending, _deferral["pending"] = _deferral["pending"], None
     if pending is not None:
-        raise Interrupted(signal.Signals(pending).name)
+        raise Interrupted(pending)
+
+
+# Packages whose frames a signal must not raise into: TensorFlow's C++ calls back into Python
+# (tracing, tf.nest, converting to tensors) and an exception raised there is turned into another
+# (seen: "TypeError: Failed to convert elements of (None,) to Tensor", the trial then failed as an
+# error and the process ran on) or leaves its state broken (seen: a segmentation fault on exit).
+_NO_RAISE_PACKAGES = ("tensorflow", "keras", "tf_keras")
+
+
+def _inside_tensorflow(frame: FrameType | None) -> bool:
+    """Whether TensorFlow's or Keras's code is on the stack that `frame` tops."""
+    roots = tuple(os.path.dirname(module.__file__) + os.sep for name in _NO_RAISE_PACKAGES
+                  if (module := sys.modules.get(name)) is not None and getattr(module, "__file__", None))
+    while roots and frame is not None:
+        if frame.f_code.co_filename.startswith(roots):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class SignalStop:
     """SIGTERM behaves like Ctrl-C: the first SIGINT or SIGTERM raises Interrupted in the main
     thread; later ones are ignored, so a second signal cannot cut short the clean-up (recording
-    the running trial, closing the MLflow runs) that the first one started."""
+    the running trial, closing the MLflow runs) that the first one started.
+
+    A signal that lands while TensorFlow or Keras is on the stack waits, like one in a deferred
+    section, and is raised at the next point that may stop a trial (`raise_if_signalled`: each
+    epoch's end, between a trial's steps) or where a deferred section ends: at most the longest
+    step TensorFlow takes on its own, a trial's first epoch with its tracing (~1 s here)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -90,14 +129,14 @@ class SignalStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None or self.closing:
             return
         self.signum = signum
-        if _deferral["depth"]:
+        if _deferral["depth"] or _inside_tensorflow(frame):
             _deferral["pending"] = signum
             return
-        raise Interrupted(signal.Signals(signum).name)
+        raise Interrupted(signum)
 
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGINT)

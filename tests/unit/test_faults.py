@@ -194,6 +194,35 @@ def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
         stop.restore()
 
 
+def test_a_signal_inside_tensorflow_waits_for_it_to_return():
+    """TensorFlow's C++ turned an Interrupted raised inside it into its own error (a trial then
+    failed as an error and the study ran on, the signal spent; seen in CI as a container that
+    ignored `podman stop`): a signal landing there is raised at the next safe point instead."""
+    import tensorflow as tf
+
+    from studies.engines.workers import Interrupted, SignalStop, raise_if_signalled
+
+    class Rows:  # TensorFlow reads a sequence back through Python: the signal lands in TF's call
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> float:
+            if i >= 3:
+                raise IndexError(i)
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return float(i)
+
+    stop = SignalStop()
+    try:
+        assert tf.constant(Rows()).numpy().tolist() == [0.0, 1.0, 2.0]
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            raise_if_signalled()
+        assert stop.exit_code() == 143
+    finally:
+        stop.restore()
+
+
 def test_retry_log_marks_survive_trimming():
     log = RetryLog()
     for i in range(250):
