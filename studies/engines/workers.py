@@ -101,8 +101,8 @@ _NO_RAISE_PACKAGES = ("tensorflow", "keras", "tf_keras")
 
 def _inside_tensorflow(frame: FrameType | None) -> bool:
     """Whether TensorFlow's or Keras's code is on the stack that `frame` tops."""
-    roots = tuple(os.path.dirname(module.__file__) + os.sep for name in _NO_RAISE_PACKAGES
-                  if (module := sys.modules.get(name)) is not None and getattr(module, "__file__", None))
+    files = (getattr(sys.modules.get(name), "__file__", None) for name in _NO_RAISE_PACKAGES)
+    roots = tuple(os.path.dirname(file) + os.sep for file in files if file)
     while roots and frame is not None:
         if frame.f_code.co_filename.startswith(roots):
             return True
