@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from models.faults import RetryLog, is_transient, retry_call
 from serving.batch.objects import BatchError
 from serving.batch.overlap import WriteBehind, ahead
-from serving.batch.scoring import Identity, sample_output, score_chunk
+from serving.batch.scoring import Identity, Inputs, model_inputs, sample_output, score_chunk
 from serving.batch.sinks import FileSink, FolderSink, TableSink, open_sink
 from serving.batch.sources import FileSource, Part, SqlSource, open_source, plain, read_part
 
@@ -207,7 +207,7 @@ def _run_part_once(task: PartTask, part: Part, model: LoadedModel, stop: threadi
     start, errors = time.perf_counter(), list[pd.DataFrame]()
     with task.sink.part(part, task.stamp) as sink_writer:
         writer = WriteBehind(sink_writer)  # the last chunk is written, the next read, while this one is scored
-        chunks = ahead(read_part(part, task.columns, task.chunk_rows))
+        chunks = ahead(_prepared(task, part, model, read_part(part, task.columns, task.chunk_rows)))
         try:
             _score_chunks(task, part, model, chunks, writer, result, errors, stop)
         finally:
@@ -218,22 +218,40 @@ def _run_part_once(task: PartTask, part: Part, model: LoadedModel, stop: threadi
     return result
 
 
-def _score_chunks(task: PartTask, part: Part, model: LoadedModel, chunks: Iterator[pd.DataFrame], writer: WriteBehind,
-                  result: PartResult, errors: list[pd.DataFrame], stop: threading.Event | None) -> None:
-    import pandas as pd
+@dataclass
+class _Chunk:
+    rows: pd.DataFrame  # those not scored yet
+    first_row: int  # the chunk's first row number within its part (rows skipped included)
+    skipped: int  # rows already scored by this model version
+    inputs: Inputs | None  # None when no row is left
 
+
+def _prepared(task: PartTask, part: Part, model: LoadedModel, chunks: Iterator[pd.DataFrame]) -> Iterator[_Chunk]:
+    """The part's chunks made ready to score, in the reader thread: rows already scored dropped,
+    the rest validated and encoded. Mostly numpy work that releases the GIL, so it runs beside
+    the scoring thread's forward pass (which it took ~10% of, for 1M rows of 30 features)."""
     key = task.identity.key
     offset = 0
     for chunk in chunks:
         first_row, offset = offset, offset + len(chunk)
+        skipped = 0
         if key is not None and part.skip is not None and len(part.skip):
             fresh = ~chunk[key].isin(part.skip).to_numpy()
-            result.skipped += int((~fresh).sum())
+            skipped = int((~fresh).sum())
             chunk = chunk[fresh]
-        result.rows += len(chunk)  # rows to score (not those already scored)
-        if len(chunk):
-            out, bad = score_chunk(model, chunk, task.identity, part=part.name, first_row=first_row,
-                                   stamp=pd.Timestamp.now(tz="UTC"))
+        yield _Chunk(chunk, first_row, skipped, model_inputs(model, chunk) if len(chunk) else None)
+
+
+def _score_chunks(task: PartTask, part: Part, model: LoadedModel, chunks: Iterator[_Chunk], writer: WriteBehind,
+                  result: PartResult, errors: list[pd.DataFrame], stop: threading.Event | None) -> None:
+    import pandas as pd
+
+    for chunk in chunks:
+        result.skipped += chunk.skipped
+        result.rows += len(chunk.rows)  # rows to score (not those already scored)
+        if chunk.inputs is not None:
+            out, bad = score_chunk(model, chunk.rows, chunk.inputs, task.identity, part=part.name,
+                                   first_row=chunk.first_row, stamp=pd.Timestamp.now(tz="UTC"))
             if bad is not None:
                 errors.append(bad)
                 result.invalid += len(bad)

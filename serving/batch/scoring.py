@@ -36,7 +36,27 @@ class Identity:
         return [*(["part"] if self.part is not None else []), "row"]
 
 
-def numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
+@dataclass(frozen=True)
+class Inputs:
+    """A chunk made ready for the model: its rows as float32 features, which rows are valid, and
+    why each of the others is not (in row order)."""
+
+    features: np.ndarray
+    ok: np.ndarray
+    reasons: list[str]
+
+
+def model_inputs(model: LoadedModel, chunk: pd.DataFrame) -> Inputs:
+    """Validate and encode a chunk of raw rows (a table model's encoding, or numeric columns)."""
+    if model.table is not None:
+        features, wrong = model.table.encode_rows(chunk)
+        ok = np.ones(len(chunk), dtype=bool)
+        ok[list(wrong)] = False
+        return Inputs(features, ok, [f"{column!r}: {message}" for _, (column, message) in sorted(wrong.items())])
+    return Inputs(*_numeric_features(model, chunk))
+
+
+def _numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(float32 features, ok mask, reasons for the rows not ok) of a model without a table encoding."""
     import pandas as pd
 
@@ -51,17 +71,10 @@ def numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarra
     return features, ok, reasons
 
 
-def score_chunk(model: LoadedModel, chunk: pd.DataFrame, identity: Identity, *, part: str, first_row: int,
-                stamp: pd.Timestamp) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """(predictions, invalid rows) of one chunk; either may be None when it has no rows."""
-
-    if model.table is not None:
-        features, wrong = model.table.encode_rows(chunk)
-        ok = np.ones(len(chunk), dtype=bool)
-        ok[list(wrong)] = False
-        reasons = [f"{column!r}: {message}" for _, (column, message) in sorted(wrong.items())]
-    else:
-        features, ok, reasons = numeric_features(model, chunk)
+def score_chunk(model: LoadedModel, chunk: pd.DataFrame, inputs: Inputs, identity: Identity, *, part: str,
+                first_row: int, stamp: pd.Timestamp) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(predictions, invalid rows) of one chunk and its `model_inputs`; either may be None when it has no rows."""
+    features, ok, reasons = inputs.features, inputs.ok, inputs.reasons
     rows = np.arange(first_row, first_row + len(chunk))
     errors = None
     if not ok.all():

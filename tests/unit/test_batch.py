@@ -260,3 +260,18 @@ def test_the_reader_and_writer_threads_keep_order_and_hand_errors_over():
     failing.write("bad")
     with pytest.raises(OSError, match="disk full"):
         failing.close()
+
+
+@pytest.mark.parametrize("row_group", [7_000, 100_000])
+def test_a_parquet_file_is_read_once_in_order_with_a_small_first_chunk(tmp_path, row_group):
+    """The first chunk is read small (the scoring thread waits for it alone) and the later reader
+    skips its rows: every row once, in order, whatever the file's row groups."""
+    import numpy as np
+
+    from serving.batch.sources import FIRST_CHUNK_ROWS, file_chunks
+
+    frame = pd.DataFrame({"id": np.arange(61_234), "x": np.arange(61_234) * 0.5, "unused": 1})
+    frame.to_parquet(tmp_path / "in.parquet", index=False, row_group_size=row_group)
+    chunks = list(file_chunks(tmp_path / "in.parquet", "parquet", ["id", "x"], 25_000))
+    assert len(chunks[0]) <= FIRST_CHUNK_ROWS and all(len(c) <= 25_000 for c in chunks)
+    pd.testing.assert_frame_equal(pd.concat(chunks, ignore_index=True), frame[["id", "x"]])
