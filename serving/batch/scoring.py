@@ -53,11 +53,11 @@ def model_inputs(model: LoadedModel, chunk: pd.DataFrame) -> Inputs:
         ok = np.ones(len(chunk), dtype=bool)
         ok[list(wrong)] = False
         return Inputs(features, ok, [f"{column!r}: {message}" for _, (column, message) in sorted(wrong.items())])
-    return Inputs(*_numeric_features(model, chunk))
+    return _numeric_inputs(model, chunk)
 
 
-def _numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(float32 features, ok mask, reasons for the rows not ok) of a model without a table encoding."""
+def _numeric_inputs(model: LoadedModel, chunk: pd.DataFrame) -> Inputs:
+    """The inputs of a model without a table encoding: its feature columns as numbers."""
     import pandas as pd
 
     frame = chunk[model.feature_names]
@@ -68,7 +68,7 @@ def _numeric_features(model: LoadedModel, chunk: pd.DataFrame) -> tuple[np.ndarr
     features = frame.to_numpy(dtype=np.float32, na_value=np.nan)
     ok = np.isfinite(features).all(axis=1)
     reasons = [_reason(model.feature_names, r) for r in frame.loc[~ok].itertuples(index=False)] if not ok.all() else []
-    return features, ok, reasons
+    return Inputs(features, ok, reasons)
 
 
 def score_chunk(model: LoadedModel, chunk: pd.DataFrame, inputs: Inputs, identity: Identity, *, part: str,

@@ -179,6 +179,22 @@ def test_sigterm_during_optunas_own_steps_leaves_no_trial_running(home, write_co
         assert trials[0].state.name == "COMPLETE"
 
 
+def test_sigterm_while_the_study_opens_exits_143(home, write_config, tiny_space, monkeypatch):
+    """Seen with a SIGTERM sent right after start: the runner exited 130, as for Ctrl-C."""
+    import studies.engines.runner as runner
+
+    def opened_then_sigterm(*args, **kwargs):
+        session = open_session(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return session
+
+    open_session = runner.open_session
+    monkeypatch.setattr(runner, "open_session", opened_then_sigterm)
+    path = write_config(tiny_config(tiny_space))
+    assert run_main([str(path), "--no-tracking"]) == 143
+    assert optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}").trials == []
+
+
 def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
     from studies.engines.workers import Interrupted, SignalStop, signals_deferred
 
