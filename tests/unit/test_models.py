@@ -25,8 +25,12 @@ def test_families_build_and_train(family, dataset, params):
     model = FAMILIES[family].build(params, data.spec)
     traced, step = [], model.train_step
     model.train_step = lambda batch: (traced.append(1), step(batch))[1]  # runs once per trace of the step
+    registered = custom_gradients()
     result = fit(model, data, epochs=2, batch_size=64)
     assert result.epochs_run == 2 and "val_loss" in result.history
+    # Nothing of the traced step stays in TensorFlow's global gradient registry (what kept every
+    # trained model's train step alive, a process's whole life).
+    assert custom_gradients() == registered
     assert len(traced) == 1  # the optimizer's variables existed before the first trace: not traced twice
     again = evaluate(model, data.x_val, data.y_val)  # the restored best epoch's weights score as they did then
     assert result.best_validation() == pytest.approx(again, rel=1e-6)
@@ -35,6 +39,12 @@ def test_families_build_and_train(family, dataset, params):
     # The scaling is a layer of the model: raw features go in, the saved statistics apply.
     scaling = model.get_layer("scaling")
     np.testing.assert_allclose(np.asarray(scaling.mean).ravel(), data.spec.feature_mean, rtol=1e-5)
+
+
+def custom_gradients() -> set[str]:
+    from tensorflow.python.framework import ops
+
+    return {name for name in ops._gradient_registry.list() if name.startswith("CustomGradient")}
 
 
 def test_regression_outputs_are_in_target_units():
