@@ -10,7 +10,6 @@ cannot be scored go to an errors output with their identity and reason (exit cod
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import threading
 import time
@@ -60,6 +59,7 @@ def run_once(args: argparse.Namespace, store, stop: threading.Event) -> int:
     """Plan, run, write the errors, record the run; returns the exit code."""
     import pandas as pd
 
+    from models.runtime import freeze_heap
     from serving.batch.job import Stopped, plan, run_local
     from serving.batch.sinks import FileSink
 
@@ -67,10 +67,7 @@ def run_once(args: argparse.Namespace, store, stop: threading.Event) -> int:
     spec = _spec(args)
     start = time.perf_counter()
     p = plan(spec, store, stamp=stamp, distributed=args.engine == "dask")
-    if not gc.get_freeze_count():
-        # The libraries and the model are loaded: the collector leaves them alone from now on (a
-        # full collection of a heap with TensorFlow on it paused a 1M-row job for ~0.3 s).
-        gc.freeze()
+    freeze_heap()  # the libraries and the model are loaded
     sink = p.task.sink
     errors_uri = spec.errors or sink.errors_uri(stamp)
     if isinstance(sink, FileSink) and not spec.errors and not errors_uri.startswith("s3://"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.faults import RetryLog, is_transient, retry_call
+from models.runtime import freeze_heap
 from serving.batch.objects import BatchError
 from serving.batch.overlap import WriteBehind, ahead
 from serving.batch.scoring import Identity, Inputs, model_inputs, sample_output, score_chunk
@@ -121,6 +122,7 @@ def worker_model(pinned: PinnedModel) -> LoadedModel:
     cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)
     if cache_key not in _MODELS:
         _MODELS[cache_key] = load(pinned.uri, Store(pinned.tracking_uri, pinned.registry_uri))
+        freeze_heap()
     return _MODELS[cache_key]
 
 

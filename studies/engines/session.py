@@ -63,10 +63,12 @@ def describe_data(data: Dataset) -> list[str]:
 
 
 def prepare_tensorflow(settings: Settings) -> None:
-    """Import TensorFlow/Keras (quietly unless --verbose) and fix its thread pools before the first trial."""
-    from models.runtime import import_tensorflow
+    """Import TensorFlow/Keras (quietly unless --verbose) and fix its thread pools before the first
+    trial; from then on the collector's full collections leave the libraries alone."""
+    from models.runtime import freeze_heap, import_tensorflow
 
     import_tensorflow(settings.tf_threads, quiet=not settings.workbench_verbose)
+    freeze_heap()
 
 
 def open_session(loaded: LoadedConfig, settings: Settings, *, storage_flag: str | None, worker_index: int | None,

@@ -192,6 +192,29 @@ def test_local_dask_workers_keep_glibc_malloc_defaults():
     assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
 
 
+def test_a_worker_leaves_its_model_and_libraries_out_of_full_collections(monkeypatch):
+    """A full collection of a heap with TensorFlow on it paused a Dask worker ~0.2 s inside a part
+    (about one job in three of benchmarks/batch.py's rounds): a worker freezes its heap once it
+    has loaded the model."""
+    import gc
+
+    import serving.model
+    import serving.store
+    from serving.batch import job
+
+    monkeypatch.setattr(serving.store, "Store", lambda tracking, registry: None)
+    monkeypatch.setattr(serving.model, "load", lambda uri, store: object())
+    monkeypatch.setattr(job, "_MODELS", {})
+    pinned = job.PinnedModel("models:/m/1", "sqlite:///unused.db", "sqlite:///unused.db")
+    gc.unfreeze()
+    try:
+        model = job.worker_model(pinned)
+        assert gc.get_freeze_count() > 0
+        assert job.worker_model(pinned) is model
+    finally:
+        gc.unfreeze()
+
+
 def test_every_repeats_until_sigterm_then_exits_0(home, tmp_path):
     import os
     import signal
