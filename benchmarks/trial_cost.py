@@ -8,7 +8,8 @@ step again; optimizer variables created inside the first trace, which traces it 
 compiled metrics computed on every train batch) and the way models.training.fit does now:
 first epoch (tracing included), steady epoch, whole 3-epoch fit. (Once models.training.fit has
 run, Grappler's graph rewrites are off in the process, for both ways: the difference shown is the
-fit path's alone.)
+fit path's alone.) Then the memory the process keeps per fitted model, both ways (Keras's
+one-replica all-reduce kept every traced train step alive; models.training.single_replica_step).
 
 Part 2, whole trials of `python -m studies.run configs/breast_cancer.yaml` (3 epochs, no pruner,
 one TensorFlow thread) with tracking on (embedded MLflow) and off, from each trial's own record
@@ -77,6 +78,33 @@ def fit_path(rounds: int) -> None:
         print(f"  {name:8} {first:11.3f}s {steady:12.3f}s {total:11.3f}s {total / (3 * steady):14.1f}x")
     print(f"  the 3-epoch fit now takes {med['now'] / med['before']:.2f}x the time it took before "
           f"({med['before'] / med['now']:.2f}x faster)")
+    memory_kept(data, {"now": now, "before": before})
+
+
+def memory_kept(data, ways: dict, fits: int = 30) -> None:
+    """What a process keeps per fitted model (a study fits hundreds), after 5 fits of each way;
+    "now" first, so that what "before" keeps cannot count against it."""
+    import gc
+
+    import keras
+
+    from models import FAMILIES
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    print(f"memory kept per fitted model ({fits} fits after 5 of each way; RSS, and Python objects after a full collection):")
+    for name, run in ways.items():
+        rss, objects = 0.0, 0
+        for i in range(5 + fits):
+            if i == 5:
+                gc.collect()
+                rss, objects = rss_mib(), len(gc.get_objects())
+            keras.backend.clear_session(free_memory=False)
+            run(FAMILIES["mlp"].build(PARAMS, data.spec))
+        gc.collect()
+        print(f"  {name:8} {(rss_mib() - rss) * 1024 / fits:7.0f} KiB {(len(gc.get_objects()) - objects) / fits:8.0f} objects")
 
 
 def trials(n: int) -> None:
