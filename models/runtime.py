@@ -52,8 +52,9 @@ def import_tensorflow(threads: int | None = None, *, quiet: bool = True) -> None
 def freeze_heap() -> None:
     """Leave every object alive now (the libraries, a loaded model) out of the collector's full
     collections, once per process. With TensorFlow loaded a full collection walks ~400k objects
-    and pauses the process 0.17-0.33 s: a 45 s digits study ran ten of them (1.4 s, inside its
-    trials); on a Dask worker one landed inside a part in about one job in three of
-    benchmarks/batch.py's rounds. Call it after the heavy imports, before the work that repeats."""
+    and pauses the process 0.17-0.33 s: on a Dask worker one landed inside a part in about one
+    job in three of benchmarks/batch.py's rounds; a 45 s digits study ran ten inside its trials
+    (1.4 s), four (0.6 s) with this and models.training.single_replica_step. Call it after the
+    heavy imports, before the work that repeats."""
     if not gc.get_freeze_count():
         gc.freeze()
