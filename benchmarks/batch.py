@@ -12,12 +12,14 @@ rows (default 1,000,000: an integer id and 30 float features).
             input plus `COPY ... FROM STDIN` of the same output rows into a new table with the same
             primary key. Goal: >= 0.5x.
   Dask      an 8-part Parquet folder: `--engine dask` on a local cluster of 2 worker processes vs
-            the single-process engine. Warm (the workers hold the model, as a cluster joined with
-            --scheduler does after its first job; goal >= 1.6x; this machine's two-process ceiling
-            measured 1.74x for two one-core processes) and cold (the cluster started and the model
-            loaded inside the timing). Also prints how many cores the single process keeps busy
-            (its reader and writer threads run beside the scoring thread): 2 workers can be at most
-            (cores of the machine / that) faster.
+            the single-process engine (two parts in flight, its default). Warm (the workers hold the
+            model, as a cluster joined with --scheduler does after its first job; goal >= 1.6x; this
+            machine's two-process ceiling measured 1.74x for two one-core processes) and cold (the
+            cluster started and the model loaded inside the timing). Also prints how many cores the
+            single process keeps busy (its parts' reader, scoring and writer threads): 2 workers can
+            be at most (cores of the machine / that) faster; and, for context, the single process
+            with one part at a time (`--parts-at-once 1`, the engine before 2026-12-06's second stop)
+            against both.
   MLflow    the whole `python -m serving.batch` process vs `mlflow models predict` (--env-manager
             local) on the same 200,000 rows (ours from CSV; MLflow from its JSON tensor format, as it
             cannot build the model's tensor input from named CSV columns), wall time including
@@ -156,10 +158,10 @@ def bench_dask(store, frame, workdir: Path, rounds: int) -> dict[str, list[float
     for i in range(8):
         frame.iloc[i * size:(i + 1) * size].to_parquet(folder / f"part-{i}.parquet", index=False)
 
-    def job(output: str, scheduler: str | None) -> float:
+    def job(output: str, scheduler: str | None, at_once: int = 2) -> float:
         t, cpu = time.perf_counter(), time.process_time()
-        p = plan(JobSpec(input=str(folder), output=output, model_uri="models:/bench@champion"), store, stamp="x",
-                 distributed=scheduler is not None)
+        p = plan(JobSpec(input=str(folder), output=output, model_uri="models:/bench@champion", parts_at_once=at_once), store,
+                 stamp="x", distributed=scheduler is not None)
         if scheduler is None:
             from serving.batch.job import run_local
 
@@ -167,11 +169,11 @@ def bench_dask(store, frame, workdir: Path, rounds: int) -> dict[str, list[float
         else:
             run_dask(p, scheduler=scheduler, workers=2)
         seconds = time.perf_counter() - t
-        if scheduler is None:  # how many cores the single process keeps busy (its reader and writer threads)
+        if scheduler is None and at_once == 2:  # how many cores the single process keeps busy (its threads)
             out["single cores"].append((time.process_time() - cpu) / seconds)
         return seconds
 
-    out: dict[str, list[float]] = {"single": [], "dask": [], "dask cold": [], "single cores": []}
+    out: dict[str, list[float]] = {"single": [], "single x1": [], "dask": [], "dask cold": [], "single cores": []}
     with connect(None, 2) as client:  # the local cluster `--engine dask --workers 2` starts
         scheduler = client.scheduler.address
         t = time.perf_counter()
@@ -180,6 +182,7 @@ def bench_dask(store, frame, workdir: Path, rounds: int) -> dict[str, list[float
         for r in range(rounds):
             out["single"].append(len(frame) / job(str(workdir / f"single{r}"), None))
             out["dask"].append(len(frame) / job(str(workdir / f"dask{r}"), scheduler))
+            out["single x1"].append(len(frame) / job(str(workdir / f"one{r}"), None, at_once=1))
     return out
 
 
@@ -254,6 +257,8 @@ def main() -> int:
             dk = bench_dask(store, frame, workdir, args.rounds)
             report("dask", dk["dask"], dk["single"], 1.6, "one process")
             report("dask cold", dk["dask cold"], dk["single"][:1], None, "one process")
+            report("parts x2", dk["single"], dk["single x1"], None, "one at a time")
+            report("dask/x1", dk["dask"], dk["single x1"], None, "one process, one part at a time")
             cores = statistics.median(dk["single cores"])
             lines.append(f"dask      the single process kept {cores:.2f} of this machine's {os.cpu_count()} cores busy "
                          f"(rounds {', '.join(f'{c:.2f}' for c in dk['single cores'])}): 2 worker processes can be at "

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     inc.add_argument("--every", help="repeat the job every interval (30s, 5m, 1h) until SIGTERM")
     run = p.add_argument_group("how it runs")
     run.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (memory use scales with it)")
+    run.add_argument("--parts-at-once", type=int, default=2, help="--engine local: parts in flight (each holds a few "
+                     "chunks); a single output file takes one at a time")
     run.add_argument("--engine", choices=("local", "dask"), default="local", help="one process, or the parts on Dask")
     run.add_argument("--scheduler", help="--engine dask: a running scheduler (tcp://host:8786); default: a local cluster")
     run.add_argument("--workers", type=int, default=2, help="--engine dask without --scheduler: worker processes")
@@ -52,7 +54,8 @@ def _spec(args: argparse.Namespace):
 
     return JobSpec(input=args.input, output=args.output, input_table=args.input_table, input_query=args.input_query,
                    output_table=args.output_table, errors=args.errors, model_uri=args.model, key=args.key,
-                   since=args.since_column, keep=tuple(args.keep), chunk_rows=args.chunk_rows, rescore=args.rescore)
+                   since=args.since_column, keep=tuple(args.keep), chunk_rows=args.chunk_rows, rescore=args.rescore,
+                   parts_at_once=args.parts_at_once)
 
 
 def run_once(args: argparse.Namespace, store, stop: threading.Event) -> int:
@@ -100,6 +103,7 @@ def run_once(args: argparse.Namespace, store, stop: threading.Event) -> int:
         try:
             store.log_batch_run(params={"input": p.source.describe(), "output": sink.describe(), "model_uri": p.task.model.uri,
                                         "model_version": r.version, "chunk_rows": spec.chunk_rows, "engine": args.engine,
+                                        "parts_at_once": spec.parts_at_once if args.engine == "local" else None,
                                         "key": spec.key, "rescore": spec.rescore},
                                 metrics=counts, tags={"workbench.job": f"batch-{Path(spec.input.rstrip('/')).name}",
                                                       "workbench.model_name": str(r.name),

@@ -63,6 +63,7 @@ class FileSink:
     """All predictions in one file; it appears (atomically) when the job has finished."""
 
     idempotent = False  # a retried part would append its rows twice
+    parallel_parts = False  # the parts are appended to one file, in order
 
     def __init__(self, uri: str) -> None:
         self.uri, self.fmt = uri, fmt_of(uri) or "parquet"
@@ -109,6 +110,7 @@ class FolderSink:
     """One output part per input part in a folder or under an S3 prefix."""
 
     idempotent = True  # a retried part is written again from the start
+    parallel_parts = True  # one file each
 
     def __init__(self, uri: str) -> None:
         self.folder = Folder.parse(uri)
@@ -183,6 +185,11 @@ class TableSink:
     @property
     def idempotent(self) -> bool:
         return self.key is not None
+
+    @property
+    def parallel_parts(self) -> bool:
+        """Parts may be written side by side, except into SQLite (one writer at a time)."""
+        return not self.url.startswith("sqlite")
 
     def describe(self) -> str:
         return f"{sql.safe_url(self.url)} {self.table}"

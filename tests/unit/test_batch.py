@@ -68,22 +68,34 @@ def test_a_folder_is_scored_incrementally_each_row_exactly_once(home, tmp_path, 
     assert len(read_folder(out)) == 4000  # every row once more, in new parts
 
 
-def test_a_stopped_job_keeps_only_whole_parts_and_a_rerun_finishes_it(home, tmp_path):
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_a_stopped_job_keeps_only_whole_parts_and_a_rerun_finishes_it(home, tmp_path, at_once):
     from serving.batch.job import JobSpec, Stopped, plan, run_local, run_part
     from serving.settings import ServingSettings
     from serving.store import Store
 
     split(rows(), tmp_path / "in", 4)
     out = tmp_path / "out"
-    spec = JobSpec(input=str(tmp_path / "in"), output=str(out), model_uri=MODEL, key="customer_id", chunk_rows=200)
+    spec = JobSpec(input=str(tmp_path / "in"), output=str(out), model_uri=MODEL, key="customer_id", chunk_rows=200,
+                   parts_at_once=at_once)
     p = plan(spec, Store.at(ServingSettings()), stamp="t1")
     stop = threading.Event()
     real = run_part
+    started, finished, overlapped = [], [], []
+    second = threading.Event()
 
     def stop_in_second(task, part, model, stop_event):
+        started.append(part.index)
+        if part.index == 0 and at_once > 1:
+            second.wait(10)  # one at a time, the second part cannot start meanwhile
         if part.index == 1:
+            overlapped.append(0 not in finished)
             stop_event.set()  # SIGTERM arrives while the second part is being scored
-        return real(task, part, model, stop_event)
+            second.set()
+        try:
+            return real(task, part, model, stop_event)
+        finally:
+            finished.append(part.index)
 
     import serving.batch.job as job
 
@@ -93,9 +105,13 @@ def test_a_stopped_job_keeps_only_whole_parts_and_a_rerun_finishes_it(home, tmp_
             run_local(p, stop, progress=False)
     finally:
         job.run_part = saved
-    assert sorted(f.name for f in out.iterdir()) == ["day-0-t1.parquet"]  # no half part, no temporary file
+    assert sorted(started) == [0, 1]  # no part starts after the signal
+    assert overlapped == [at_once > 1]  # with two at once, the second part starts beside the first
+    kept = sorted(f.name for f in out.iterdir())  # whole parts only, no temporary file
+    # With two at once, the first part, in flight beside the second, stops at its first chunk too.
+    assert kept == (["day-0-t1.parquet"] if at_once == 1 else [])
     p2 = plan(spec, Store.at(ServingSettings()), stamp="t2")
-    assert p2.skipped == 500 and [part.name for part in p2.parts] == ["day-1.parquet", "day-2.parquet", "day-3.parquet"]
+    assert p2.skipped == 500 * len(kept) and len(p2.parts) == 4 - len(kept)
     run_local(p2, progress=False)
     scored = read_folder(out)
     assert len(scored) == 2000 and scored["customer_id"].is_unique
@@ -151,6 +167,8 @@ def test_a_sqlite_table_is_upserted_and_changed_rows_are_scored_again(home, tmp_
     (lambda t: rows().head(3).to_sql("c", sqlalchemy.create_engine(f"sqlite:///{t}/x.db"), index=False),
      ["--input", "sqlite:///{t}/x.db", "--input-query", "SELECT customer_id FROM missing_table", "--output", "{t}/o"],
      "--input-query: OperationalError: no such table: missing_table"),
+    (lambda t: rows().head(3).to_csv(t / "d.csv", index=False), ["--input", "{t}/d.csv", "--output", "{t}/o", "--parts-at-once", "0"],
+     "--parts-at-once: must be >= 1, got 0"),
     (lambda t: rows().head(3).to_csv(t / "d.csv", index=False), ["--input", "{t}/d.csv", "--output", "{t}/o", "--every", "soon"],
      "--every: a positive duration like 30s, 5m, 1h or 1d, got 'soon'"),
 ])
@@ -163,20 +181,24 @@ def test_bad_input_is_one_line_and_exit_code_2(home, tmp_path, capsys, setup, ar
 
 
 def test_the_dask_engine_writes_what_the_single_process_writes(home, tmp_path, capsys):
+    """Dask, and the single process with one part or three parts in flight: the same rows and errors."""
     data = rows()
     data["senior"] = data["senior"].astype(object)
     data.loc[[5, 1207], "senior"] = "maybe"  # invalid rows in two parts
     split(data, tmp_path / "in", 4, fmt="csv")
-    for engine, out in (("local", "one"), ("dask", "many")):
+    runs = {"one": ("local", "1"), "three": ("local", "3"), "many": ("dask", "1")}
+    for out, (engine, at_once) in runs.items():
         code = run("--input", str(tmp_path / "in"), "--output", str(tmp_path / out), "--engine", engine, "--workers", "2",
-                   "--errors", str(tmp_path / f"{out}-errors.csv"))
+                   "--parts-at-once", at_once, "--chunk-rows", "128", "--errors", str(tmp_path / f"{out}-errors.csv"))
         assert code == 3, capsys.readouterr().err
-    one, many = (pd.concat([pd.read_csv(p) for p in sorted((tmp_path / o).glob("*.csv"))], ignore_index=True)
-                 for o in ("one", "many"))
+    one, *others = (pd.concat([pd.read_csv(p) for p in sorted((tmp_path / o).glob("*.csv"))], ignore_index=True)
+                    for o in runs)
     assert len(one) == 1998 and list(one.columns[:3]) == ["part", "row", "customer_id"]
-    pd.testing.assert_frame_equal(one.drop(columns="scored_at"), many.drop(columns="scored_at"))
-    errors = [pd.read_csv(tmp_path / f"{o}-errors.csv").drop(columns="scored_at") for o in ("one", "many")]
-    pd.testing.assert_frame_equal(*errors)
+    for other in others:
+        pd.testing.assert_frame_equal(one.drop(columns="scored_at"), other.drop(columns="scored_at"))
+    errors = [pd.read_csv(tmp_path / f"{o}-errors.csv").drop(columns="scored_at") for o in runs]
+    for other in errors[1:]:
+        pd.testing.assert_frame_equal(errors[0], other)
     assert errors[0][["part", "row"]].values.tolist() == [["day-0.csv", 5], ["day-2.csv", 207]]
 
 
