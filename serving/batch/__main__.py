@@ -10,6 +10,7 @@ cannot be scored go to an errors output with their identity and reason (exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -97,8 +98,9 @@ def run_once(args: argparse.Namespace, store, stop: threading.Event) -> int:
     counts["rows_per_second"] = round(counts["rows_read"] / seconds, 1) if seconds else 0.0
     r = p.model.resolved
     skipped = f", {p.skipped} already scored by this version" if spec.key else ""
+    where = f" on the Dask cluster at {args.scheduler}" if args.engine == "dask" else ""
     print(f"scored {counts['rows_scored']} of {counts['rows_read']} rows{skipped} with {r.name or r.uri} v{r.version} "
-          f"in {counts['seconds']} s ({counts['rows_per_second']} rows/s) -> {sink.describe()}", flush=True)
+          f"in {counts['seconds']} s ({counts['rows_per_second']} rows/s){where} -> {sink.describe()}", flush=True)
     if not args.no_tracking:
         try:
             store.log_batch_run(params={"input": p.source.describe(), "output": sink.describe(), "model_uri": p.task.model.uri,
@@ -140,7 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     store = Store.at(ServingSettings())
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, contextlib.ExitStack() as cluster:
+        if args.engine == "dask" and not args.scheduler:  # started once: every run of `--every` joins it
+            from serving.batch.cluster import local_cluster
+
+            try:
+                args.scheduler = cluster.enter_context(local_cluster(args.workers))
+            except WorkbenchError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return e.exit_code
+            except Exception as e:
+                print(f"error: --engine dask: cannot start a local cluster of {args.workers} worker(s): {describe(e)}",
+                      file=sys.stderr)
+                return ExitCode.FAILURE
         if every is None:
             return guarded()
         code = repeat(guarded, every, stop)

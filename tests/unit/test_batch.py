@@ -167,6 +167,8 @@ def test_a_sqlite_table_is_upserted_and_changed_rows_are_scored_again(home, tmp_
     (lambda t: rows().head(3).to_sql("c", sqlalchemy.create_engine(f"sqlite:///{t}/x.db"), index=False),
      ["--input", "sqlite:///{t}/x.db", "--input-query", "SELECT customer_id FROM missing_table", "--output", "{t}/o"],
      "--input-query: OperationalError: no such table: missing_table"),
+    (lambda t: rows().head(3).to_csv(t / "d.csv", index=False), ["--input", "{t}", "--output", "{t}/o", "--engine", "dask",
+     "--workers", "0"], "--workers: must be >= 1, got 0"),
     (lambda t: rows().head(3).to_csv(t / "d.csv", index=False), ["--input", "{t}/d.csv", "--output", "{t}/o", "--parts-at-once", "0"],
      "--parts-at-once: must be >= 1, got 0"),
     (lambda t: rows().head(3).to_csv(t / "d.csv", index=False), ["--input", "{t}/d.csv", "--output", "{t}/o", "--every", "soon"],
@@ -255,6 +257,38 @@ def test_every_repeats_until_sigterm_then_exits_0(home, tmp_path):
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=60) == 0, job.stderr.read()[-2000:]
     assert lines[0].startswith("scored 200 of 200 rows") and lines[1].startswith("scored 0 of 0 rows, 200 already scored"), lines
+
+
+def test_every_on_a_local_dask_cluster_keeps_its_workers_between_runs(home, tmp_path, monkeypatch, capsys):
+    """`--every --engine dask` starts its local cluster once: the second run's parts go to the same
+    worker processes (which hold the model), not to a new cluster."""
+    import os
+
+    from distributed import Client
+
+    import serving.batch.__main__ as command
+
+    data = rows()
+    split(data.head(400), tmp_path / "in", 2)
+    real, workers = command.run_once, []
+
+    def run_once(args, store, stop):
+        code = real(args, store, stop)
+        with Client(args.scheduler) as client:
+            workers.append(sorted(client.run(os.getpid).values()))
+        if len(workers) == 1:
+            data.iloc[400:500].to_parquet(tmp_path / "in" / "day-9.parquet", index=False)  # a new part arrives
+        else:
+            stop.set()  # as SIGTERM would
+        return code
+
+    monkeypatch.setattr(command, "run_once", run_once)
+    assert run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--key", "customer_id",
+               "--engine", "dask", "--workers", "1", "--every", "1s") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("scored 400 of 400 rows") and lines[1].startswith("scored 100 of 100 rows, 400 already"), lines
+    assert len(workers) == 2 and workers[0] == workers[1] and len(workers[0]) == 1
+    assert lines[0].split(" on the Dask cluster at ")[1].split()[0] == lines[1].split(" on the Dask cluster at ")[1].split()[0]
 
 
 def test_the_reader_and_writer_threads_keep_order_and_hand_errors_over():
