@@ -111,6 +111,8 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
         settled = True
     except Interrupted:
         settled = True
+        print("interrupted: recording the running trials and closing the runs (a second signal stops at once)",
+              file=sys.stderr, flush=True)
     finally:
         stop.closing = True
         if tracker is not None:
@@ -132,11 +134,26 @@ def _run(loaded: LoadedConfig, settings: Settings, options: RunOptions, stop: Si
         print("interrupted: running trials were recorded as FAIL (reason \"interrupted\"); run the same command to resume",
               file=sys.stderr)
         return stop.exit_code()
+    if stop.signum is not None:  # a signal once the trials were done: the records are whole, the winner waits
+        return _stopped_before_selection(study, stop)
     if tracker is not None and cfg.registry.auto and state_counts(study)["COMPLETE"]:
         from studies.selection import select
 
-        print(select(loaded, study, lambda: session.data, settings).describe())
+        stop.closing = False  # registering is no clean-up: a signal stops it at once, and a rerun registers
+        try:
+            print(select(loaded, study, lambda: session.data, settings).describe())
+        except Interrupted:
+            return _stopped_before_selection(study, stop)
     return ExitCode.FAILURE if failed else ExitCode.OK
+
+
+def _stopped_before_selection(study: optuna.Study, stop: SignalStop) -> int:
+    """The study is done but its winner is not registered: marked as interrupted, so the same
+    command (finding its budget met) ends the parent run and registers the winner."""
+    _quietly(study.set_user_attr, INTERRUPTED_ATTR, True)
+    print("interrupted after the trials: the winner is not registered yet; run the same command to register it",
+          file=sys.stderr)
+    return stop.exit_code()
 
 
 def _quietly(action: Callable[..., Any], *args: Any) -> None:

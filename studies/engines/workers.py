@@ -8,6 +8,7 @@ Processes, not threads: TensorFlow and the GIL would serialise threads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -99,6 +100,13 @@ def _raise_pending() -> None:
 _NO_RAISE_PACKAGES = ("tensorflow", "keras", "tf_keras")
 
 
+def _say(line: str) -> None:
+    """A line to stderr from a signal handler: os.write, since the handler may have interrupted a
+    print to the same stream (a buffered stream refuses a reentrant write)."""
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode())
+
+
 def _inside_tensorflow(frame: FrameType | None) -> bool:
     """Whether TensorFlow's or Keras's code is on the stack that `frame` tops."""
     files = (getattr(sys.modules.get(name), "__file__", None) for name in _NO_RAISE_PACKAGES)
@@ -112,8 +120,10 @@ def _inside_tensorflow(frame: FrameType | None) -> bool:
 
 class SignalStop:
     """SIGTERM behaves like Ctrl-C: the first SIGINT or SIGTERM raises Interrupted in the main
-    thread; later ones are ignored, so a second signal cannot cut short the clean-up (recording
-    the running trial, closing the MLflow runs) that the first one started.
+    thread. Once the study loop has ended (`closing`: recording the running trials, closing the
+    MLflow runs, the report), a first signal lets that clean-up finish and the command then stops
+    before anything else (registering the winner is left to a rerun); a signal after that one stops
+    at once, so a clean-up stuck on a service that went away never holds the terminal.
 
     A signal that lands while TensorFlow or Keras is on the stack waits, like one in a deferred
     section, and is raised at the next point that may stop a trial (`raise_if_signalled`: each
@@ -130,7 +140,15 @@ class SignalStop:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None or self.closing:
+        if self.closing:
+            if self.signum is None:
+                self.signum = signum
+                _say(f"{signal.Signals(signum).name}: finishing the study's records, then stopping; "
+                     "a second signal stops at once")
+                return
+            _say(f"{signal.Signals(signum).name}: stopping at once; the next run closes what is left open")
+            raise Interrupted(signum)
+        if self.signum is not None:
             return
         self.signum = signum
         if _deferral["depth"] or _inside_tensorflow(frame):

@@ -195,6 +195,50 @@ def test_sigterm_while_the_study_opens_exits_143(home, write_config, tiny_space,
     assert optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}").trials == []
 
 
+@pytest.mark.parametrize("moment", ["closing the runs", "registering the winner"])
+def test_a_signal_after_the_trials_leaves_the_winner_to_a_rerun(home, write_config, tiny_space, monkeypatch, moment):
+    """The study had finished: a signal while its runs were closed let them close, one while its
+    winner was registered stopped that at once (both were ignored before: Ctrl-C could not stop a
+    selection that evaluates the winner). Either way the exit code is 143 and a rerun registers."""
+    import studies.engines.runner as runner
+    import studies.selection as selection
+
+    module, name = (runner, "_end_tracking") if moment == "closing the runs" else (selection, "select")
+    real = getattr(module, name)
+
+    def sigterm_first(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, sigterm_first)
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 2}))
+    assert run_main([str(path)]) == 143
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"  # its records are whole
+    assert client.search_model_versions("name='tiny'") == []
+    monkeypatch.setattr(module, name, real)
+    assert run_main([str(path)]) == 0
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}").trials) == 2
+
+
+def test_once_the_trials_are_done_a_first_signal_waits_and_a_second_stops_at_once():
+    from studies.engines.workers import Interrupted, SignalStop
+
+    stop = SignalStop()
+    try:
+        stop.closing = True
+        os.kill(os.getpid(), signal.SIGTERM)  # noted: the clean-up goes on
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.exit_code() == 143
+    finally:
+        stop.restore()
+
+
 def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends():
     from studies.engines.workers import Interrupted, SignalStop, signals_deferred
 
