@@ -141,3 +141,29 @@ def test_numpy_metrics_give_keras_metric_values():
     assert numpy_metric(accuracy)(labels, probs) == pytest.approx(float(accuracy.result()))
     assert np.isfinite(numpy_metric(keras.metrics.AUC())(np.array([0, 1, 1]), np.array([[np.nan], [0.2], [0.9]])))
     assert numpy_metric(keras.metrics.AUC(multi_label=True)) is None and numpy_metric(keras.metrics.Precision()) is None
+
+
+def test_evaluate_runs_the_numpy_program_only_where_it_agrees_with_keras(monkeypatch):
+    """Validation runs the network's numpy program (4.4 vs 12.1 ms a call); a program that does
+    not give Keras' answers is caught on its first use and Keras answers from then on."""
+    import models.export as export
+    import models.training as training
+
+    data = load_dataset(name="breast_cancer", seed=0)
+    keras.utils.set_random_seed(0)
+    model = FAMILIES["mlp"].build({"units": [8], "batch_norm": True}, data.spec)
+    theirs = model.evaluate(data.x_val, data.y_val, batch_size=64, verbose=0, return_dict=True)
+    assert evaluate(model, data.x_val, data.y_val)["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert training._NUMPY_AGREES[model] is True
+
+    real = export.to_numpy
+
+    class Off:  # a program that misreads the network: every answer shifted
+        def __init__(self, network):
+            self.net = lambda rows: real(network).net(rows) * 0.5
+
+    monkeypatch.setattr(export, "to_numpy", Off)
+    other = FAMILIES["mlp"].build({"units": [8]}, data.spec)
+    theirs = other.evaluate(data.x_val, data.y_val, batch_size=64, verbose=0, return_dict=True)
+    assert evaluate(other, data.x_val, data.y_val)["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert training._NUMPY_AGREES[other] is False
