@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,10 @@ if TYPE_CHECKING:
     from serving.store import Store
 
 PART_ATTEMPTS = 8  # a part whose database or S3 endpoint goes away (a restart) is read and written again
-_MODELS: dict[tuple[str, str, str], LoadedModel] = {}  # per process: a Dask worker loads a model once
+# Per process, the models loaded last (a Dask worker loads a model once; `--every` keeps its
+# workers, and a moved alias loads a new version beside the old ones: the oldest are let go).
+_MODELS: OrderedDict[tuple[str, str, str], LoadedModel] = OrderedDict()
+MODELS_KEPT = 3
 
 
 class Stopped(Exception):
@@ -110,9 +114,9 @@ def pin(uri: str, store: Store) -> tuple[PinnedModel, LoadedModel]:
     pinned = PinnedModel(f"models:/{resolved.name}/{resolved.version}" if resolved.version else uri,
                          store.tracking_uri, store.registry_uri)
     cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)
-    if not resolved.version or cache_key not in _MODELS:  # `--every`: the same version is loaded once
-        _MODELS[cache_key] = fetch(resolved, store)
-    return pinned, _MODELS[cache_key]
+    if not resolved.version:  # not a registry version: its files may change, fetched each time
+        _MODELS.pop(cache_key, None)
+    return pinned, _cached(cache_key, lambda: fetch(resolved, store))  # `--every`: a version is loaded once
 
 
 def worker_model(pinned: PinnedModel) -> LoadedModel:
@@ -121,10 +125,22 @@ def worker_model(pinned: PinnedModel) -> LoadedModel:
     from serving.store import Store
 
     cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)
-    if cache_key not in _MODELS:
-        _MODELS[cache_key] = load(pinned.uri, Store(pinned.tracking_uri, pinned.registry_uri))
-        freeze_heap()
-    return _MODELS[cache_key]
+    fresh = cache_key not in _MODELS
+    model = _cached(cache_key, lambda: load(pinned.uri, Store(pinned.tracking_uri, pinned.registry_uri)))
+    if fresh:
+        freeze_heap()  # the first model's heap stays out of full collections (once per process)
+    return model
+
+
+def _cached(key: tuple[str, str, str], load: Callable[[], LoadedModel]) -> LoadedModel:
+    """The model under `key`, loaded when missing; the `MODELS_KEPT` used last stay."""
+    if key in _MODELS:
+        _MODELS.move_to_end(key)
+        return _MODELS[key]
+    model = _MODELS[key] = load()
+    while len(_MODELS) > MODELS_KEPT:
+        _MODELS.popitem(last=False)
+    return model
 
 
 def plan(spec: JobSpec, store: Store, *, stamp: str, distributed: bool = False) -> Plan:

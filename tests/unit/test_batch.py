@@ -228,7 +228,7 @@ def test_a_worker_leaves_its_model_and_libraries_out_of_full_collections(monkeyp
 
     monkeypatch.setattr(serving.store, "Store", lambda tracking, registry: None)
     monkeypatch.setattr(serving.model, "load", lambda uri, store: object())
-    monkeypatch.setattr(job, "_MODELS", {})
+    monkeypatch.setattr(job, "_MODELS", type(job._MODELS)())
     pinned = job.PinnedModel("models:/m/1", "sqlite:///unused.db", "sqlite:///unused.db")
     gc.unfreeze()
     try:
@@ -237,6 +237,11 @@ def test_a_worker_leaves_its_model_and_libraries_out_of_full_collections(monkeyp
         assert job.worker_model(pinned) is model
     finally:
         gc.unfreeze()
+    # A schedule whose alias moves loads each new version; the worker keeps the last few, not all.
+    for version in range(2, 9):
+        job.worker_model(job.PinnedModel(f"models:/m/{version}", pinned.tracking_uri, pinned.registry_uri))
+    job.worker_model(job.PinnedModel("models:/m/7", pinned.tracking_uri, pinned.registry_uri))
+    assert [key[0] for key in job._MODELS] == [f"models:/m/{v}" for v in range(9 - job.MODELS_KEPT, 9) if v != 7] + ["models:/m/7"]
 
 
 def test_every_repeats_until_sigterm_then_exits_0(home, tmp_path):
