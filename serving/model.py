@@ -41,6 +41,7 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     info: dict[str, Any] = field(default_factory=dict)
     table: TableEncoder | None = None  # raw records -> model inputs, for a mixed-type table's model
+    folder: Path | None = None  # the local files it was loaded from
 
     @property
     def n_features(self) -> int:
@@ -167,7 +168,8 @@ def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:
         raise ServingError(f"{resolved.uri}: {e}") from None
     info = {key.removeprefix("workbench."): value for key, value in resolved.tags.items() if key.startswith("workbench.")}
     return LoadedModel(resolved, contract.task, contract.feature_names, contract.class_labels, compiled.forward,
-                       n_outputs=compiled.n_outputs, info={**info, "runtime": compiled.kind}, table=contract.table)
+                       n_outputs=compiled.n_outputs, info={**info, "runtime": compiled.kind}, table=contract.table,
+                       folder=path)
 
 
 def _numpy(file: Path) -> CompiledForward:

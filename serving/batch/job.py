@@ -13,7 +13,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.faults import RetryLog, is_transient, retry_call
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from serving.model import LoadedModel
-    from serving.store import Store
+    from serving.store import ResolvedModel, Store
 
 PART_ATTEMPTS = 8  # a part whose database or S3 endpoint goes away (a restart) is read and written again
 # Per process, the models loaded last (a Dask worker loads a model once; `--every` keeps its
@@ -67,6 +68,10 @@ class PinnedModel:
     uri: str  # models:/name/version, or the URI as given when it names no registry version
     tracking_uri: str
     registry_uri: str
+    # Where the job's own process has the model's files, and what the registry said of them: a
+    # worker on the same machine (the local cluster) loads them from there, without MLflow.
+    folder: str | None = field(default=None, compare=False)
+    resolved: ResolvedModel | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -111,22 +116,30 @@ def pin(uri: str, store: Store) -> tuple[PinnedModel, LoadedModel]:
     from serving.model import fetch
 
     resolved = store.resolve(uri)
-    pinned = PinnedModel(f"models:/{resolved.name}/{resolved.version}" if resolved.version else uri,
-                         store.tracking_uri, store.registry_uri)
-    cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)
+    cache_key = (f"models:/{resolved.name}/{resolved.version}" if resolved.version else uri, store.tracking_uri,
+                 store.registry_uri)
     if not resolved.version:  # not a registry version: its files may change, fetched each time
         _MODELS.pop(cache_key, None)
-    return pinned, _cached(cache_key, lambda: fetch(resolved, store))  # `--every`: a version is loaded once
+    model = _cached(cache_key, lambda: fetch(resolved, store))  # `--every`: a version is loaded once
+    folder = str(model.folder) if model.folder is not None else None
+    return PinnedModel(*cache_key, folder=folder, resolved=model.resolved), model
 
 
 def worker_model(pinned: PinnedModel) -> LoadedModel:
-    """The model in this process, loaded on first use."""
-    from serving.model import load
+    """The model in this process, loaded on first use: from the job's own files when this process
+    sees them (the local cluster: no MLflow import, no registry call, no download; a cold job's
+    workers were ready ~2-3 s sooner), else through MLflow."""
+    from serving.model import from_directory, load
     from serving.store import Store
+
+    def fetched() -> LoadedModel:
+        if pinned.folder is not None and pinned.resolved is not None and Path(pinned.folder).is_dir():
+            return from_directory(Path(pinned.folder), pinned.resolved)
+        return load(pinned.uri, Store(pinned.tracking_uri, pinned.registry_uri))
 
     cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)
     fresh = cache_key not in _MODELS
-    model = _cached(cache_key, lambda: load(pinned.uri, Store(pinned.tracking_uri, pinned.registry_uri)))
+    model = _cached(cache_key, fetched)
     if fresh:
         freeze_heap()  # the first model's heap stays out of full collections (once per process)
     return model

@@ -268,6 +268,7 @@ def test_every_on_a_local_dask_cluster_keeps_its_workers_between_runs(home, tmp_
     """`--every --engine dask` starts its local cluster once: the second run's parts go to the same
     worker processes (which hold the model), not to a new cluster."""
     import os
+    import sys
 
     from distributed import Client
 
@@ -275,16 +276,21 @@ def test_every_on_a_local_dask_cluster_keeps_its_workers_between_runs(home, tmp_
 
     data = rows()
     split(data.head(400), tmp_path / "in", 2)
-    real, workers = command.run_once, []
+    real, workers, mlflow_loaded = command.run_once, [], []
 
     def run_once(args, store, stop):
-        code = real(args, store, stop)
-        with Client(args.scheduler) as client:
-            workers.append(sorted(client.run(os.getpid).values()))
-        if len(workers) == 1:
-            data.iloc[400:500].to_parquet(tmp_path / "in" / "day-9.parquet", index=False)  # a new part arrives
-        else:
-            stop.set()  # as SIGTERM would
+        try:
+            code = real(args, store, stop)
+            with Client(args.scheduler) as client:
+                workers.append(sorted(client.run(os.getpid).values()))
+                mlflow_loaded.extend(client.run(lambda: "mlflow" in sys.modules).values())
+            if len(workers) == 1:
+                data.iloc[400:500].to_parquet(tmp_path / "in" / "day-9.parquet", index=False)  # a new part arrives
+                return code
+        except BaseException:
+            stop.set()
+            raise
+        stop.set()  # as SIGTERM would
         return code
 
     monkeypatch.setattr(command, "run_once", run_once)
@@ -293,6 +299,7 @@ def test_every_on_a_local_dask_cluster_keeps_its_workers_between_runs(home, tmp_
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("scored 400 of 400 rows") and lines[1].startswith("scored 100 of 100 rows, 400 already"), lines
     assert len(workers) == 2 and workers[0] == workers[1] and len(workers[0]) == 1
+    assert mlflow_loaded == [False, False]  # a local worker loads the model from the job's own files, without MLflow
     assert lines[0].split(" on the Dask cluster at ")[1].split()[0] == lines[1].split(" on the Dask cluster at ")[1].split()[0]
 
 
