@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 FIRST_CHUNK_ROWS = 10_000  # rows of a Parquet file's first chunk (the later ones have --chunk-rows)
+WHOLE_GROUP_CHUNKS = 4  # a Parquet row group of up to this many chunks' rows is decoded in one go
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,6 @@ def file_chunks(path: Path, fmt: str, columns: list[str], chunk_rows: int) -> It
         for piece in pieces:
             if piece.num_rows:
                 yield _pandas(piece)
-
-
-WHOLE_GROUP_CHUNKS = 4  # a Parquet row group of up to this many chunks' rows is decoded in one go
 
 
 def _skipped(batches: Iterator[Any], skip: int) -> Iterator[Any]:

@@ -158,9 +158,14 @@ def test_evaluate_runs_the_numpy_program_only_where_it_agrees_with_keras(monkeyp
 
     real = export.to_numpy
 
-    class Off:  # a program that misreads the network: every answer shifted
+    class Off:  # a program that misreads the network: every answer halved
         def __init__(self, network):
-            self.net = lambda rows: real(network).net(rows) * 0.5
+            self.net = self
+            self.width = real(network).net.width
+            self._network = network
+
+        def __call__(self, rows):
+            return real(self._network).net(rows) * 0.5
 
     monkeypatch.setattr(export, "to_numpy", Off)
     other = FAMILIES["mlp"].build({"units": [8]}, data.spec)
