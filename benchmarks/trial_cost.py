@@ -9,7 +9,7 @@ compiled metrics computed on every train batch) and the way models.training.fit 
 first epoch (tracing included), steady epoch, whole 3-epoch fit. (Once models.training.fit has
 run, Grappler's graph rewrites are off in the process, for both ways: the difference shown is the
 fit path's alone.) Then the memory the process keeps per fitted model, both ways (Keras's
-one-replica all-reduce kept every traced train step alive; models.training.single_replica_step).
+one-replica all-reduce kept every traced train step alive; models.updates.direct_updates).
 
 Part 2, whole trials of `python -m studies.run configs/breast_cancer.yaml` (3 epochs, no pruner,
 one TensorFlow thread) with tracking on (embedded MLflow) and off, from each trial's own record

@@ -54,7 +54,7 @@ def freeze_heap() -> None:
     collections, once per process. With TensorFlow loaded a full collection walks ~400k objects
     and pauses the process 0.17-0.33 s: on a Dask worker one landed inside a part in about one
     job in three of benchmarks/batch.py's rounds; a 45 s digits study ran ten inside its trials
-    (1.4 s), four (0.6 s) with this and models.training.single_replica_step. Call it after the
+    (1.4 s), four (0.6 s) with this and models.updates.direct_updates. Call it after the
     heavy imports, before the work that repeats."""
     if not gc.get_freeze_count():
         gc.freeze()

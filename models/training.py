@@ -18,6 +18,7 @@ import numpy as np
 
 from models.datasets import Dataset
 from models.scores import Score, numpy_metric
+from models.updates import direct_updates
 
 Report = Callable[[int, dict[str, float]], bool]
 
@@ -139,7 +140,7 @@ def fit(
     try:
         prebuild(model, data.x_train[:1], data.y_train[:1])
         if model.optimizer is not None:
-            single_replica_step(model.optimizer)
+            direct_updates(model.optimizer)
         history = model.fit(
             batches(data.x_train, data.y_train, batch_size),
             epochs=epochs,
@@ -172,28 +173,6 @@ def skip_graph_rewrites() -> None:
     import tensorflow as tf
 
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-
-
-def single_replica_step(optimizer: keras.optimizers.Optimizer) -> None:
-    """Outside a distribution strategy, the optimizer's step takes the gradients as they are.
-
-    Keras's TensorFlow optimizer all-reduces them through the default replica context even then
-    (a sum over one replica). Traced, that all-reduce is a `tf.custom_gradient`, which registers
-    its gradient function in TensorFlow's global gradient registry and never removes it: the
-    registration holds the gradients, so every model a process trained kept its traced train step
-    (a graph of ~330 operations per small MLP; in a 45 s digits study the heap grew by ~2.5k objects
-    a trial, and each full collection got slower). Under a strategy, Keras's all-reduce runs."""
-    original = getattr(optimizer, "_all_reduce_sum_gradients", None)
-    if original is None or getattr(original, "single_replica", False):
-        return
-
-    def all_reduce(grads_and_vars: Any) -> Any:
-        import tensorflow as tf
-
-        return original(grads_and_vars) if tf.distribute.has_strategy() else list(grads_and_vars)
-
-    all_reduce.single_replica = True  # type: ignore[attr-defined]
-    optimizer._all_reduce_sum_gradients = all_reduce
 
 
 def prebuild(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
