@@ -67,6 +67,8 @@ VARIANTS = {
                               "pruner": {"type": "hyperband", "options": {"min_resource": 2, "reduction_factor": 3}}},
     "optuna_tpe5_sh": {"sampler": _TPE5,
                        "pruner": {"type": "successive_halving", "options": {"min_resource": 2, "reduction_factor": 3}}},
+    "optuna_tpe5_sh1": {"sampler": _TPE5,
+                        "pruner": {"type": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}}},
     "optuna_tpe5_median": {"sampler": _TPE5,
                            "pruner": {"type": "median", "options": {"n_startup_trials": 3, "n_warmup_steps": 2}}},
     "optuna_previous_default": {"sampler": {"type": "tpe", "options": {"n_startup_trials": 8}},

@@ -8,6 +8,7 @@ TensorFlow in the process); any other runs as a `tf.function` with a fixed input
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,7 +19,7 @@ import numpy as np
 
 from models.contract import NUMPY_FILE, ContractError, ModelContract
 from models.inference import CompiledForward
-from serving.store import ResolvedModel, ServingError, Store
+from serving.store import ResolvedModel, ServingError, Store, discard
 
 if TYPE_CHECKING:
     from models.tabular import TableEncoder
@@ -154,8 +155,17 @@ def load(uri: str, store: Store) -> LoadedModel:
 
 
 def fetch(resolved: ResolvedModel, store: Store) -> LoadedModel:
-    """Download and compile a model already pinned to a version."""
-    return from_directory(store.download(resolved), resolved)
+    """Download and compile a model already pinned to a version. Downloaded files live as long as
+    the model (batch scoring's local workers read them): a process that loads one version after
+    another (the API following an alias, `--every`) leaves no folder per version behind."""
+    path = store.download(resolved)
+    try:
+        model = from_directory(path, resolved)
+    except BaseException:
+        discard(path)
+        raise
+    weakref.finalize(model, discard, path)
+    return model
 
 
 def from_directory(path: Path, resolved: ResolvedModel) -> LoadedModel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
 _LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")  # an MLflow 3 logged model id
+_DOWNLOADED = "workbench-model-"  # the prefix of the temporary folders `Store.download` makes
 
 
 class ServingError(WorkbenchError):
@@ -129,18 +131,20 @@ class Store:
 
     def download(self, resolved: ResolvedModel) -> Path:
         """The model's files (MLmodel, data/model.keras, ...): a local model folder as it is, anything
-        else downloaded into a new temporary folder."""
+        else downloaded into a new temporary folder, which the caller removes with `discard` once
+        it no longer reads them (a failed download leaves nothing)."""
         import mlflow.artifacts
 
         if Path(resolved.uri).is_dir():
             return Path(resolved.uri)
         source = f"models:/{resolved.name}/{resolved.version}" if resolved.version else resolved.uri
-        target = tempfile.mkdtemp(prefix="workbench-model-")
+        target = tempfile.mkdtemp(prefix=_DOWNLOADED)
         try:
             location = self._artifact_location(resolved)
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=target, tracking_uri=self.tracking_uri,
                                                             registry_uri=self.registry_uri))
         except Exception as e:
+            shutil.rmtree(target, ignore_errors=True)
             raise ModelNotFound(f"cannot download {source} from {self.tracking_uri}: {_first_line(e)}") from None
 
     def _artifact_location(self, resolved: ResolvedModel) -> str:
@@ -168,6 +172,17 @@ class Store:
                               params=[Param(k, str(v)) for k, v in params.items()])
         self.client.set_terminated(run.info.run_id, status="FINISHED")
         return run.info.run_id
+
+
+def discard(path: Path) -> None:
+    """Remove the temporary folder `Store.download` fetched `path` into; a local model folder that
+    it returned as it was is left alone."""
+    root = Path(tempfile.gettempdir()).resolve()
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if folder.parent == root and folder.name.startswith(_DOWNLOADED):
+            shutil.rmtree(folder, ignore_errors=True)
+            return
 
 
 def _first_line(e: BaseException) -> str:

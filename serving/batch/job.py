@@ -130,11 +130,14 @@ def worker_model(pinned: PinnedModel) -> LoadedModel:
     sees them (the local cluster: no MLflow import, no registry call, no download; a cold job's
     workers were ready ~2-3 s sooner), else through MLflow."""
     from serving.model import from_directory, load
-    from serving.store import Store
+    from serving.store import ServingError, Store
 
     def fetched() -> LoadedModel:
         if pinned.folder is not None and pinned.resolved is not None and Path(pinned.folder).is_dir():
-            return from_directory(Path(pinned.folder), pinned.resolved)
+            try:
+                return from_directory(Path(pinned.folder), pinned.resolved)
+            except (OSError, ServingError):  # the job's process dropped the model (and its files) meanwhile
+                pass
         return load(pinned.uri, Store(pinned.tracking_uri, pinned.registry_uri))
 
     cache_key = (pinned.uri, pinned.tracking_uri, pinned.registry_uri)

@@ -45,9 +45,13 @@ class Registry:
         import keras
 
         from models.contract import ModelContract
+        from serving.store import discard
 
         path = self.store.download(self.store.resolve(f"runs:/{run_id}/model"))
-        return keras.saving.load_model(ModelContract.network_file(path))
+        try:
+            return keras.saving.load_model(ModelContract.network_file(path))
+        finally:
+            discard(path)
 
     def version_for_run(self, name: str, run_id: str) -> Any | None:
         found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

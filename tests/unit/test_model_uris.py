@@ -7,6 +7,9 @@ them (as `models:/` downloads did: issue 13, "Registered Model ... not found" an
 
 from __future__ import annotations
 
+import gc
+import tempfile
+
 import mlflow
 import numpy as np
 import pytest
@@ -39,7 +42,10 @@ def decoy(tmp_path, monkeypatch):
     return path
 
 
-def test_every_model_uri_form_loads_from_the_projects_store(home, tmp_path, write_config, tiny_space, decoy):
+def test_every_model_uri_form_loads_from_the_projects_store(home, tmp_path, write_config, tiny_space, decoy, monkeypatch):
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))  # where Store.download puts what it fetches
     config = write_config(tiny_config(tiny_space, study={"name": "uris", "seed": 2}, budget={"n_trials": 1},
                                       registry={"model_name": "uri_model"}))
     assert run_main([str(config), "--no-register"]) == 0
@@ -57,6 +63,12 @@ def test_every_model_uri_form_loads_from_the_projects_store(home, tmp_path, writ
     for uri, model in answers.items():
         np.testing.assert_allclose(model.predict_arrays(rows)[1], reference, rtol=1e-5, err_msg=uri)
     np.testing.assert_allclose(Registry(store).load_keras(champion.run_id)(rows).numpy()[:, 0], reference[:, 1], rtol=1e-5)
+    # A loaded model's downloaded files live as long as it does; the selector's and the local folder's
+    # loads keep none: only the folder fetched above is left once the models are dropped.
+    assert {m.folder for m in answers.values()} <= set(downloads.glob("workbench-model-*/*")) | {folder}
+    answers.clear()
+    gc.collect()
+    assert list(downloads.iterdir()) == [folder.parent] and folder.is_dir()
     # SERVING_MODEL_URI unset: the one model with a @champion; with two, an error naming both.
     assert store.default_uri() == "models:/uri_model@champion"
     store.client.create_registered_model("other_model")
@@ -67,8 +79,14 @@ def test_every_model_uri_form_loads_from_the_projects_store(home, tmp_path, writ
     assert not decoy.exists() and not list((tmp_path / "cwd").iterdir())
 
 
-def test_a_missing_model_names_the_store_it_looked_in(home, decoy):
+def test_a_missing_model_names_the_store_it_looked_in(home, decoy, tmp_path, monkeypatch):
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
     store = Store.at(MlflowLocation())
+    with pytest.raises(ModelNotFound, match=r"cannot download runs:/0123abc/model from sqlite:///"):
+        store.download(store.resolve("runs:/0123abc/model"))
+    assert not list(downloads.iterdir())  # a failed download leaves no folder
     with pytest.raises(ModelNotFound, match=r"cannot resolve models:/nope@champion at sqlite:///.*/home/mlflow.db"):
         load("models:/nope@champion", store)
     with pytest.raises(ModelNotFound, match="no registered model has a @champion yet"):
