@@ -158,13 +158,16 @@ def fetch(resolved: ResolvedModel, store: Store) -> LoadedModel:
     """Download and compile a model already pinned to a version. Downloaded files live as long as
     the model (batch scoring's local workers read them): a process that loads one version after
     another (the API following an alias, `--every`) leaves no folder per version behind."""
+    local = Path(resolved.uri).is_dir()  # a model folder of the caller's, read where it is
     path = store.download(resolved)
     try:
         model = from_directory(path, resolved)
     except BaseException:
-        discard(path)
+        if not local:
+            discard(path)
         raise
-    weakref.finalize(model, discard, path)
+    if not local:
+        weakref.finalize(model, discard, path)
     return model
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
 _LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")  # an MLflow 3 logged model id
-_DOWNLOADED = "workbench-model-"  # the prefix of the temporary folders `Store.download` makes
+_DOWNLOADED: set[Path] = set()  # the temporary folders `Store.download` made in this process, until discarded
 
 
 class ServingError(WorkbenchError):
@@ -138,13 +138,14 @@ class Store:
         if Path(resolved.uri).is_dir():
             return Path(resolved.uri)
         source = f"models:/{resolved.name}/{resolved.version}" if resolved.version else resolved.uri
-        target = tempfile.mkdtemp(prefix=_DOWNLOADED)
+        target = Path(tempfile.mkdtemp(prefix="workbench-model-")).resolve()
+        _DOWNLOADED.add(target)
         try:
             location = self._artifact_location(resolved)
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=target, tracking_uri=self.tracking_uri,
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(target), tracking_uri=self.tracking_uri,
                                                             registry_uri=self.registry_uri))
         except Exception as e:
-            shutil.rmtree(target, ignore_errors=True)
+            discard(target)
             raise ModelNotFound(f"cannot download {source} from {self.tracking_uri}: {_first_line(e)}") from None
 
     def _artifact_location(self, resolved: ResolvedModel) -> str:
@@ -175,12 +176,12 @@ class Store:
 
 
 def discard(path: Path) -> None:
-    """Remove the temporary folder `Store.download` fetched `path` into; a local model folder that
-    it returned as it was is left alone."""
-    root = Path(tempfile.gettempdir()).resolve()
+    """Remove the temporary folder this process's `Store.download` fetched `path` into; anything
+    else (a local model folder it returned as it was, one `save_model` wrote) is left alone."""
     path = Path(path).resolve()
     for folder in (path, *path.parents):
-        if folder.parent == root and folder.name.startswith(_DOWNLOADED):
+        if folder in _DOWNLOADED:
+            _DOWNLOADED.discard(folder)
             shutil.rmtree(folder, ignore_errors=True)
             return
 

@@ -67,6 +67,7 @@ def test_every_model_uri_form_loads_from_the_projects_store(home, tmp_path, writ
     # loads keep none: only the folder fetched above is left once the models are dropped.
     assert {m.folder for m in answers.values()} <= set(downloads.glob("workbench-model-*/*")) | {folder}
     answers.clear()
+    del model  # the loop's last: the local folder's
     gc.collect()
     assert list(downloads.iterdir()) == [folder.parent] and folder.is_dir()
     # SERVING_MODEL_URI unset: the one model with a @champion; with two, an error naming both.
