@@ -69,6 +69,10 @@ VARIANTS = {
                        "pruner": {"type": "successive_halving", "options": {"min_resource": 2, "reduction_factor": 3}}},
     "optuna_tpe5_sh1": {"sampler": _TPE5,
                         "pruner": {"type": "successive_halving", "options": {"min_resource": 1, "reduction_factor": 3}}},
+    "optuna_tpe5_sh4": {"sampler": _TPE5,
+                        "pruner": {"type": "successive_halving", "options": {"min_resource": 4, "reduction_factor": 3}}},
+    "optuna_tpe5_sh6": {"sampler": _TPE5,
+                        "pruner": {"type": "successive_halving", "options": {"min_resource": 6, "reduction_factor": 3}}},
     "optuna_tpe5_median": {"sampler": _TPE5,
                            "pruner": {"type": "median", "options": {"n_startup_trials": 3, "n_warmup_steps": 2}}},
     "optuna_previous_default": {"sampler": {"type": "tpe", "options": {"n_startup_trials": 8}},
@@ -200,7 +204,7 @@ def report(storage: str, budgets: dict[str, float], contenders: list[str], all_s
     import optuna
 
     have = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    headline = []
+    headline, headline_gap = [], []
     for dataset, budget in budgets.items():
         seeds = [s for s in all_seeds if all(f"{dataset}_{c}_s{s}" in have for c in contenders)]
         if seeds != all_seeds:
@@ -228,6 +232,27 @@ def report(storage: str, budgets: dict[str, float], contenders: list[str], all_s
                 fixed = statistics.median(m[0] for m in costs)
                 per_epoch = statistics.median(m[1] for m in costs)
                 print(f"{'':<24} trial duration ~ {fixed:.2f} s + {per_epoch:.3f} s x epochs (median fit over seeds)")
+        # The whole curve, not one moment: each contender's best so far, its average distance over the
+        # budget from the seed's best final value (any contender's), before its first value the
+        # distance of the seed's worst first value.
+        gaps: dict[str, list[float]] = {c: [] for c in contenders}
+        for s in seeds:
+            mine = [curves[(c, s)] for c in contenders]
+            finals = [c.final for c in mine if not math.isnan(c.final)]
+            firsts = [next(v for v in c.best if not math.isnan(v)) for c in mine if not math.isnan(c.final)]
+            if not finals:
+                continue
+            for c in contenders:
+                gaps[c].append(curves[(c, s)].mean_gap(min(finals), max(firsts), budget * (2 if c == "random_2x" else 1)))
+        if gaps["kt_hyperband"]:
+            print("mean distance of the best so far from the seed's best, over the budget (median over seeds; "
+                  "per seed): " + "; ".join(f"{c} {statistics.median(g):.4g} ({', '.join(f'{x:.3g}' for x in g)})"
+                                            for c, g in gaps.items()))
+            if "optuna" in gaps:
+                shares = [o / k if k > 0 else math.inf for o, k in zip(gaps["optuna"], gaps["kt_hyperband"], strict=True)]
+                print(f"optuna / KT-HB mean distance, per seed: {', '.join(f'{x:.3g}' for x in shares)}; "
+                      f"median {statistics.median(shares):.3g}")
+                headline_gap.append(f"{dataset} {statistics.median(shares):.3g}")
         ratios = []
         for i in range(len(seeds)):
             ours, theirs = reach["optuna"][i] if "optuna" in reach else None, reach["kt_hyperband"][i]
@@ -239,6 +264,8 @@ def report(storage: str, budgets: dict[str, float], contenders: list[str], all_s
             print(f"optuna / KT-HB time to KT-HB's best, per seed: {', '.join(fmt(r if math.isfinite(r) else None, 3) for r in ratios)}")
     print(f"\nheadline: optuna time to reach KT Hyperband's best / KT Hyperband's time (median over seeds): "
           f"{'; '.join(headline)}")
+    print(f"over the whole budget: optuna's / KT Hyperband's mean distance from the seed's best (median over seeds): "
+          f"{'; '.join(headline_gap)}")
 
 
 if __name__ == "__main__":

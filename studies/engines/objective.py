@@ -236,13 +236,15 @@ class Objective:
             trial.set_constraint(key, value)  # the sampler steers around infeasible regions
         raise_if_signalled()
 
+        best = _RunningBest(self.mode)
+
         def report(epoch: int, logs: dict[str, float]) -> bool:
             raise_if_signalled()  # Keras calls this at each epoch's end: a safe point to stop
             if self.tracker is not None:
                 self.tracker.log_epoch(run_id, epoch, logs)
             if cfg.multi_objective:
                 return False
-            trial.report(logs.get(self.monitor, float("nan")), epoch)
+            trial.report(best.add(logs.get(self.monitor, float("nan"))), epoch)
             return trial.should_prune()
 
         attrs["setup_seconds"] = round(time.perf_counter() - started, 4)  # build + serving costs
@@ -281,6 +283,19 @@ class Objective:
             raise ValueError(f"objective value is not finite: {values}")
         outcome.model = model
         return values[0] if len(values) == 1 else values
+
+
+class _RunningBest:
+    """The best value of the monitored metric so far: what the trial would score if it ended now
+    (fit ends with the best epoch's weights), so the pruner compares trials as their values will."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.value = mode, math.nan
+
+    def add(self, value: float) -> float:
+        if math.isfinite(value) and (math.isnan(self.value) or (value < self.value if self.mode == "min" else value > self.value)):
+            self.value = value
+        return value if math.isnan(self.value) else self.value
 
 
 def _quietly(action: Any, *args: Any) -> None:

@@ -44,6 +44,22 @@ class Curve:
                 return t
         return None
 
+    def mean_gap(self, reference: float, worst: float, budget: float) -> float:
+        """The best so far's average distance from `reference` over the first `budget` seconds of
+        running time (before the first value: `worst`'s distance). One number for the whole curve:
+        a search that gets close early scores low even if another one ends a little better."""
+        sign = 1.0 if self.direction == "minimize" else -1.0
+        area, previous, gap = 0.0, 0.0, sign * (worst - reference)
+        for t, v in zip(self.seconds, self.best, strict=True):
+            if t >= budget:
+                break
+            area += gap * (t - previous)
+            previous = t
+            if not math.isnan(v):
+                gap = sign * (v - reference)
+        area += gap * max(budget - previous, 0.0)
+        return area / budget if budget > 0 else math.nan
+
 
 PAUSE_SECONDS = 60.0  # a gap this long between trials is a pause (another invocation), not search overhead
 

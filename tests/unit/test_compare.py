@@ -46,12 +46,15 @@ def test_curve_is_best_so_far_in_finishing_order():
     assert c.seconds == [10, 12, 20, 30]
     assert c.counts == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 0}
     assert c.time_to_reach(0.5) == 10 and c.time_to_reach(0.2) == 30 and c.time_to_reach(0.1) is None
+    # The best so far's average distance from 0.2, with 1.0 before the first value: 8 + 0.3 x 20 over 40 s.
+    assert c.mean_gap(0.2, 1.0, 40) == pytest.approx(14 / 40) and c.mean_gap(0.2, 1.0, 20) == pytest.approx(11 / 20)
     maxi = optuna.create_study(study_name="b", direction="maximize")
     _add(maxi, None, 0, 1, optuna.trial.TrialState.FAIL)
     _add(maxi, 0.3, 1, 2)
     _add(maxi, 0.9, 2, 3)
     c = curve(maxi)
     assert math.isnan(c.best[0]) and c.best[1:] == [0.3, 0.9] and c.time_to_reach(0.5) == 3
+    assert c.mean_gap(0.9, 0.0, 4) == pytest.approx((0.9 + 0.9 + 0.6) / 4)
 
 
 @pytest.fixture

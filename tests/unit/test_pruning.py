@@ -52,3 +52,15 @@ def test_completed_trials_are_read_once_per_trial():
     study.optimize(_curve_objective, n_trials=5)
     completed_reads = [s for s in calls if s == (optuna.trial.TrialState.COMPLETE,)]
     assert len(completed_reads) <= 5  # one per trial, not one per report (8 a trial)
+
+
+def test_a_trial_reports_its_best_value_so_far():
+    """What a trial reports each epoch is the value it would end with if it stopped there: the best
+    epoch so far (fit ends with that epoch's weights), so a noisy epoch at a rung does not prune it."""
+    from studies.engines.objective import _RunningBest
+
+    lowest = _RunningBest("min")
+    assert [lowest.add(v) for v in (0.5, float("nan"), 0.7, 0.3, float("inf"), 0.4)] == [0.5, 0.5, 0.5, 0.3, 0.3, 0.3]
+    highest = _RunningBest("max")
+    first = highest.add(float("nan"))  # nothing finite yet: reported as it came
+    assert first != first and [highest.add(v) for v in (0.8, 0.9, 0.85)] == [0.8, 0.9, 0.9]

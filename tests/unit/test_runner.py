@@ -38,6 +38,9 @@ def test_run_then_resume_to_a_total_budget(write_config, tiny_space, storage, ca
     assert study.metric_names == ["val_loss"]
     first = study.trials[0]
     assert {"seed", "n_params", "epochs_run", "val_loss", "test_loss", "test_accuracy"} <= set(first.user_attrs)
+    for t in study.trials:  # each epoch reports the best so far, and the last one is the trial's value
+        steps = [t.intermediate_values[s] for s in sorted(t.intermediate_values)]
+        assert steps == sorted(steps, reverse=True) and steps[-1] == pytest.approx(t.value, rel=1e-9)
     # Same command, bigger budget: only the missing trial runs.
     assert main([str(path), "--storage", storage, "--n-trials", "3"]) == 0
     assert len(load(storage).trials) == 3
