@@ -267,10 +267,10 @@ def report(storage: str, budgets: dict[str, float], contenders: list[str], all_s
             med = statistics.median(ratios)
             headline.append(f"{dataset} {fmt(med if math.isfinite(med) else None, 3)}")
             print(f"optuna / KT-HB time to KT-HB's best, per seed: {', '.join(fmt(r if math.isfinite(r) else None, 3) for r in ratios)}")
-    print(f"\nheadline: optuna time to reach KT Hyperband's best / KT Hyperband's time (median over seeds): "
-          f"{'; '.join(headline)}")
-    print(f"over the whole budget: optuna's / KT Hyperband's mean distance from the seed's best (median over seeds): "
+    print(f"\nover the whole budget: optuna's / KT Hyperband's mean distance from the seed's best (median over seeds): "
           f"{'; '.join(headline_gap)}")
+    print(f"headline: optuna time to reach KT Hyperband's best / KT Hyperband's time (median over seeds): "
+          f"{'; '.join(headline)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ PLOTS = (
     ("Optimization history", "plot_optimization_history"),
     ("Parameter importances", "plot_param_importances"),
     ("Parallel coordinates", "plot_parallel_coordinate"),
-    ("Intermediate values (per epoch)", "plot_intermediate_values"),
+    ("Intermediate values (best so far, per epoch)", "plot_intermediate_values"),
 )
 
 

@@ -54,6 +54,7 @@ def test_workers_quick(postgres_url):
 def test_search_efficiency_quick():
     lines = _quick("benchmarks/search_efficiency.py", {})
     assert any(line.startswith("optuna ") for line in lines) and any(line.startswith("kt_hyperband ") for line in lines)
+    assert lines[-2].startswith("over the whole budget: optuna's / KT Hyperband's mean distance from the seed's best")
     assert lines[-1].startswith("headline: optuna time to reach KT Hyperband's best / KT Hyperband's time")
 
 
