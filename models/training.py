@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from models import shared_step
 from models.datasets import Dataset
 from models.scores import Score, numpy_metric
 from models.updates import direct_updates
@@ -120,11 +121,16 @@ def fit(
     initial_epoch: int = 0,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     class_weight: dict[int, float] | None = None,
+    shared: bool = True,
 ) -> FitResult:
     """Fit on the train split, validate each epoch, end with the best epoch's weights.
 
     `initial_epoch` continues a model trained before (epochs then counts from 0 as in Keras);
-    `callbacks` run after the workbench's own (a tuner's checkpointing, for instance)."""
+    `callbacks` run after the workbench's own (a tuner's checkpointing, for instance). The
+    batches go through the train step its structure shares with other networks
+    (models.shared_step) when it has one and `shared`, else through Keras's `fit`; `extras`
+    says which (`train_step`: "shared", "shared, traced" when this fit traced its structure's
+    step, or "keras (why not shared)")."""
     guard = _Guard(monitor, mode, patience)
     clock = _Clock()
     hooks: list[keras.callbacks.Callback] = [clock, _Validation(data.x_val, data.y_val), guard]
@@ -141,26 +147,76 @@ def fit(
         prebuild(model, data.x_train[:1], data.y_train[:1])
         if model.optimizer is not None:
             direct_updates(model.optimizer)
-        history = model.fit(
-            batches(data.x_train, data.y_train, batch_size),
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            shuffle=False,  # the pipeline reshuffles each epoch itself
-            verbose=0,
-            callbacks=hooks,
-            class_weight=class_weight,
-        )
+        dataset = batches(data.x_train, data.y_train, batch_size)
+        run, note = _shared_step(model, dataset, class_weight, callbacks) if shared else (None, "not asked")
+        if run is not None:
+            traces = shared_step.traces()
+            history = _own_loop(model, run, dataset, epochs, initial_epoch, hooks)
+            note = "traced" if shared_step.traces() > traces else ""  # the first fit of its structure
+        else:
+            history = model.fit(
+                dataset,
+                epochs=epochs,
+                initial_epoch=initial_epoch,
+                shuffle=False,  # the pipeline reshuffles each epoch itself
+                verbose=0,
+                callbacks=hooks,
+                class_weight=class_weight,
+            ).history
     finally:
         model._compile_metrics = compiled_metrics
     if guard.non_finite is not None:
         epoch, value = guard.non_finite
         raise NonFiniteLossError(f"loss became {value} at epoch {epoch}")
-    logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    logs = {k: [float(v) for v in vs] for k, vs in history.items()}
     stopped_by = "report" if reporter is not None and reporter.stopped else None
     if stopped_by is None and guard.early_stopped:
         stopped_by = "early_stopping"
     return FitResult(logs, len(logs.get("loss", [])), stopped_by, guard.best_epoch,
-                     extras={"epoch_seconds": [round(x, 4) for x in clock.seconds]})
+                     extras={"epoch_seconds": [round(x, 4) for x in clock.seconds],
+                             "train_step": ("shared, traced" if note else "shared") if run is not None else f"keras ({note})"})
+
+
+_BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+
+
+def _shared_step(model: keras.Model, dataset: Any, class_weight: dict[int, float] | None,
+                 callbacks: Sequence[keras.callbacks.Callback]) -> tuple[Callable[[Any, Any], Any] | None, str]:
+    """The shared train step for this model (models.shared_step), or None and why not. A callback
+    that watches batches needs Keras's loop, which calls it at each one."""
+    for callback in callbacks:
+        if any(getattr(type(callback), hook) is not getattr(keras.callbacks.Callback, hook) for hook in _BATCH_HOOKS):
+            return None, f"callback {type(callback).__name__} watches batches"
+    try:
+        plan = shared_step.plan(model, class_weight)
+    except shared_step.Unsupported as e:
+        return None, str(e)
+    x_spec, y_spec = dataset.element_spec
+    return shared_step.step(plan, int(np.random.randint(2 ** 31 - 1)), x_spec, y_spec), ""
+
+
+def _own_loop(model: keras.Model, run: Callable[[Any, Any], Any], dataset: Any, epochs: int, initial_epoch: int,
+              hooks: Sequence[keras.callbacks.Callback]) -> dict[str, list[float]]:
+    """Keras's epoch loop around the shared step: the callbacks at the train's and each epoch's
+    begin and end, `loss` as Keras's tracker averages it (each batch's loss weighted by its rows),
+    and a stop when a callback sets `model.stop_training`."""
+    history = keras.callbacks.History()  # last: it records the logs as the others left them
+    callbacks = keras.callbacks.CallbackList([*hooks, history], model=model, epochs=epochs, steps=None, verbose=0)
+    model.stop_training = False
+    callbacks.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        callbacks.on_epoch_begin(epoch)
+        losses, rows = [], []
+        for x, y in dataset:
+            losses.append(run(x, y))
+            rows.append(x.shape[0])
+        weights = np.asarray(rows, dtype=np.float64)
+        logs: dict[str, Any] = {"loss": float(np.dot([float(v) for v in losses], weights) / max(weights.sum(), 1.0))}
+        callbacks.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callbacks.on_train_end()
+    return history.history
 
 
 @functools.cache

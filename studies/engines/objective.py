@@ -261,6 +261,7 @@ class Objective:
             **options,
         )
         attrs["epoch_seconds"] = result.extras["epoch_seconds"]  # where a trial's time goes (benchmarks/trial_cost.py)
+        attrs["train_step"] = result.extras["train_step"]  # shared with earlier trials of its structure, or not
         metrics["epochs_run"] = float(result.epochs_run)
         metrics["fit_seconds"] = round(time.perf_counter() - started, 3)
         attrs["epochs_run"] = result.epochs_run

@@ -1,0 +1,328 @@
+"""A train step shared by every network of one structure: traced once per process, not per model.
+
+Keras traces a new train step for each model it fits. For the small networks a study searches that
+trace is most of a short trial: 0.17-0.21 s of a 3-epoch breast-cancer trial's 0.38-0.41 s, whose
+three epochs of training took 0.007 s each (benchmarks/trial_cost.py). Here the step is a function
+of the structure alone (the layers' kinds, wiring and activations, the loss, the optimizer's kind),
+and everything a trial varies is an input: the variables by handle (so their shapes are free), the
+learning rate, the L2 factors, the dropout rates, the scaling constants. A study's trials of the same
+depth, activation, batch norm and optimizer then share one trace, whatever their widths and rates.
+
+The step computes what Keras's `fit` computes for these layers: the forward pass in training mode
+with Keras's own ops (batch norm on the batch's moments, moving statistics updated with the layer's
+momentum; Keras's stateless dropout, seeded by the fit's seed and the optimizer's step), the compiled
+loss through Keras's loss class (sum over the batch size, class weights as sample weights, the loss
+weight) plus each kernel's L2 penalty, gradients of that total, and the optimizer's update with the
+fused kernels models.updates uses for Keras's own step (so a model trains the same either way,
+`tests/unit/test_shared_step.py`). A network with anything else (another layer, optimizer setting,
+loss, a learning-rate schedule, a trainable flag turned off) gets no plan, and models.training.fit
+runs Keras's `fit`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+LOSSES = {"binary_crossentropy": "BinaryCrossentropy", "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+          "mse": "MeanSquaredError", "mean_squared_error": "MeanSquaredError"}
+_ACTIVATIONS = ("linear", "relu", "gelu", "tanh", "sigmoid", "softmax", "elu", "selu", "silu", "swish", "softplus")
+
+
+class Unsupported(Exception):
+    """This network needs Keras's own train step (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One network's inputs to the shared step of its structure (`key`)."""
+
+    key: tuple[Any, ...]
+    train: list[Any]  # handles of the trainable variables, in model.trainable_variables order
+    state: list[Any]  # handles of batch norm's moving statistics
+    slots: list[Any]  # handles of the optimizer's slot variables
+    counters: list[Any]  # handles of the optimizer's step count and learning rate
+    consts: list[Any]  # float32 tensors: scaling, L2 factors, dropout rates, optimizer settings, weights
+
+
+def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Plan:
+    """The plan of a compiled, built model whose optimizer is built (models.training.prebuild), or
+    Unsupported with the first reason it has none."""
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy():
+        raise Unsupported("a distribution strategy is active")
+    if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.inputs[0].shape) != 2:
+        raise Unsupported("the network does not take one [rows, features] input to one output")
+    if any(layer._losses for layer in model._flatten_layers()):
+        raise Unsupported("the network adds losses of its own")
+    trainable = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    consts: list[Any] = []
+    state: list[Any] = []
+
+    def const(value: Any) -> int:
+        consts.append(tf.constant(np.asarray(value, dtype=np.float32)))
+        return len(consts) - 1
+
+    def var(variable: Any) -> int:
+        if id(variable) not in trainable:
+            raise Unsupported(f"variable {variable.path} is not trainable")
+        return trainable[id(variable)]
+
+    ops: list[tuple[Any, ...]] = []
+    where: dict[str, int] = {}  # layer name -> index of the op whose output it stands for
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            where[layer.name] = -1
+            continue
+        if len(layer._inbound_nodes) != 1:
+            raise Unsupported(f"layer {layer.name!r} is called more than once")
+        inputs = tuple(where[t._keras_history.operation.name] for t in layer._inbound_nodes[0].input_tensors)
+        op = _op(layer, kind, inputs, const, var, state)
+        where[layer.name] = len(ops)
+        ops.append(op)
+    out = int(model.outputs[0].shape[-1])
+    loss_key, loss_weight = _loss(model)
+    optimizer_key, slots, settings = _optimizer(model.optimizer, model.trainable_variables)
+    weights = np.ones(1, dtype=np.float32)
+    if class_weight:
+        weights = np.ones(max(class_weight) + 1, dtype=np.float32)
+        for label, w in class_weight.items():
+            weights[int(label)] = w
+    consts += [tf.constant(settings), tf.constant(np.float32(loss_weight)), tf.constant(weights)]
+    key = (tuple(ops), out, loss_key, optimizer_key, bool(class_weight), tuple(len(v.shape) for v in model.trainable_variables),
+           len(state), len(slots), tuple(len(c.shape) for c in consts))
+    optimizer = model.optimizer
+    return Plan(key, [_handle(v) for v in model.trainable_variables], state, slots,
+                [_handle(optimizer.iterations), _handle(optimizer._learning_rate)], consts)
+
+
+def _handle(variable: Any) -> Any:
+    return getattr(variable, "value", variable).handle
+
+
+def _activation(fn: Any, where: str) -> str:
+    for name in _ACTIVATIONS:
+        if keras.activations.get(name) is fn:
+            return name
+    raise Unsupported(f"{where}: activation {getattr(fn, '__name__', fn)!r}")
+
+
+def _op(layer: Any, kind: str, inputs: tuple[int, ...], const: Callable[[Any], int], var: Callable[[Any], int],
+        state: list[Any]) -> tuple[Any, ...]:
+    """One layer as a hashable step of the structure: its kind, inputs, static settings, and the
+    indices of its variables and constants."""
+    name = f"layer {layer.name!r}"
+    if getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name != "float32":
+        raise Unsupported(f"{name}: dtype policy {layer.dtype_policy.name}")
+    if getattr(layer, "activity_regularizer", None) is not None:
+        raise Unsupported(f"{name}: activity regularizer")
+    if kind == "Dense":
+        if (layer.bias_regularizer is not None or layer.kernel_constraint is not None or layer.bias_constraint is not None
+                or getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None)):
+            raise Unsupported(f"{name}: a regularizer, constraint, LoRA or quantization Dense does not have")
+        reg = layer.kernel_regularizer
+        if reg is not None and type(reg) is not keras.regularizers.L2:
+            raise Unsupported(f"{name}: kernel regularizer {type(reg).__name__}")
+        l2 = const(reg.l2) if reg is not None else -1
+        bias = var(layer.bias) if layer.bias is not None else -1
+        return ("dense", inputs, _activation(layer.activation, name), var(layer.kernel), bias, l2)
+    if kind == "Activation":
+        return ("activation", inputs, _activation(layer.activation, name))
+    if kind == "Dropout":
+        if layer.noise_shape is not None:
+            raise Unsupported(f"{name}: dropout with a noise shape")
+        return ("dropout", inputs, const(layer.rate))
+    if kind == "BatchNormalization":
+        if (layer.axis not in (-1, 1) or layer.renorm or layer.synchronized or layer.gamma_regularizer is not None
+                or layer.beta_regularizer is not None or layer.gamma_constraint is not None or layer.beta_constraint is not None):
+            raise Unsupported(f"{name}: batch norm with settings the shared step does not have")
+        if not layer.trainable:
+            raise Unsupported(f"{name}: frozen batch norm")
+        gamma = var(layer.gamma) if layer.scale else -1
+        beta = var(layer.beta) if layer.center else -1
+        state += [_handle(layer.moving_mean), _handle(layer.moving_variance)]
+        return ("batch_norm", inputs, gamma, beta, len(state) - 2, const(layer.momentum), float(layer.epsilon))
+    if kind == "Normalization":
+        if layer.invert or layer.mean is None:
+            raise Unsupported(f"{name}: inverted or unadapted normalization")
+        return ("normalization", inputs, const(keras.ops.convert_to_numpy(layer.mean)),
+                const(keras.ops.convert_to_numpy(layer.variance)))
+    if kind == "Rescaling":
+        return ("rescaling", inputs, const(layer.scale), const(layer.offset))
+    if kind == "Columns":  # models.layers.Columns
+        return ("columns", inputs, tuple(layer.indices))
+    if kind == "Concatenate" and layer.axis in (-1, 1):
+        return ("concatenate", inputs)
+    raise Unsupported(f"{name} ({kind})")
+
+
+def _loss(model: keras.Model) -> tuple[str, float]:
+    loss = model.loss
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise Unsupported(f"loss {loss!r}")
+    weights = (model.get_compile_config() or {}).get("loss_weights")
+    if isinstance(weights, (list, tuple)):
+        weights = weights[0] if len(weights) == 1 else None
+    return LOSSES[loss], float(weights) if weights is not None else 1.0
+
+
+def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], list[Any], np.ndarray]:
+    """The optimizer's kind for the key, its slot handles, and its settings [beta_1, beta_2,
+    epsilon] (Adam) or [momentum] (SGD)."""
+    if optimizer is None or not optimizer.built:
+        raise Unsupported("the optimizer is not built")
+    if (optimizer.clipnorm or optimizer.clipvalue or optimizer.global_clipnorm or optimizer.weight_decay
+            or optimizer.use_ema or optimizer.gradient_accumulation_steps or optimizer.loss_scale_factor):
+        raise Unsupported("optimizer with clipping, weight decay, EMA, accumulation or loss scaling")
+    if not isinstance(optimizer._learning_rate, keras.Variable):
+        raise Unsupported("a learning-rate schedule")
+    kind = type(optimizer)
+    index = [optimizer._get_variable_index(v) for v in variables]
+    if kind is keras.optimizers.Adam and not optimizer.amsgrad:
+        slots = [_handle(optimizer._momentums[i]) for i in index] + [_handle(optimizer._velocities[i]) for i in index]
+        return ("adam",), slots, np.asarray([optimizer.beta_1, optimizer.beta_2, optimizer.epsilon], dtype=np.float32)
+    if kind is keras.optimizers.SGD:
+        if optimizer.momentum == 0:
+            return ("sgd",), [], np.zeros(1, dtype=np.float32)
+        slots = [_handle(optimizer.momentums[i]) for i in index]
+        return ("momentum", bool(optimizer.nesterov)), slots, np.asarray([optimizer.momentum], dtype=np.float32)
+    raise Unsupported(f"optimizer {kind.__name__}")
+
+
+def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any], Any]:
+    """`run(x, y) -> loss`: one train step of the plan's network on a batch (the loss as Keras's
+    loss tracker sees it: the compiled loss plus the penalties), with the shared trace. A structure
+    met for the first time is traced at the first batch, in the first epoch as Keras's step is."""
+    import tensorflow as tf
+
+    fixed = (plan.train, plan.state, plan.slots, plan.counters, plan.consts, tf.constant(seed, tf.int64))
+    concrete: list[Any] = []
+
+    def run(x: Any, y: Any) -> Any:
+        if not concrete:
+            concrete.append(_traced(plan.key, x_spec, y_spec))
+        return concrete[0](*fixed, x, y)
+
+    return run
+
+
+def traces() -> int:
+    """How many structures' steps this process has traced."""
+    return _traced.cache_info().currsize
+
+
+@functools.cache
+def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
+    """The concrete train step of one structure (traced on first use, kept for the process)."""
+    import tensorflow as tf
+
+    ops, out, loss_name, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key
+    resource = tf.TensorSpec([], tf.resource)
+    loss_object = getattr(keras.losses, loss_name)()
+
+    def forward(x: Any, values: list[Any], consts: list[Any], state: list[Any], seed: Any) -> tuple[Any, Any]:
+        outputs: dict[int, Any] = {-1: x}
+        penalty = tf.constant(0.0)
+        for i, op in enumerate(ops):
+            kind, inputs = op[0], op[1]
+            h = outputs[inputs[0]]
+            if kind == "dense":
+                _, _, activation, kernel, bias, l2 = op
+                h = keras.ops.matmul(h, values[kernel])
+                if bias >= 0:
+                    h = keras.ops.add(h, values[bias])
+                if _feeds_head(ops, i):  # the loss aligns the target by the output's static width
+                    h = tf.ensure_shape(h, [None, out])
+                h = keras.activations.get(activation)(h)
+                if l2 >= 0:
+                    penalty += consts[l2] * tf.reduce_sum(tf.square(values[kernel]))
+            elif kind == "activation":
+                h = keras.activations.get(op[2])(h)
+            elif kind == "dropout":
+                rate = consts[op[2]]
+                drop = tf.nn.experimental.stateless_dropout(
+                    h, rate=tf.minimum(rate, 0.999), seed=tf.random.experimental.stateless_fold_in(seed, i))
+                h = tf.where(rate > 0, drop, h)
+            elif kind == "batch_norm":
+                _, _, gamma, beta, moving, momentum, epsilon = op
+                mean, variance = keras.ops.moments(h, axes=[0])
+                m = consts[momentum]
+                for handle, batch in ((state[moving], mean), (state[moving + 1], variance)):
+                    old = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+                    tf.raw_ops.AssignVariableOp(resource=handle, value=old * m + batch * (1.0 - m))
+                h = keras.ops.batch_normalization(
+                    h, mean, variance, axis=-1, offset=values[beta] if beta >= 0 else None,
+                    scale=values[gamma] if gamma >= 0 else None, epsilon=epsilon)
+            elif kind == "normalization":
+                h = (h - consts[op[2]]) / tf.maximum(tf.sqrt(consts[op[3]]), keras.config.epsilon())
+            elif kind == "rescaling":
+                h = h * consts[op[2]] + consts[op[3]]
+                if _feeds_head(ops, i):
+                    h = tf.ensure_shape(h, [None, out])
+            elif kind == "columns":
+                indices = list(op[2])
+                start = indices[0]
+                h = h[:, start:indices[-1] + 1] if indices == list(range(start, indices[-1] + 1)) else tf.gather(h, indices, axis=1)
+            elif kind == "concatenate":
+                h = tf.concat([outputs[j] for j in inputs], axis=-1)
+            outputs[i] = h
+        return outputs[len(ops) - 1], penalty
+
+    def train_step(train: list[Any], state: list[Any], slots: list[Any], counters: list[Any], consts: list[Any],
+                   seed: Any, x: Any, y: Any) -> Any:
+        iterations, learning_rate = counters
+        count = tf.raw_ops.ReadVariableOp(resource=iterations, dtype=tf.int64)
+        values = [tf.ensure_shape(tf.raw_ops.ReadVariableOp(resource=h, dtype=tf.float32), [None] * rank)
+                  for h, rank in zip(train, ranks, strict=True)]
+        settings, loss_weight, class_weights = consts[-3], consts[-2], consts[-1]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            pred, penalty = forward(x, values, consts, state, tf.stack([seed, count]))
+            weights = tf.gather(class_weights, tf.cast(tf.reshape(y, [-1]), tf.int32)) if weighted else None
+            loss = loss_weight * loss_object(y, pred, sample_weight=weights) + penalty
+        grads = tape.gradient(loss, values)
+        lr = tf.raw_ops.ReadVariableOp(resource=learning_rate, dtype=tf.float32)
+        _apply(optimizer_key, grads, train, slots, settings, lr, tf.cast(count + 1, tf.float32))
+        tf.raw_ops.AssignAddVariableOp(resource=iterations, value=tf.constant(1, tf.int64))
+        return loss
+
+    signature = ([resource] * len(ranks), [resource] * n_state, [resource] * n_slots, [resource, resource],
+                 [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks], tf.TensorSpec([], tf.int64),
+                 x_spec, y_spec)
+    return tf.function(train_step, autograph=False).get_concrete_function(*signature)
+
+
+def _feeds_head(ops: tuple[tuple[Any, ...], ...], i: int) -> bool:
+    """Whether only element-wise steps (activation, rescaling) follow op i: its width is the
+    output's."""
+    return all(op[0] in ("activation", "rescaling") for op in ops[i + 1:])
+
+
+def _apply(optimizer_key: tuple[Any, ...], grads: list[Any], train: list[Any], slots: list[Any], settings: Any,
+           lr: Any, step: Any) -> None:
+    """The optimizer's update of each variable with TensorFlow's fused kernels (models.updates)."""
+    import tensorflow as tf
+
+    n = len(train)
+    if optimizer_key[0] == "adam":
+        beta_1, beta_2, epsilon = settings[0], settings[1], settings[2]
+        beta_1_power, beta_2_power = tf.pow(beta_1, step), tf.pow(beta_2, step)
+    for i, (grad, handle) in enumerate(zip(grads, train, strict=True)):
+        if grad is None:
+            continue
+        if optimizer_key[0] == "adam":
+            tf.raw_ops.ResourceApplyAdam(var=handle, m=slots[i], v=slots[n + i], beta1_power=beta_1_power,
+                                         beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
+                                         grad=grad)
+        elif optimizer_key[0] == "sgd":
+            tf.raw_ops.ResourceApplyGradientDescent(var=handle, alpha=lr, delta=grad)
+        else:
+            tf.raw_ops.ResourceApplyKerasMomentum(var=handle, accum=slots[i], lr=lr, grad=grad, momentum=settings[0],
+                                                  use_nesterov=optimizer_key[1])

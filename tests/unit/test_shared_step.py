@@ -1,0 +1,122 @@
+"""The train step shared by networks of one structure: it trains as Keras's own step does, networks
+that differ only in widths and rates share one trace, and anything it does not know goes to Keras."""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+
+from models import FAMILIES, load_dataset, shared_step
+from models.training import fit, prebuild
+from models.updates import direct_updates
+from tests.conftest import CHURN
+
+
+@functools.cache
+def dataset(name: str):
+    if name == "churn":
+        return load_dataset(path=CHURN, target="churn", task="binary", columns={"customer_id": "id"}, seed=0)
+    return load_dataset(name=name, seed=0)
+
+
+def ready(name: str, params: dict, seed: int = 0) -> keras.Model:
+    """A model as models.training.fit trains it: built, its optimizer built and fused, no train metrics."""
+    data = dataset(name)
+    keras.utils.set_random_seed(seed)
+    model = FAMILIES["mlp"].build(params, data.spec)
+    model._compile_metrics = None
+    prebuild(model, data.x_train[:1], data.y_train[:1])
+    direct_updates(model.optimizer)
+    return model
+
+
+def state(model: keras.Model) -> list[np.ndarray]:
+    return [np.asarray(v) for v in model.weights] + [np.asarray(v) for v in model.optimizer.variables]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "class_weight"),
+    [
+        ("breast_cancer", {"n_layers": 2, "units": [8, 5], "l2": 1e-3, "activation": "gelu", "learning_rate": 0.02}, None),
+        ("wine", {"n_layers": 1, "units": [6], "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "learning_rate": 0.05,
+                  "activation": "tanh"}, {0: 0.5, 1: 2.0, 2: 1.0}),
+        ("diabetes", {"units": [7], "optimizer": "sgd", "l2": 1e-4, "learning_rate": 0.01}, None),
+        # Batch norm with SGD: before it, a Dense's bias has a gradient of zero up to rounding, which
+        # Adam would scale to full steps of rounding noise.
+        ("churn", {"units": [6], "categorical_encoding": "embedding", "embedding_dim": 2, "numeric_scaling": "robust",
+                   "batch_norm": True, "optimizer": "sgd", "momentum": 0.8, "learning_rate": 0.05}, {0: 1.0, 1: 3.0}),
+    ],
+)
+def test_the_shared_step_trains_as_keras_does(name, params, class_weight):
+    """Six batches (the last one smaller) through Keras's train step and through the shared one,
+    from the same initial weights: the same loss at every step, and the same weights, batch norm
+    statistics and optimizer slots after."""
+    import tensorflow as tf
+
+    data = dataset(name)
+    theirs, ours = ready(name, params), ready(name, params)
+    run = shared_step.step(shared_step.plan(ours, class_weight), 0, tf.TensorSpec([None, data.x_train.shape[1]], tf.float32),
+                           tf.TensorSpec([None], tf.as_dtype(data.y_train.dtype)))
+    for start in range(0, 6 * 24, 24):
+        x, y = data.x_train[start:start + 24 - (start // 120) * 10], data.y_train[start:start + 24 - (start // 120) * 10]
+        expected = theirs.train_on_batch(x, y, class_weight=class_weight)
+        assert float(run(tf.constant(x), tf.constant(y))) == pytest.approx(float(expected), rel=1e-5)
+    for keras_value, shared_value in zip(state(theirs), state(ours), strict=True):
+        np.testing.assert_allclose(shared_value, keras_value, rtol=1e-5, atol=1e-6)
+
+
+def test_networks_of_one_structure_share_one_trace():
+    """Other widths, dropout rates, L2 factor, learning rate and seed: the same trace. Another
+    activation or optimizer: a trace of its own. The dropout masks follow the fit's seed and step."""
+    import tensorflow as tf
+
+    base = {"n_layers": 2, "dropout": [0.3, 0.1], "l2": 1e-4, "batch_norm": True}
+    a = ready("breast_cancer", {**base, "units": [16, 8], "learning_rate": 1e-3})
+    b = ready("breast_cancer", {**base, "units": [40, 3], "dropout": [0.5, 0.2], "l2": 1e-2, "learning_rate": 0.05}, seed=1)
+    c = ready("breast_cancer", {**base, "units": [16, 8], "activation": "tanh"})
+    d = ready("breast_cancer", {**base, "units": [16, 8], "optimizer": "sgd"})
+    keys = [shared_step.plan(m).key for m in (a, b, c, d)]
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+    data = dataset("breast_cancer")
+    spec = tf.TensorSpec([None, data.x_train.shape[1]], tf.float32), tf.TensorSpec([None], tf.as_dtype(data.y_train.dtype))
+    before = shared_step._traced.cache_info()
+    for model in (a, b):
+        shared_step.step(shared_step.plan(model), 7, *spec)(tf.constant(data.x_train[:32]), tf.constant(data.y_train[:32]))
+    after = shared_step._traced.cache_info()
+    assert after.currsize - before.currsize <= 1 and after.hits - before.hits >= 1
+
+    def losses(seed: int) -> list[float]:  # learning rate 0: only the dropout masks change the loss
+        model = ready("breast_cancer", {**base, "units": [16, 8], "optimizer": "sgd", "learning_rate": 0.0})
+        run = shared_step.step(shared_step.plan(model), seed, *spec)
+        return [float(run(tf.constant(data.x_train[:64]), tf.constant(data.y_train[:64]))) for _ in range(3)]
+
+    first = losses(3)
+    assert first == losses(3) and first != losses(4) and len(set(first)) == 3
+
+
+def test_a_fit_says_which_step_it_ran():
+    """An MLP takes the shared step; a CNN, an optimizer it does not know and a callback that
+    watches batches take Keras's, and fit says why."""
+    data = dataset("breast_cancer")
+
+    class EveryBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    def step_of(params: dict, **options) -> str:
+        keras.utils.set_random_seed(0)
+        model = FAMILIES["mlp"].build({"units": [4], **params}, data.spec)
+        return fit(model, data, epochs=1, batch_size=64, **options).extras["train_step"]
+
+    assert step_of({}).startswith("shared")
+    assert step_of({"optimizer": "rmsprop"}) == "keras (optimizer RMSprop)"
+    assert step_of({}, callbacks=[EveryBatch()]) == "keras (callback EveryBatch watches batches)"
+    assert step_of({}, shared=False) == "keras (not asked)"
+    digits = dataset("digits")
+    keras.utils.set_random_seed(0)
+    cnn = FAMILIES["cnn"].build({"n_conv": 1, "filters": [2], "dense_units": 4}, digits.spec)
+    with pytest.raises(shared_step.Unsupported, match="Reshape"):
+        shared_step.plan(cnn)
