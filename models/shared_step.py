@@ -3,10 +3,11 @@
 Keras traces a new train step for each model it fits. For the small networks a study searches that
 trace is most of a short trial: 0.17-0.21 s of a 3-epoch breast-cancer trial's 0.38-0.41 s, whose
 three epochs of training took 0.007 s each (benchmarks/trial_cost.py). Here the step is a function
-of the structure alone (the layers' kinds, wiring and activations, the loss, the optimizer's kind),
-and everything a trial varies is an input: the variables by handle (so their shapes are free), the
-learning rate, the L2 factors, the dropout rates, the scaling constants. A study's trials of the same
-depth, activation, batch norm and optimizer then share one trace, whatever their widths and rates.
+of the structure alone (the layers' kinds and wiring, the loss, the optimizer's kind), and
+everything a trial varies is an input: the variables by handle (so their shapes are free), the
+learning rate, the L2 factors, the dropout rates (0 where a layer has none), the hidden layers'
+activation (a switch), the scaling constants. A study's trials of the same depth, batch norm and
+optimizer then share one trace, whatever their widths, rates and activation.
 
 The step computes what Keras's `fit` computes for these layers: the forward pass in training mode
 with Keras's own ops (batch norm on the batch's moments, moving statistics updated with the layer's
@@ -32,6 +33,10 @@ import numpy as np
 LOSSES = {"binary_crossentropy": "BinaryCrossentropy", "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
           "mse": "MeanSquaredError", "mean_squared_error": "MeanSquaredError"}
 _ACTIVATIONS = ("linear", "relu", "gelu", "tanh", "sigmoid", "softmax", "elu", "selu", "silu", "swish", "softplus")
+# An Activation layer of one of these takes its function as an input (a switch in the trace): a
+# search's activation choice does not split its trials' structures. Not silu: TensorFlow's has a
+# custom gradient, which each trace would add to TensorFlow's global registry for good.
+HIDDEN = ("relu", "gelu", "tanh", "elu", "selu", "softplus")
 
 
 class Unsupported(Exception):
@@ -76,6 +81,7 @@ def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Pl
 
     ops: list[tuple[Any, ...]] = []
     where: dict[str, int] = {}  # layer name -> index of the op whose output it stands for
+    layers: list[Any] = []  # the layer of each op
     for layer in model.layers:
         kind = type(layer).__name__
         if kind == "InputLayer":
@@ -84,9 +90,18 @@ def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Pl
         if len(layer._inbound_nodes) != 1:
             raise Unsupported(f"layer {layer.name!r} is called more than once")
         inputs = tuple(where[t._keras_history.operation.name] for t in layer._inbound_nodes[0].input_tensors)
+        before = ops[inputs[0]] if inputs[0] >= 0 else None
+        if (kind == "Dropout" and layer.noise_shape is None and before is not None and before[0] == "activation"
+                and before[2] == "hidden" and len(layers[inputs[0]]._outbound_nodes) == 1):
+            # The dropout right after a hidden activation (its only consumer) is part of that op, at
+            # rate 0 when there is none: a rate of 0 (no Dropout layer) does not split structures either.
+            consts[before[4]] = tf.constant(np.float32(layer.rate))
+            where[layer.name] = inputs[0]
+            continue
         op = _op(layer, kind, inputs, const, var, state)
         where[layer.name] = len(ops)
         ops.append(op)
+        layers.append(layer)
     out = int(model.outputs[0].shape[-1])
     loss_key, loss_weight = _loss(model)
     optimizer_key, slots, settings = _optimizer(model.optimizer, model.trainable_variables)
@@ -133,8 +148,11 @@ def _op(layer: Any, kind: str, inputs: tuple[int, ...], const: Callable[[Any], i
         l2 = const(reg.l2) if reg is not None else -1
         bias = var(layer.bias) if layer.bias is not None else -1
         return ("dense", inputs, _activation(layer.activation, name), var(layer.kernel), bias, l2)
-    if kind == "Activation":
-        return ("activation", inputs, _activation(layer.activation, name))
+    if kind == "Activation":  # (kind, inputs, name or "hidden", HIDDEN index, dropout rate after it)
+        activation = _activation(layer.activation, name)
+        if activation in HIDDEN:
+            return ("activation", inputs, "hidden", const(HIDDEN.index(activation)), const(0.0))
+        return ("activation", inputs, activation, -1, -1)
     if kind == "Dropout":
         if layer.noise_shape is not None:
             raise Unsupported(f"{name}: dropout with a noise shape")
@@ -244,12 +262,16 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
                 if l2 >= 0:
                     penalty += consts[l2] * tf.reduce_sum(tf.square(values[kernel]))
             elif kind == "activation":
-                h = keras.activations.get(op[2])(h)
+                _, _, activation, which, rate = op
+                if activation == "hidden":
+                    h = tf.switch_case(tf.cast(consts[which], tf.int32),
+                                       [functools.partial(_activate, name, h) for name in HIDDEN])
+                else:
+                    h = keras.activations.get(activation)(h)
+                if rate >= 0:
+                    h = _dropout(h, consts[rate], seed, i)
             elif kind == "dropout":
-                rate = consts[op[2]]
-                drop = tf.nn.experimental.stateless_dropout(
-                    h, rate=tf.minimum(rate, 0.999), seed=tf.random.experimental.stateless_fold_in(seed, i))
-                h = tf.where(rate > 0, drop, h)
+                h = _dropout(h, consts[op[2]], seed, i)
             elif kind == "batch_norm":
                 _, _, gamma, beta, moving, momentum, epsilon = op
                 mean, variance = keras.ops.moments(h, axes=[0])
@@ -297,6 +319,19 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
                  [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks], tf.TensorSpec([], tf.int64),
                  x_spec, y_spec)
     return tf.function(train_step, autograph=False).get_concrete_function(*signature)
+
+
+def _activate(name: str, h: Any) -> Any:
+    return keras.activations.get(name)(h)
+
+
+def _dropout(h: Any, rate: Any, seed: Any, i: int) -> Any:
+    """Keras's dropout (TensorFlow's stateless dropout) at a rate given as an input, the identity at 0."""
+    import tensorflow as tf
+
+    drop = tf.nn.experimental.stateless_dropout(
+        h, rate=tf.minimum(rate, 0.999), seed=tf.random.experimental.stateless_fold_in(seed, i))
+    return tf.where(rate > 0, drop, h)
 
 
 def _feeds_head(ops: tuple[tuple[Any, ...], ...], i: int) -> bool:

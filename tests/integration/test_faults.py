@@ -88,8 +88,10 @@ def test_workers_share_the_budget_the_parent_run_and_seeds(postgres_url, mlflow_
 def test_a_worker_killed_mid_trial_is_retried_and_its_run_closed(postgres_url, mlflow_uri, study_name, write_config,
                                                                  tiny_space):
     # Trials of 30 epochs, and a victim with at most 10 behind it: it cannot finish between being
-    # read and being killed, even on a busy machine (8-epoch trials sometimes did).
-    path = write_config(slow_config(tiny_space, 8, epochs=30))
+    # read and being killed, even on a busy machine (8-epoch trials sometimes did). 16 trials: the
+    # survivor still starts trials after the victim's heartbeat went stale (2 s); with 8, trials
+    # that share their structure's train step (~0.3 s) used up the budget first.
+    path = write_config(slow_config(tiny_space, 16, epochs=30))
     proc = run_cli(str(path), "--storage", postgres_url, "--study-name", study_name, "--workers", "2",
                    env={**stack_env(mlflow_uri), "HEARTBEAT_SECONDS": "1"})
     try:
@@ -107,7 +109,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_its_run_closed(postgres_url, m
         proc.kill()
     assert code == 0, err
     assert "died on SIGKILL" in err
-    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 8)
+    ts = assert_clean_end(postgres_url, study_name, mlflow_uri, 16)
     killed = ts[target.number]
     assert killed.state.name == "FAIL"
     # The survivor noticed the missing heartbeat, failed the trial and ran it again.
