@@ -148,7 +148,7 @@ def fit(
         if model.optimizer is not None:
             direct_updates(model.optimizer)
         dataset = batches(data.x_train, data.y_train, batch_size)
-        run, note = _shared_step(model, dataset, class_weight, callbacks) if shared else (None, "not asked")
+        run, note = _shared_step(model, dataset, class_weight) if shared else (None, "not asked")
         if run is not None:
             traces = shared_step.traces()
             history = _own_loop(model, run, dataset, epochs, initial_epoch, hooks)
@@ -180,13 +180,9 @@ def fit(
 _BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
 
 
-def _shared_step(model: keras.Model, dataset: Any, class_weight: dict[int, float] | None,
-                 callbacks: Sequence[keras.callbacks.Callback]) -> tuple[Callable[[Any, Any], Any] | None, str]:
-    """The shared train step for this model (models.shared_step), or None and why not. A callback
-    that watches batches needs Keras's loop, which calls it at each one."""
-    for callback in callbacks:
-        if any(getattr(type(callback), hook) is not getattr(keras.callbacks.Callback, hook) for hook in _BATCH_HOOKS):
-            return None, f"callback {type(callback).__name__} watches batches"
+def _shared_step(model: keras.Model, dataset: Any,
+                 class_weight: dict[int, float] | None) -> tuple[Callable[[Any, Any], Any] | None, str]:
+    """The shared train step for this model (models.shared_step), or None and why not."""
     try:
         plan = shared_step.plan(model, class_weight)
     except shared_step.Unsupported as e:
@@ -199,24 +195,35 @@ def _own_loop(model: keras.Model, run: Callable[[Any, Any], Any], dataset: Any, 
               hooks: Sequence[keras.callbacks.Callback]) -> dict[str, list[float]]:
     """Keras's epoch loop around the shared step: the callbacks at the train's and each epoch's
     begin and end, `loss` as Keras's tracker averages it (each batch's loss weighted by its rows),
-    and a stop when a callback sets `model.stop_training`."""
+    and a stop when a callback sets `model.stop_training`. Callbacks that watch batches (KerasTuner's
+    own) are called at each one too, with the running loss."""
     history = keras.callbacks.History()  # last: it records the logs as the others left them
     callbacks = keras.callbacks.CallbackList([*hooks, history], model=model, epochs=epochs, steps=None, verbose=0)
+    watched = [c for c in hooks if any(getattr(type(c), h) is not getattr(keras.callbacks.Callback, h) for h in _BATCH_HOOKS)]
+    batch_hooks = keras.callbacks.CallbackList(watched, model=model) if watched else None
     model.stop_training = False
     callbacks.on_train_begin()
     for epoch in range(initial_epoch, epochs):
         callbacks.on_epoch_begin(epoch)
         losses, rows = [], []
-        for x, y in dataset:
+        for step, (x, y) in enumerate(dataset):
+            if batch_hooks is not None:
+                batch_hooks.on_train_batch_begin(step)
             losses.append(run(x, y))
             rows.append(x.shape[0])
-        weights = np.asarray(rows, dtype=np.float64)
-        logs: dict[str, Any] = {"loss": float(np.dot([float(v) for v in losses], weights) / max(weights.sum(), 1.0))}
+            if batch_hooks is not None:
+                batch_hooks.on_train_batch_end(step, {"loss": _mean(losses, rows)})
+        logs: dict[str, Any] = {"loss": _mean(losses, rows)}
         callbacks.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
     callbacks.on_train_end()
     return history.history
+
+
+def _mean(losses: list[Any], rows: list[int]) -> float:
+    weights = np.asarray(rows, dtype=np.float64)
+    return float(np.dot([float(v) for v in losses], weights) / max(weights.sum(), 1.0))
 
 
 @functools.cache

@@ -142,7 +142,9 @@ def _scopes(hp: keras_tuner.HyperParameters, conditions: Conditions) -> Iterator
 def params_from_values(space: SearchSpace, values: dict[str, Any]) -> dict[str, Any]:
     """The structured params of a KerasTuner trial (its `hyperparameters.values`), read with the
     space's own conditions; floats on a step grid are put back on it (KerasTuner's `low + k*step`
-    can land a rounding error away)."""
+    can land a rounding error away), and numbers are kept within their range: KerasTuner's
+    Bayesian oracle proposes `high + 1` for an int without a step when its optimizer returns the
+    upper bound (`Int.prob_to_value` maps [0, 1) to [low, high + 1), and the bound is 1.0)."""
 
     def lookup(name: str, dist: Any) -> Any:
         if name not in values:
@@ -151,9 +153,9 @@ def params_from_values(space: SearchSpace, values: dict[str, Any]) -> dict[str, 
         if isinstance(dist, FloatDistribution) and dist.step is not None:
             value = round(dist.low + round((value - dist.low) / dist.step) * dist.step, 12)
         elif isinstance(dist, IntDistribution):
-            value = int(value)
+            value = min(max(int(value), dist.low), dist.high)
         elif isinstance(dist, FloatDistribution):
-            value = float(value)
+            value = min(max(float(value), dist.low), dist.high)
         elif isinstance(dist, CategoricalDistribution):  # the choice itself: KerasTuner hands back bools as 0/1 and numbers as numpy scalars
             matches = [c for c in dist.choices if same_value(c, value)] or [c for c in dist.choices if c == value]
             if not matches:

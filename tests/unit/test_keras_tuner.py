@@ -98,6 +98,18 @@ def test_values_are_put_back_on_the_grid_and_bools_stay_bools():
         params_from_values(space, {"dropout": 0.1, "bn": "yes", "k": 1})
 
 
+def test_a_value_keras_tuner_proposes_past_the_range_is_kept_within_it():
+    """KerasTuner's Bayesian oracle maps its optimizer's upper bound (1.0) to high + 1 for an int
+    without a step: the run failed on `units_0 = 257` for a range of 16-256 (log)."""
+    import keras_tuner
+
+    space = parse_space({"params": {"units": {"type": "int", "low": 16, "high": 256, "log": True},
+                                    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}}, "inline.yaml")
+    proposed = keras_tuner.engine.hyperparameters.Int("units", 16, 256, sampling="log").prob_to_value(1.0)
+    assert proposed == 257  # KerasTuner's own mapping, which the oracle reaches
+    assert params_from_values(space, {"units": proposed, "lr": 0.1000000001}) == {"units": 256, "lr": 0.1}
+
+
 def test_what_kerastuner_cannot_express_is_refused(write_config, tmp_path, capsys):
     space = tmp_path / "mixed.yaml"
     space.write_text("params:\n  units: {type: int, low: 4, high: 8}\n"

@@ -100,13 +100,15 @@ def test_networks_of_one_structure_share_one_trace():
 
 
 def test_a_fit_says_which_step_it_ran():
-    """An MLP takes the shared step; a CNN, an optimizer it does not know and a callback that
-    watches batches take Keras's, and fit says why."""
+    """An MLP takes the shared step, and a callback that watches batches (KerasTuner's does) sees
+    each one; a CNN and an optimizer it does not know take Keras's, and fit says why."""
     data = dataset("breast_cancer")
 
     class EveryBatch(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            pass
+        seen: list = []
+
+        def on_batch_end(self, batch, logs=None):
+            self.seen.append((batch, logs["loss"]))
 
     def step_of(params: dict, **options) -> str:
         keras.utils.set_random_seed(0)
@@ -115,7 +117,9 @@ def test_a_fit_says_which_step_it_ran():
 
     assert step_of({}).startswith("shared")
     assert step_of({"optimizer": "rmsprop"}) == "keras (optimizer RMSprop)"
-    assert step_of({}, callbacks=[EveryBatch()]) == "keras (callback EveryBatch watches batches)"
+    assert step_of({}, callbacks=[EveryBatch()]) == "shared"
+    batches = -(-len(data.x_train) // 64)
+    assert [b for b, _ in EveryBatch.seen] == list(range(batches)) and all(loss > 0 for _, loss in EveryBatch.seen)
     assert step_of({}, shared=False) == "keras (not asked)"
     digits = dataset("digits")
     keras.utils.set_random_seed(0)
