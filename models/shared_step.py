@@ -5,9 +5,11 @@ trace is most of a short trial: 0.17-0.21 s of a 3-epoch breast-cancer trial's 0
 three epochs of training took 0.007 s each (benchmarks/trial_cost.py). Here the step is a function
 of the structure alone (the layers' kinds and wiring, the loss, the optimizer's kind), and
 everything a trial varies is an input: the variables by handle (so their shapes are free), the
-learning rate, the L2 factors, the dropout rates (0 where a layer has none), the hidden layers'
-activation (a switch), the scaling constants. A study's trials of the same depth, batch norm and
-optimizer then share one trace, whatever their widths, rates and activation.
+learning rate, the L2 factors, the dropout rates (0 where a layer has none), the scaling
+constants. A study's trials of the same depth, activation, batch norm and optimizer then share one
+trace, whatever their widths and rates. (The hidden activation as a switch in the trace would
+share more, but TensorFlow instantiates a function again for each new set of variable shapes,
+i.e. every trial, and the switch's branches made that 0.13 s instead of 0.076 s.)
 
 The step computes what Keras's `fit` computes for these layers: the forward pass in training mode
 with Keras's own ops (batch norm on the batch's moments, moving statistics updated with the layer's
@@ -33,10 +35,6 @@ import numpy as np
 LOSSES = {"binary_crossentropy": "BinaryCrossentropy", "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
           "mse": "MeanSquaredError", "mean_squared_error": "MeanSquaredError"}
 _ACTIVATIONS = ("linear", "relu", "gelu", "tanh", "sigmoid", "softmax", "elu", "selu", "silu", "swish", "softplus")
-# An Activation layer of one of these takes its function as an input (a switch in the trace): a
-# search's activation choice does not split its trials' structures. Not silu: TensorFlow's has a
-# custom gradient, which each trace would add to TensorFlow's global registry for good.
-HIDDEN = ("relu", "gelu", "tanh", "elu", "selu", "softplus")
 
 
 class Unsupported(Exception):
@@ -92,10 +90,10 @@ def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Pl
         inputs = tuple(where[t._keras_history.operation.name] for t in layer._inbound_nodes[0].input_tensors)
         before = ops[inputs[0]] if inputs[0] >= 0 else None
         if (kind == "Dropout" and layer.noise_shape is None and before is not None and before[0] == "activation"
-                and before[2] == "hidden" and len(layers[inputs[0]]._outbound_nodes) == 1):
-            # The dropout right after a hidden activation (its only consumer) is part of that op, at
-            # rate 0 when there is none: a rate of 0 (no Dropout layer) does not split structures either.
-            consts[before[4]] = tf.constant(np.float32(layer.rate))
+                and len(layers[inputs[0]]._outbound_nodes) == 1):
+            # The dropout right after an activation (its only consumer) is part of that op, at rate 0
+            # when there is none: a rate of 0 (no Dropout layer) does not split structures.
+            consts[before[3]] = tf.constant(np.float32(layer.rate))
             where[layer.name] = inputs[0]
             continue
         op = _op(layer, kind, inputs, const, var, state)
@@ -148,11 +146,8 @@ def _op(layer: Any, kind: str, inputs: tuple[int, ...], const: Callable[[Any], i
         l2 = const(reg.l2) if reg is not None else -1
         bias = var(layer.bias) if layer.bias is not None else -1
         return ("dense", inputs, _activation(layer.activation, name), var(layer.kernel), bias, l2)
-    if kind == "Activation":  # (kind, inputs, name or "hidden", HIDDEN index, dropout rate after it)
-        activation = _activation(layer.activation, name)
-        if activation in HIDDEN:
-            return ("activation", inputs, "hidden", const(HIDDEN.index(activation)), const(0.0))
-        return ("activation", inputs, activation, -1, -1)
+    if kind == "Activation":  # (kind, inputs, activation, the dropout rate after it)
+        return ("activation", inputs, _activation(layer.activation, name), const(0.0))
     if kind == "Dropout":
         if layer.noise_shape is not None:
             raise Unsupported(f"{name}: dropout with a noise shape")
@@ -221,12 +216,19 @@ def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any]
     import tensorflow as tf
 
     fixed = (plan.train, plan.state, plan.slots, plan.counters, plan.consts, tf.constant(seed, tf.int64))
+    flat = [*plan.train, *plan.state, *plan.slots, *plan.counters, *plan.consts, fixed[-1]]
     concrete: list[Any] = []
 
     def run(x: Any, y: Any) -> Any:
         if not concrete:
             concrete.append(_traced(plan.key, x_spec, y_spec))
-        return concrete[0](*fixed, x, y)
+        function = concrete[0]
+        call_flat = getattr(function, "_call_flat", None)
+        if call_flat is None:  # another TensorFlow: the structured call (0.3 ms more a step)
+            return function(*fixed, x, y)
+        # The flat inputs in the signature's order, without binding the nested lists on each call
+        # (TensorFlow 2.21: 0.27 against 0.59 ms a step of the breast-cancer MLP).
+        return call_flat([*flat, x, y], function.captured_inputs)
 
     return run
 
@@ -262,14 +264,7 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
                 if l2 >= 0:
                     penalty += consts[l2] * tf.reduce_sum(tf.square(values[kernel]))
             elif kind == "activation":
-                _, _, activation, which, rate = op
-                if activation == "hidden":
-                    h = tf.switch_case(tf.cast(consts[which], tf.int32),
-                                       [functools.partial(_activate, name, h) for name in HIDDEN])
-                else:
-                    h = keras.activations.get(activation)(h)
-                if rate >= 0:
-                    h = _dropout(h, consts[rate], seed, i)
+                h = _dropout(keras.activations.get(op[2])(h), consts[op[3]], seed, i)
             elif kind == "dropout":
                 h = _dropout(h, consts[op[2]], seed, i)
             elif kind == "batch_norm":
@@ -319,10 +314,6 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
                  [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks], tf.TensorSpec([], tf.int64),
                  x_spec, y_spec)
     return tf.function(train_step, autograph=False).get_concrete_function(*signature)
-
-
-def _activate(name: str, h: Any) -> Any:
-    return keras.activations.get(name)(h)
 
 
 def _dropout(h: Any, rate: Any, seed: Any, i: int) -> Any:

@@ -279,8 +279,10 @@ def test_sigterm_fails_the_running_trial_and_the_same_command_resumes(home, writ
 
     from tests.conftest import ROOT
 
+    # 120 epochs: a trial still trains when the signal comes (30-epoch trials on the shared train
+    # step sometimes ended first on a busy machine).
     cfg = write_config(_kt_config(tiny_space, budget={"n_trials": 2}, keras_tuner={"tuner": "random"},
-                                  training={"epochs": 30, "batch_size": 16, "early_stopping_patience": None}))
+                                  training={"epochs": 120, "batch_size": 16, "early_stopping_patience": None}))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     storage = f"sqlite:///{home / 'optuna.db'}"
 
