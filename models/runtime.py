@@ -49,11 +49,6 @@ def import_tensorflow(threads: int | None = None, *, quiet: bool = True) -> None
         tf.constant(0)  # the first operation starts the runtime, which logs too
 
 
-# What `long_lived` was at the last freeze; -1: this process never froze its heap. (Asking gc,
-# `gc.get_freeze_count()`, walks the frozen objects: 57 ms with TensorFlow loaded.)
-_FROZEN_AT: list[int] = [-1]
-
-
 def freeze_heap() -> None:
     """Leave every object alive now (the libraries, a loaded model) out of the collector's full
     collections, once per process. With TensorFlow loaded a full collection walks ~400k objects
@@ -63,17 +58,3 @@ def freeze_heap() -> None:
     heavy imports, before the work that repeats."""
     if not gc.get_freeze_count():
         gc.freeze()
-    _FROZEN_AT[0] = max(_FROZEN_AT[0], 0)
-
-
-def refreeze_heap(long_lived: int) -> None:
-    """Freeze again, in a process whose heap `freeze_heap` froze, once `long_lived` (a count of
-    objects kept for the process's life since, e.g. models.shared_step.traces()) has grown: a full
-    collection of what is not frozen (the models that are garbage now), then freeze what is alive.
-    Call it between models, when none of the last one is alive. A shared train step's trace keeps
-    5-13k objects: 17 of them made each full collection (KerasTuner runs two a trial) take 68 ms
-    instead of 20 ms in a 60-trial Hyperband study."""
-    if _FROZEN_AT[0] >= 0 and long_lived != _FROZEN_AT[0]:
-        gc.collect()
-        gc.freeze()
-        _FROZEN_AT[0] = long_lived

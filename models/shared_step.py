@@ -216,19 +216,12 @@ def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any]
     import tensorflow as tf
 
     fixed = (plan.train, plan.state, plan.slots, plan.counters, plan.consts, tf.constant(seed, tf.int64))
-    flat = [*plan.train, *plan.state, *plan.slots, *plan.counters, *plan.consts, fixed[-1]]
     concrete: list[Any] = []
 
     def run(x: Any, y: Any) -> Any:
         if not concrete:
             concrete.append(_traced(plan.key, x_spec, y_spec))
-        function = concrete[0]
-        call_flat = getattr(function, "_call_flat", None)
-        if call_flat is None:  # another TensorFlow: the structured call (0.3 ms more a step)
-            return function(*fixed, x, y)
-        # The flat inputs in the signature's order, without binding the nested lists on each call
-        # (TensorFlow 2.21: 0.27 against 0.59 ms a step of the breast-cancer MLP).
-        return call_flat([*flat, x, y], function.captured_inputs)
+        return concrete[0](*fixed, x, y)
 
     return run
 

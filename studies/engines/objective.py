@@ -208,11 +208,9 @@ class Objective:
         """A fresh model for these params, its weights drawn from the trial's seed."""
         import keras
 
-        from models import FAMILIES, shared_step
-        from models.runtime import refreeze_heap
+        from models import FAMILIES
 
         keras.backend.clear_session(free_memory=False)  # gc.collect() here costs ~0.4 s a trial
-        refreeze_heap(shared_step.traces())  # the last trial's new trace, if any, out of full collections
         keras.utils.set_random_seed(seed)
         return FAMILIES[self.loaded.config.model.family].build(params, self.data.spec)
 
