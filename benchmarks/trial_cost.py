@@ -1,14 +1,15 @@
 """Where a small trial's time goes: the shipped breast_cancer MLP, 3-epoch trials.
 
-    python benchmarks/trial_cost.py [--trials 8] [--rounds 5]
+    python benchmarks/trial_cost.py [--trials 24] [--rounds 5]
 
 Part 1, the fit path in one process, the same seeded models alternately fitted the way Keras
 does by default ("before": arrays batched by Keras, so the smaller last batch traces the train
 step again; optimizer variables created inside the first trace, which traces it twice; the
 compiled metrics computed on every train batch), the way models.training.fit did through
-Keras's train step, traced for each model ("keras"), and the way it does now, through the step
-its structure shares with the models fitted before it (models.shared_step, traced in the
-warm-up round): first epoch (tracing included), steady epoch, whole 3-epoch fit. (Once models.training.fit has
+Keras's train step, traced for each model ("keras"), and the way it does now, each epoch one call
+of the epoch function its structure shares with the models fitted before it (models.shared_step,
+traced in the warm-up round; each model seeded as a trial seeds it, models.runtime.fresh_keras):
+first epoch (tracing included), steady epoch, whole 3-epoch fit. (Once models.training.fit has
 run, Grappler's graph rewrites are off in the process, for both ways: the difference shown is the
 fit path's alone.) Then the memory the process keeps per fitted model, both ways (Keras's
 one-replica all-reduce kept every traced train step alive; models.updates.direct_updates).
@@ -17,7 +18,9 @@ Part 2, whole trials of `python -m studies.run configs/breast_cancer.yaml` (3 ep
 one TensorFlow thread) with tracking on (embedded MLflow) and off, from each trial's own record
 (`setup_seconds`, `epoch_seconds`, start/complete times): time outside epochs per trial, a trial
 against three steady epochs of pure training, and each invocation's fixed cost (process wall
-minus the trials). Goals (issue 18): outside epochs <= 0.3 s, trial <= 2x three epochs.
+minus the trials); over all trials, and over the trials whose structure an earlier trial traced
+(a study of a few hundred trials traces a few dozen at most). Goals (issue 18): outside epochs
+<= 0.3 s, trial <= 2x three epochs.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def fit_path(rounds: int) -> None:
     import keras
 
     from models import FAMILIES, load_dataset
+    from models.runtime import fresh_keras
     from models.training import _Clock, _Validation, fit
 
     data = load_dataset(name="breast_cancer", path=None, target=None, features=None, task="binary", image_shape=None,
@@ -67,8 +71,7 @@ def fit_path(rounds: int) -> None:
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ways}
     for r in range(rounds + 1):  # round 0 warms up all three (and traces the shared step of PARAMS' structure)
         for name, run in (list(ways.items()) if r % 2 else list(ways.items())[::-1]):
-            keras.backend.clear_session(free_memory=False)
-            keras.utils.set_random_seed(r)
+            fresh_keras(r)  # as a trial starts (studies.engines.objective)
             model = FAMILIES["mlp"].build(PARAMS, data.spec)
             start = time.perf_counter()
             epochs = run(model)
@@ -96,6 +99,7 @@ def memory_kept(data, ways: dict, fits: int = 30) -> None:
     import keras
 
     from models import FAMILIES
+    from models.runtime import fresh_keras
 
     def rss_mib() -> float:
         with open("/proc/self/statm") as f:
@@ -108,7 +112,7 @@ def memory_kept(data, ways: dict, fits: int = 30) -> None:
             if i == 5:
                 gc.collect()
                 rss, objects = rss_mib(), len(gc.get_objects())
-            keras.backend.clear_session(free_memory=False)
+            fresh_keras(i)
             run(FAMILIES["mlp"].build(PARAMS, data.spec))
         gc.collect()
         print(f"  {name:8} {(rss_mib() - rss) * 1024 / fits:7.0f} KiB {(len(gc.get_objects()) - objects) / fits:8.0f} objects")
@@ -140,16 +144,19 @@ def trials(n: int) -> None:
             trial_wall = (t.datetime_complete - t.datetime_start).total_seconds()
             steady = statistics.median(seconds[1:])
             rows.append((trial_wall, trial_wall - sum(seconds), seconds[0] - steady, steady, t.user_attrs["setup_seconds"]))
-            traced.setdefault(t.user_attrs.get("train_step", "?"), []).append(trial_wall)
-        trial_wall, outside, trace, steady, setup = (statistics.median(col) for col in zip(*rows, strict=True))
+            traced.setdefault(t.user_attrs.get("train_step", "?"), []).append(rows[-1])
         print(f"\nwhole trials, tracking {tracking}: {n} trials, median per trial")
-        print("  by train step: " + "; ".join(f"{step}: {len(walls)} trials, median {statistics.median(walls):.3f}s"
-                                              for step, walls in sorted(traced.items())))
-        print(f"  trial {trial_wall:.3f}s = epochs {trial_wall - outside:.3f}s + outside epochs {outside:.3f}s "
-              f"(build + serving costs {setup:.3f}s; evaluation, storage and tracking the rest)")
-        print(f"  first epoch's extra over a steady one (tracing) {trace:.3f}s; steady epoch {steady:.3f}s")
-        print(f"  trial / three steady epochs = {trial_wall / (3 * steady):.1f}x (goal <= 2x); "
-              f"outside epochs {outside:.3f}s (goal <= 0.3 s)")
+        print("  by train step: " + "; ".join(f"{step}: {len(group)} trials, median {statistics.median(r[0] for r in group):.3f}s"
+                                              for step, group in sorted(traced.items())))
+        for label, group in (("all trials", rows), ("trials of a structure traced before", traced.get("shared", []))):
+            if not group:
+                continue
+            trial_wall, outside, trace, steady, setup = (statistics.median(col) for col in zip(*group, strict=True))
+            print(f"  {label} ({len(group)}): trial {trial_wall:.3f}s = epochs {trial_wall - outside:.3f}s + outside epochs "
+                  f"{outside:.3f}s (build + serving costs {setup:.3f}s; evaluation, storage and tracking the rest)")
+            print(f"    first epoch's extra over a steady one {trace:.3f}s; steady epoch {steady:.4f}s; "
+                  f"trial / three steady epochs = {trial_wall / (3 * steady):.1f}x (goal <= 2x); "
+                  f"outside epochs {outside:.3f}s (goal <= 0.3 s)")
         print(f"  invocation {wall:.1f}s, of which outside the trials {wall - sum(r[0] for r in rows):.1f}s "
               "(imports, data, storage, tracking start and end)")
 
@@ -212,7 +219,7 @@ def served_latency(study, tracking_uri: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--trials", type=int, default=24)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     fit_path(args.rounds)

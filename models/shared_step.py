@@ -188,7 +188,7 @@ def _loss(model: keras.Model) -> tuple[str, float]:
 
 def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], list[Any], np.ndarray]:
     """The optimizer's kind for the key, its slot handles, and its settings [beta_1, beta_2,
-    epsilon] (Adam) or [momentum] (SGD)."""
+    epsilon, 1 - beta_1, 1 - beta_2] (Adam) or [momentum] (SGD)."""
     if optimizer is None or not optimizer.built:
         raise Unsupported("the optimizer is not built")
     if (optimizer.clipnorm or optimizer.clipvalue or optimizer.global_clipnorm or optimizer.weight_decay
@@ -200,7 +200,8 @@ def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], l
     index = [optimizer._get_variable_index(v) for v in variables]
     if kind is keras.optimizers.Adam and not optimizer.amsgrad:
         slots = [_handle(optimizer._momentums[i]) for i in index] + [_handle(optimizer._velocities[i]) for i in index]
-        return ("adam",), slots, np.asarray([optimizer.beta_1, optimizer.beta_2, optimizer.epsilon], dtype=np.float32)
+        settings = [optimizer.beta_1, optimizer.beta_2, optimizer.epsilon, 1 - optimizer.beta_1, 1 - optimizer.beta_2]
+        return ("adam",), slots, np.asarray(settings, dtype=np.float32)
     if kind is keras.optimizers.SGD:
         if optimizer.momentum == 0:
             return ("sgd",), [], np.zeros(1, dtype=np.float32)
@@ -227,8 +228,8 @@ def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any]
 
 
 def traces() -> int:
-    """How many structures' steps this process has traced."""
-    return _traced.cache_info().currsize
+    """How many structures' steps and epochs this process has traced."""
+    return _traced.cache_info().currsize + _traced_epoch.cache_info().currsize
 
 
 @functools.cache
@@ -238,9 +239,82 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
 
     ops, out, loss_name, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key
     resource = tf.TensorSpec([], tf.resource)
+    loss_of = _loss_of(key)
+
+    def train_step(train: list[Any], state: list[Any], slots: list[Any], counters: list[Any], consts: list[Any],
+                   seed: Any, x: Any, y: Any) -> Any:
+        iterations, learning_rate = counters
+        count = tf.raw_ops.ReadVariableOp(resource=iterations, dtype=tf.int64)
+        values = [tf.ensure_shape(tf.raw_ops.ReadVariableOp(resource=h, dtype=tf.float32), [None] * rank)
+                  for h, rank in zip(train, ranks, strict=True)]
+        moving = [tf.raw_ops.ReadVariableOp(resource=h, dtype=tf.float32) for h in state]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            loss, moving = loss_of(values, moving, consts, tf.stack([seed, count]), x, y)
+        grads = tape.gradient(loss, values)
+        for handle, value in zip(state, moving, strict=True):
+            tf.raw_ops.AssignVariableOp(resource=handle, value=value)
+        lr = tf.raw_ops.ReadVariableOp(resource=learning_rate, dtype=tf.float32)
+        _apply(optimizer_key, grads, train, slots, consts[-3], lr, tf.cast(count + 1, tf.float32))
+        tf.raw_ops.AssignAddVariableOp(resource=iterations, value=tf.constant(1, tf.int64))
+        return loss
+
+    signature = ([resource] * len(ranks), [resource] * n_state, [resource] * n_slots, [resource, resource],
+                 [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks], tf.TensorSpec([], tf.int64),
+                 x_spec, y_spec)
+    return tf.function(train_step, autograph=False).get_concrete_function(*signature)
+
+
+@functools.cache
+def _traced_epoch(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
+    """The concrete epoch of one structure: every batch of a permutation of the train split in one
+    call, the weights, batch norm statistics, optimizer slots and step count in as tensors of any
+    shape and out updated. No variables inside: one instantiation serves every width (the
+    step by handle is instantiated again for each new set of variable shapes, ~0.08 s a trial)."""
+    import tensorflow as tf
+
+    ops, out, loss_name, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key
+    loss_of = _loss_of(key)
+    slot_ranks = ranks * (n_slots // len(ranks)) if ranks else ()
+
+    def epoch(values: list[Any], state: list[Any], slots: list[Any], count: Any, lr: Any, consts: list[Any],
+              seed: Any, x: Any, y: Any, perm: Any, batch_size: Any) -> tuple[Any, ...]:
+        n = tf.shape(perm)[0]
+        steps = (n + batch_size - 1) // batch_size
+
+        def body(b: Any, count: Any, values: list[Any], state: list[Any], slots: list[Any], losses: Any) -> tuple[Any, ...]:
+            start = b * batch_size
+            rows = perm[start:tf.minimum(start + batch_size, n)]
+            with tf.GradientTape() as tape:
+                tape.watch(values)
+                loss, state = loss_of(values, state, consts, tf.stack([seed, count]), tf.gather(x, rows), tf.gather(y, rows))
+            grads = tape.gradient(loss, values)
+            values, slots = _updated(optimizer_key, grads, values, slots, consts[-3], lr, tf.cast(count + 1, tf.float32))
+            return b + 1, count + 1, values, state, slots, losses.write(b, loss)
+
+        _, count, values, state, slots, losses = tf.while_loop(
+            lambda b, *_: b < steps, body, (tf.constant(0), count, values, state, slots, tf.TensorArray(tf.float32, steps)))
+        return values, state, slots, count, losses.stack()
+
+    signature = ([tf.TensorSpec([None] * r, tf.float32) for r in ranks], [tf.TensorSpec([None], tf.float32)] * n_state,
+                 [tf.TensorSpec([None] * r, tf.float32) for r in slot_ranks], tf.TensorSpec([], tf.int64),
+                 tf.TensorSpec([], tf.float32), [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks],
+                 tf.TensorSpec([], tf.int64), x_spec, y_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32))
+    return tf.function(epoch, autograph=False).get_concrete_function(*signature)
+
+
+def _loss_of(key: tuple[Any, ...]) -> Callable[..., tuple[Any, list[Any]]]:
+    """`loss_of(values, moving, consts, seed, x, y) -> (loss, moving')`: the forward pass of the
+    structure in training mode and the loss Keras's step minimizes (the compiled loss, class weights
+    as sample weights, the loss weight, plus the L2 penalties), batch norm's moving statistics
+    updated with the batch's moments (values in, values out)."""
+    import tensorflow as tf
+
+    ops, out, loss_name, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key
     loss_object = getattr(keras.losses, loss_name)()
 
-    def forward(x: Any, values: list[Any], consts: list[Any], state: list[Any], seed: Any) -> tuple[Any, Any]:
+    def loss_of(values: list[Any], moving: list[Any], consts: list[Any], seed: Any, x: Any, y: Any) -> tuple[Any, list[Any]]:
+        moving = list(moving)
         outputs: dict[int, Any] = {-1: x}
         penalty = tf.constant(0.0)
         for i, op in enumerate(ops):
@@ -261,12 +335,11 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
             elif kind == "dropout":
                 h = _dropout(h, consts[op[2]], seed, i)
             elif kind == "batch_norm":
-                _, _, gamma, beta, moving, momentum, epsilon = op
+                _, _, gamma, beta, at, momentum, epsilon = op
                 mean, variance = keras.ops.moments(h, axes=[0])
                 m = consts[momentum]
-                for handle, batch in ((state[moving], mean), (state[moving + 1], variance)):
-                    old = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
-                    tf.raw_ops.AssignVariableOp(resource=handle, value=old * m + batch * (1.0 - m))
+                moving[at] = moving[at] * m + mean * (1.0 - m)
+                moving[at + 1] = moving[at + 1] * m + variance * (1.0 - m)
                 h = keras.ops.batch_normalization(
                     h, mean, variance, axis=-1, offset=values[beta] if beta >= 0 else None,
                     scale=values[gamma] if gamma >= 0 else None, epsilon=epsilon)
@@ -283,30 +356,11 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
             elif kind == "concatenate":
                 h = tf.concat([outputs[j] for j in inputs], axis=-1)
             outputs[i] = h
-        return outputs[len(ops) - 1], penalty
+        loss_weight, class_weights = consts[-2], consts[-1]
+        weights = tf.gather(class_weights, tf.cast(tf.reshape(y, [-1]), tf.int32)) if weighted else None
+        return loss_weight * loss_object(y, outputs[len(ops) - 1], sample_weight=weights) + penalty, moving
 
-    def train_step(train: list[Any], state: list[Any], slots: list[Any], counters: list[Any], consts: list[Any],
-                   seed: Any, x: Any, y: Any) -> Any:
-        iterations, learning_rate = counters
-        count = tf.raw_ops.ReadVariableOp(resource=iterations, dtype=tf.int64)
-        values = [tf.ensure_shape(tf.raw_ops.ReadVariableOp(resource=h, dtype=tf.float32), [None] * rank)
-                  for h, rank in zip(train, ranks, strict=True)]
-        settings, loss_weight, class_weights = consts[-3], consts[-2], consts[-1]
-        with tf.GradientTape() as tape:
-            tape.watch(values)
-            pred, penalty = forward(x, values, consts, state, tf.stack([seed, count]))
-            weights = tf.gather(class_weights, tf.cast(tf.reshape(y, [-1]), tf.int32)) if weighted else None
-            loss = loss_weight * loss_object(y, pred, sample_weight=weights) + penalty
-        grads = tape.gradient(loss, values)
-        lr = tf.raw_ops.ReadVariableOp(resource=learning_rate, dtype=tf.float32)
-        _apply(optimizer_key, grads, train, slots, settings, lr, tf.cast(count + 1, tf.float32))
-        tf.raw_ops.AssignAddVariableOp(resource=iterations, value=tf.constant(1, tf.int64))
-        return loss
-
-    signature = ([resource] * len(ranks), [resource] * n_state, [resource] * n_slots, [resource, resource],
-                 [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks], tf.TensorSpec([], tf.int64),
-                 x_spec, y_spec)
-    return tf.function(train_step, autograph=False).get_concrete_function(*signature)
+    return loss_of
 
 
 def _dropout(h: Any, rate: Any, seed: Any, i: int) -> Any:
@@ -345,3 +399,69 @@ def _apply(optimizer_key: tuple[Any, ...], grads: list[Any], train: list[Any], s
         else:
             tf.raw_ops.ResourceApplyKerasMomentum(var=handle, accum=slots[i], lr=lr, grad=grad, momentum=settings[0],
                                                   use_nesterov=optimizer_key[1])
+
+
+def _updated(optimizer_key: tuple[Any, ...], grads: list[Any], values: list[Any], slots: list[Any], settings: Any,
+             lr: Any, step: Any) -> tuple[list[Any], list[Any]]:
+    """The optimizer's update as values in, values out: Keras's formulas (Adam's bias-corrected step
+    size and moments, with 1 - beta as Keras computes it in double precision; SGD; momentum and
+    Nesterov's look-ahead)."""
+    import tensorflow as tf
+
+    n = len(values)
+    values, slots = list(values), list(slots)
+    if optimizer_key[0] == "adam":
+        beta_1, beta_2, epsilon, one_minus_beta_1, one_minus_beta_2 = (settings[i] for i in range(5))
+        alpha = lr * tf.sqrt(1.0 - tf.pow(beta_2, step)) / (1.0 - tf.pow(beta_1, step))
+    for i, grad in enumerate(grads):
+        if grad is None:
+            continue
+        if optimizer_key[0] == "adam":
+            m = slots[i] + (grad - slots[i]) * one_minus_beta_1
+            v = slots[n + i] + (tf.square(grad) - slots[n + i]) * one_minus_beta_2
+            slots[i], slots[n + i] = m, v
+            values[i] = values[i] - (m * alpha) / (tf.sqrt(v) + epsilon)
+        elif optimizer_key[0] == "sgd":
+            values[i] = values[i] - grad * lr
+        else:
+            accum = slots[i] * settings[0] - grad * lr
+            slots[i] = accum
+            values[i] = values[i] + (accum * settings[0] - grad * lr if optimizer_key[1] else accum)
+    return values, slots
+
+
+class Epochs:
+    """Whole epochs of one network through its structure's epoch function (`_traced_epoch`): each
+    call reads the network's variables, runs every batch of the given permutation of the train
+    split, and writes the variables back, so between epochs the model holds its weights as after
+    Keras's epoch (for validation, checkpoints and callbacks). `__call__(permutation)` returns
+    each batch's loss, as Keras's step returns it. A structure met for the first time is traced at
+    its first epoch."""
+
+    def __init__(self, plan: Plan, seed: int, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
+        import tensorflow as tf
+
+        self.plan = plan
+        self._seed = tf.constant(seed, tf.int64)
+        self._x, self._y = tf.constant(x), tf.constant(y)
+        self._batch_size = tf.constant(batch_size, tf.int32)
+        self._specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in (self._x, self._y))
+        self._epoch: Any = None
+
+    def __call__(self, permutation: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        if self._epoch is None:
+            self._epoch = _traced_epoch(self.plan.key, *self._specs)
+        plan = self.plan
+        read = tf.raw_ops.ReadVariableOp
+        values, state, slots = ([read(resource=h, dtype=tf.float32) for h in handles]
+                                for handles in (plan.train, plan.state, plan.slots))
+        iterations, learning_rate = plan.counters
+        values, state, slots, count, losses = self._epoch(
+            values, state, slots, read(resource=iterations, dtype=tf.int64), read(resource=learning_rate, dtype=tf.float32),
+            plan.consts, self._seed, self._x, self._y, tf.constant(permutation, tf.int32), self._batch_size)
+        for handle, value in zip([*plan.train, *plan.state, *plan.slots, iterations], [*values, *state, *slots, count],
+                                 strict=True):
+            tf.raw_ops.AssignVariableOp(resource=handle, value=value)
+        return losses.numpy()

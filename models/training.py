@@ -126,11 +126,12 @@ def fit(
     """Fit on the train split, validate each epoch, end with the best epoch's weights.
 
     `initial_epoch` continues a model trained before (epochs then counts from 0 as in Keras);
-    `callbacks` run after the workbench's own (a tuner's checkpointing, for instance). The
-    batches go through the train step its structure shares with other networks
-    (models.shared_step) when it has one and `shared`, else through Keras's `fit`; `extras`
-    says which (`train_step`: "shared", "shared, traced" when this fit traced its structure's
-    step, or "keras (why not shared)")."""
+    `callbacks` run after the workbench's own (a tuner's checkpointing, for instance). When the
+    network's structure has a shared step (models.shared_step) and `shared`, each epoch is one
+    call of the epoch function the structure shares with other networks (batch by batch through
+    its shared step when a callback watches batches); else Keras's `fit` runs. `extras` says
+    which (`train_step`: "shared", "shared, traced" when this fit traced its structure's
+    function, or "keras (why not shared)")."""
     guard = _Guard(monitor, mode, patience)
     clock = _Clock()
     hooks: list[keras.callbacks.Callback] = [clock, _Validation(data.x_val, data.y_val), guard]
@@ -147,15 +148,17 @@ def fit(
         prebuild(model, data.x_train[:1], data.y_train[:1])
         if model.optimizer is not None:
             direct_updates(model.optimizer)
-        dataset = batches(data.x_train, data.y_train, batch_size)
-        run, note = _shared_step(model, dataset, class_weight) if shared else (None, "not asked")
-        if run is not None:
+        plan, note = _plan(model, class_weight) if shared else (None, "not asked")
+        if plan is not None:
             traces = shared_step.traces()
-            history = _own_loop(model, run, dataset, epochs, initial_epoch, hooks)
+            seed = int(np.random.randint(2 ** 31 - 1))
+            train_epoch = (_batch_epochs(model, plan, seed, data, batch_size, watched) if (watched := _batch_watchers(hooks))
+                           else _whole_epochs(plan, seed, data, batch_size))
+            history = _own_loop(model, train_epoch, epochs, initial_epoch, hooks)
             note = "traced" if shared_step.traces() > traces else ""  # the first fit of its structure
         else:
             history = model.fit(
-                dataset,
+                batches(data.x_train, data.y_train, batch_size),
                 epochs=epochs,
                 initial_epoch=initial_epoch,
                 shuffle=False,  # the pipeline reshuffles each epoch itself
@@ -174,56 +177,75 @@ def fit(
         stopped_by = "early_stopping"
     return FitResult(logs, len(logs.get("loss", [])), stopped_by, guard.best_epoch,
                      extras={"epoch_seconds": [round(x, 4) for x in clock.seconds],
-                             "train_step": ("shared, traced" if note else "shared") if run is not None else f"keras ({note})"})
+                             "train_step": ("shared, traced" if note else "shared") if plan is not None else f"keras ({note})"})
 
 
 _BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
 
 
-def _shared_step(model: keras.Model, dataset: Any,
-                 class_weight: dict[int, float] | None) -> tuple[Callable[[Any, Any], Any] | None, str]:
-    """The shared train step for this model (models.shared_step), or None and why not."""
+def _plan(model: keras.Model, class_weight: dict[int, float] | None) -> tuple[shared_step.Plan | None, str]:
+    """The model's inputs to the train step its structure shares (models.shared_step), or None and why not."""
     try:
-        plan = shared_step.plan(model, class_weight)
+        return shared_step.plan(model, class_weight), ""
     except shared_step.Unsupported as e:
         return None, str(e)
-    x_spec, y_spec = dataset.element_spec
-    return shared_step.step(plan, int(np.random.randint(2 ** 31 - 1)), x_spec, y_spec), ""
 
 
-def _own_loop(model: keras.Model, run: Callable[[Any, Any], Any], dataset: Any, epochs: int, initial_epoch: int,
+def _batch_watchers(hooks: Sequence[keras.callbacks.Callback]) -> list[keras.callbacks.Callback]:
+    """The callbacks that watch batches (KerasTuner's own does)."""
+    return [c for c in hooks if any(getattr(type(c), h) is not getattr(keras.callbacks.Callback, h) for h in _BATCH_HOOKS)]
+
+
+def _whole_epochs(plan: shared_step.Plan, seed: int, data: Dataset, batch_size: int) -> Callable[[], float]:
+    """Each epoch one call of the structure's epoch function, on a fresh permutation of the train
+    split (numpy's generator, seeded with the trial): the loss as Keras's tracker averages it (each
+    batch's loss weighted by its rows)."""
+    run = shared_step.Epochs(plan, seed, data.x_train, data.y_train, batch_size)
+    n = len(data.x_train)
+    rows = np.minimum(batch_size, n - np.arange(0, n, batch_size)).astype(np.float64)
+
+    def train_epoch() -> float:
+        return float(np.dot(run(np.random.permutation(n)).astype(np.float64), rows) / max(n, 1))
+
+    return train_epoch
+
+
+def _batch_epochs(model: keras.Model, plan: shared_step.Plan, seed: int, data: Dataset, batch_size: int,
+                  watched: list[keras.callbacks.Callback]) -> Callable[[], float]:
+    """Each epoch batch by batch through the structure's step, the callbacks that watch batches
+    called at each one with the running loss."""
+    dataset = batches(data.x_train, data.y_train, batch_size)
+    run = shared_step.step(plan, seed, *dataset.element_spec)
+    hooks = keras.callbacks.CallbackList(watched, model=model)
+
+    def train_epoch() -> float:
+        total = seen = 0.0
+        for step, (x, y) in enumerate(dataset):
+            hooks.on_train_batch_begin(step)
+            total += float(run(x, y)) * x.shape[0]
+            seen += x.shape[0]
+            hooks.on_train_batch_end(step, {"loss": total / seen})
+        return total / max(seen, 1.0)
+
+    return train_epoch
+
+
+def _own_loop(model: keras.Model, train_epoch: Callable[[], float], epochs: int, initial_epoch: int,
               hooks: Sequence[keras.callbacks.Callback]) -> dict[str, list[float]]:
     """Keras's epoch loop around the shared step: the callbacks at the train's and each epoch's
-    begin and end, `loss` as Keras's tracker averages it (each batch's loss weighted by its rows),
-    and a stop when a callback sets `model.stop_training`. Callbacks that watch batches (KerasTuner's
-    own) are called at each one too, with the running loss."""
+    begin and end, `loss` from `train_epoch`, and a stop when a callback sets `model.stop_training`."""
     history = keras.callbacks.History()  # last: it records the logs as the others left them
     callbacks = keras.callbacks.CallbackList([*hooks, history], model=model, epochs=epochs, steps=None, verbose=0)
-    watched = [c for c in hooks if any(getattr(type(c), h) is not getattr(keras.callbacks.Callback, h) for h in _BATCH_HOOKS)]
-    batch_hooks = keras.callbacks.CallbackList(watched, model=model) if watched else None
     model.stop_training = False
     callbacks.on_train_begin()
     for epoch in range(initial_epoch, epochs):
         callbacks.on_epoch_begin(epoch)
-        losses, rows = [], []
-        for step, (x, y) in enumerate(dataset):
-            if batch_hooks is not None:
-                batch_hooks.on_train_batch_begin(step)
-            losses.append(run(x, y))
-            rows.append(x.shape[0])
-            if batch_hooks is not None:
-                batch_hooks.on_train_batch_end(step, {"loss": _mean(losses, rows)})
-        logs: dict[str, Any] = {"loss": _mean(losses, rows)}
+        logs: dict[str, Any] = {"loss": train_epoch()}
         callbacks.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
     callbacks.on_train_end()
     return history.history
-
-
-def _mean(losses: list[Any], rows: list[int]) -> float:
-    weights = np.asarray(rows, dtype=np.float64)
-    return float(np.dot([float(v) for v in losses], weights) / max(weights.sum(), 1.0))
 
 
 @functools.cache
@@ -266,10 +288,12 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Any:
     """The train split as a tf.data pipeline, reshuffled each epoch, whose batches have an
     unknown size: Keras then traces its train step once. Given the arrays, Keras batches them
     itself with a fixed size, and a smaller last batch (341 rows in batches of 64) traces the
-    whole step a second time: ~1.3 s of a small model's first epoch."""
+    whole step a second time: ~1.3 s of a small model's first epoch. The shuffle's seed is drawn
+    from numpy's generator, which the trial seeds (models.runtime.fresh_keras)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), reshuffle_each_iteration=True)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=int(np.random.randint(2 ** 31 - 1)),
+                                                            reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(2)
 
 

@@ -51,21 +51,25 @@ def state(model: keras.Model) -> list[np.ndarray]:
     ],
 )
 def test_the_shared_step_trains_as_keras_does(name, params, class_weight):
-    """Six batches (the last one smaller) through Keras's train step and through the shared one,
-    from the same initial weights: the same loss at every step, and the same weights, batch norm
-    statistics and optimizer slots after."""
+    """Up to six batches (the last one smaller) through Keras's train step, through the shared step and
+    through the shared epoch (one call), from the same initial weights: the same loss at every
+    step, and the same weights, batch norm statistics and optimizer slots after."""
     import tensorflow as tf
 
     data = dataset(name)
-    theirs, ours = ready(name, params), ready(name, params)
+    theirs, ours, whole = ready(name, params), ready(name, params), ready(name, params)
     run = shared_step.step(shared_step.plan(ours, class_weight), 0, tf.TensorSpec([None, data.x_train.shape[1]], tf.float32),
                            tf.TensorSpec([None], tf.as_dtype(data.y_train.dtype)))
-    for start in range(0, 6 * 24, 24):
-        x, y = data.x_train[start:start + 24 - (start // 120) * 10], data.y_train[start:start + 24 - (start // 120) * 10]
-        expected = theirs.train_on_batch(x, y, class_weight=class_weight)
-        assert float(run(tf.constant(x), tf.constant(y))) == pytest.approx(float(expected), rel=1e-5)
-    for keras_value, shared_value in zip(state(theirs), state(ours), strict=True):
+    expected, n = [], min(134, len(data.x_train))
+    for start in range(0, n, 24):
+        x, y = data.x_train[start:start + 24][:n - start], data.y_train[start:start + 24][:n - start]
+        expected.append(float(theirs.train_on_batch(x, y, class_weight=class_weight)))
+        assert float(run(tf.constant(x), tf.constant(y))) == pytest.approx(expected[-1], rel=1e-5)
+    epoch = shared_step.Epochs(shared_step.plan(whole, class_weight), 0, data.x_train[:n], data.y_train[:n], 24)
+    np.testing.assert_allclose(epoch(np.arange(n)), expected, rtol=1e-5)
+    for keras_value, shared_value, epoch_value in zip(state(theirs), state(ours), state(whole), strict=True):
         np.testing.assert_allclose(shared_value, keras_value, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(epoch_value, keras_value, rtol=1e-5, atol=1e-6)
 
 
 def test_networks_of_one_structure_share_one_trace():
@@ -101,8 +105,8 @@ def test_networks_of_one_structure_share_one_trace():
 
 
 def test_a_fit_says_which_step_it_ran():
-    """An MLP takes the shared step, and a callback that watches batches (KerasTuner's does) sees
-    each one; a CNN and an optimizer it does not know take Keras's, and fit says why."""
+    """An MLP takes the shared epoch function, or the shared step when a callback watches batches
+    (KerasTuner's does), which then sees each one; a CNN and an optimizer it does not know take Keras's, and fit says why."""
     data = dataset("breast_cancer")
 
     class EveryBatch(keras.callbacks.Callback):
@@ -117,8 +121,12 @@ def test_a_fit_says_which_step_it_ran():
         return fit(model, data, epochs=1, batch_size=64, **options).extras["train_step"]
 
     assert step_of({}).startswith("shared")
+    assert step_of({"units": [9]}) == "shared"  # the same structure's epoch function, whatever the width
     assert step_of({"optimizer": "rmsprop"}) == "keras (optimizer RMSprop)"
-    assert step_of({}, callbacks=[EveryBatch()]) == "shared"
+    assert step_of({}, callbacks=[EveryBatch()]).startswith("shared")  # batch by batch, through the shared step
+    assert step_of({"units": [5]}, callbacks=[EveryBatch()]) == "shared"
+    EveryBatch.seen.clear()
+    step_of({"units": [5]}, callbacks=[EveryBatch()])
     batches = -(-len(data.x_train) // 64)
     assert [b for b, _ in EveryBatch.seen] == list(range(batches)) and all(loss > 0 for _, loss in EveryBatch.seen)
     assert step_of({}, shared=False) == "keras (not asked)"
