@@ -96,8 +96,6 @@ def memory_kept(data, ways: dict, fits: int = 30) -> None:
     "now" first, so that what "before" keeps cannot count against it."""
     import gc
 
-    import keras
-
     from models import FAMILIES
     from models.runtime import fresh_keras
 
