@@ -115,10 +115,19 @@ def test_study_select_serve_reload_and_batch(tmp_path, postgres_url, mlflow_uri,
                                                                                                        binary_data=False)])
         np.testing.assert_allclose(pinned.as_numpy("probabilities"), first["probabilities"], atol=1e-6)
         oip.close()
-        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
-            scrape = r.read().decode()
+        # The challenger scores its samples off the request path, after the answers went out: wait for it.
+        scored = 'workbench_shadow_requests_total{challenger_version="1",champion_version="2",outcome="scored"} '
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+                scrape = r.read().decode()
+            count = sum(float(line[len(scored):]) for line in scrape.splitlines() if line.startswith(scored))
+            if count >= len(rows) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        shadow = [line for line in scrape.splitlines() if "shadow" in line and not line.startswith("#")]
+        assert count >= len(rows), f"shadow lines {shadow}; the API's log ends: {log_path.read_text()[-3000:]}"
         assert f'workbench_model_info{{name="{model_name}",role="challenger",version="1"}} 1.0' in scrape
-        assert 'workbench_shadow_requests_total{challenger_version="1",champion_version="2",outcome="scored"}' in scrape
         assert 'workbench_http_requests_total{model_version="2",route="/v2/models/{name}/infer",status="2xx"} 1.0' in scrape
 
         # Batch scoring of a file gives the API's answers, in order; an invalid row is reported, not dropped.
