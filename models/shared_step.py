@@ -1,25 +1,31 @@
-"""A train step shared by every network of one structure: traced once per process, not per model.
+"""A train step and an epoch shared by every network of one structure: traced once per process, not
+per model.
 
 Keras traces a new train step for each model it fits. For the small networks a study searches that
 trace is most of a short trial: 0.17-0.21 s of a 3-epoch breast-cancer trial's 0.38-0.41 s, whose
-three epochs of training took 0.007 s each (benchmarks/trial_cost.py). Here the step is a function
-of the structure alone (the layers' kinds and wiring, the loss, the optimizer's kind), and
-everything a trial varies is an input: the variables by handle (so their shapes are free), the
-learning rate, the L2 factors, the dropout rates (0 where a layer has none), the scaling
-constants. A study's trials of the same depth, activation, batch norm and optimizer then share one
-trace, whatever their widths and rates. (The hidden activation as a switch in the trace would
-share more, but TensorFlow instantiates a function again for each new set of variable shapes,
-i.e. every trial, and the switch's branches made that 0.13 s instead of 0.076 s.)
+three epochs of training took 0.007 s each (benchmarks/trial_cost.py). Here the functions depend on
+the structure alone (the layers' kinds and wiring, the loss, the optimizer's kind), and everything a
+trial varies is an input: the weights (so their shapes are free), the learning rate, the L2 factors,
+the dropout rates (0 where a layer has none), the scaling constants. A study's trials of the same
+depth, activation, batch norm and optimizer then share one trace, whatever their widths and rates.
 
-The step computes what Keras's `fit` computes for these layers: the forward pass in training mode
-with Keras's own ops (batch norm on the batch's moments, moving statistics updated with the layer's
+Two functions per structure. `Epochs` runs a whole epoch in one call (`_traced_epoch`: a loop over
+the batches of a permutation of the train split, the weights, batch norm statistics, optimizer slots
+and step count carried as tensors and handed back): models.training.fit takes it unless a callback
+watches batches. `step` runs one batch with the variables passed by handle (`_traced`), for fits
+whose callbacks watch batches (KerasTuner's). A function is instantiated once per process as long as
+TensorFlow's kernel cache is kept (models.runtime.fresh_keras; Keras's clear_session and
+set_random_seed clear it).
+
+Both compute what Keras's `fit` computes for these layers: the forward pass in training mode with
+Keras's own ops (batch norm on the batch's moments, moving statistics updated with the layer's
 momentum; Keras's stateless dropout, seeded by the fit's seed and the optimizer's step), the compiled
 loss through Keras's loss class (sum over the batch size, class weights as sample weights, the loss
-weight) plus each kernel's L2 penalty, gradients of that total, and the optimizer's update with the
-fused kernels models.updates uses for Keras's own step (so a model trains the same either way,
-`tests/unit/test_shared_step.py`). A network with anything else (another layer, optimizer setting,
-loss, a learning-rate schedule, a trainable flag turned off) gets no plan, and models.training.fit
-runs Keras's `fit`.
+weight) plus each kernel's L2 penalty, gradients of that total, and the optimizer's update: Keras's
+formulas on tensors in the epoch, the fused kernels models.updates uses for Keras's own step in the
+step (so a model trains the same every way, `tests/unit/test_shared_step.py`). A network with
+anything else (another layer, optimizer setting, loss, a learning-rate schedule, a trainable flag
+turned off) gets no plan, and models.training.fit runs Keras's `fit`.
 """
 
 from __future__ import annotations

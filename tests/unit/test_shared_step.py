@@ -135,3 +135,27 @@ def test_a_fit_says_which_step_it_ran():
     cnn = FAMILIES["cnn"].build({"n_conv": 1, "filters": [2], "dense_units": 4}, digits.spec)
     with pytest.raises(shared_step.Unsupported, match="Reshape"):
         shared_step.plan(cnn)
+
+
+def test_a_trial_seeds_as_keras_does_and_keeps_the_kernel_cache(monkeypatch):
+    """models.runtime.fresh_keras seeds a model's weights as keras.utils.set_random_seed does, and
+    resets Keras's names, without clearing TensorFlow's kernel cache (where the shared functions'
+    instantiations live), which Keras's own two calls clear."""
+    from tensorflow.python import pywrap_tfe
+
+    from models.runtime import fresh_keras
+
+    cleared = []
+    clear = pywrap_tfe.TFE_ContextClearCaches
+    monkeypatch.setattr(pywrap_tfe, "TFE_ContextClearCaches", lambda handle: (cleared.append(handle), clear(handle)))
+    data = dataset("breast_cancer")
+    keras.backend.clear_session(free_memory=False)
+    keras.utils.set_random_seed(5)
+    assert len(cleared) == 2
+    theirs = FAMILIES["mlp"].build({"units": [6]}, data.spec)
+    fresh_keras(5)
+    ours = FAMILIES["mlp"].build({"units": [6]}, data.spec)
+    assert len(cleared) == 2 and pywrap_tfe.TFE_ContextClearCaches is not clear
+    for a, b in zip(theirs.get_weights(), ours.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [layer.name for layer in ours.layers] == [layer.name for layer in theirs.layers]
