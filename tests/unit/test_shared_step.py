@@ -159,3 +159,27 @@ def test_a_trial_seeds_as_keras_does_and_keeps_the_kernel_cache(monkeypatch):
     for a, b in zip(theirs.get_weights(), ours.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [layer.name for layer in ours.layers] == [layer.name for layer in theirs.layers]
+
+
+def test_a_structure_checked_once_validates_in_numpy(monkeypatch):
+    """Validation's numpy program is checked against Keras for a structure's first model; a later
+    model of the structure (other widths) skips the check and still scores as Keras does."""
+    import models.export as export
+    from models.runtime import fresh_keras
+    from models.training import evaluate
+
+    checked = []
+    real = export.export_checked
+    monkeypatch.setattr(export, "export_checked", lambda *a, **k: (checked.append(1), real(*a, **k))[1])
+    data = dataset("wine")
+    params = {"n_layers": 3, "activation": "gelu", "batch_norm": True, "optimizer": "sgd", "use_momentum": True,
+              "momentum": 0.7, "nesterov": False, "dropout": [0.1, 0.0, 0.2]}
+    models = []
+    for units in ([7, 5, 4], [12, 3, 9]):
+        fresh_keras(0)
+        models.append(FAMILIES["mlp"].build({**params, "units": units}, data.spec))
+        assert fit(models[-1], data, epochs=2, batch_size=32).extras["train_step"].startswith("shared")
+    assert len(checked) == 1
+    ours = evaluate(models[1], data.x_val, data.y_val)
+    theirs = models[1].evaluate(data.x_val, data.y_val, verbose=0, return_dict=True)
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
