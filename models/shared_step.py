@@ -299,7 +299,7 @@ def _traced_epoch(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
             return b + 1, count + 1, values, state, slots, losses.write(b, loss)
 
         _, count, values, state, slots, losses = tf.while_loop(
-            lambda b, *_: b < steps, body, (tf.constant(0), count, values, state, slots, tf.TensorArray(tf.float32, steps)))
+            lambda b, *_: b < steps, body, (tf.constant(0), count, values, state, slots, tf.TensorArray(tf.float32, steps, element_shape=[])))
         return values, state, slots, count, losses.stack()
 
     signature = ([tf.TensorSpec([None] * r, tf.float32) for r in ranks], [tf.TensorSpec([None], tf.float32)] * n_state,

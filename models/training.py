@@ -352,8 +352,9 @@ def _inference(model: keras.Model, x: np.ndarray) -> Callable[[np.ndarray], Any]
     256 of the rows (models.export.export_checked, as serving does), or if a model of its structure
     passed that check in an earlier fit (`fit` says so; the program is the same code for every
     width); later calls rebuild it from the weights (~2.4 ms). Serving checks every model it loads.
-    The breast-cancer MLP with batch norm and dropout on its 114 validation rows: 12.1 ms an evaluation eager, 4.4 ms in numpy (Keras' eager call alone took 10.1 ms); a
-    20-epoch fit with its validations ran 1.12x faster (6.2 ms an epoch less), a digits MLP's 1.05x."""
+    The breast-cancer MLP with batch norm and dropout on its 114 validation rows: 12.1 ms an
+    evaluation eager, 4.4 ms in numpy (Keras' eager call alone took 10.1 ms); a 20-epoch fit with
+    its validations ran 1.12x faster (6.2 ms an epoch less), a digits MLP's 1.05x."""
     from models.export import export_checked, to_numpy
 
     def eager(rows: np.ndarray) -> Any:
