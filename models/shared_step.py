@@ -275,8 +275,7 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
 def _traced_epoch(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
     """The concrete epoch of one structure: every batch of a permutation of the train split in one
     call, the weights, batch norm statistics, optimizer slots and step count in as tensors of any
-    shape and out updated. No variables inside: one instantiation serves every width (the
-    step by handle is instantiated again for each new set of variable shapes, ~0.08 s a trial)."""
+    shape and out updated. No variables inside, and no Python between batches."""
     import tensorflow as tf
 
     ops, out, loss_name, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key
@@ -298,8 +297,9 @@ def _traced_epoch(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
             values, slots = _updated(optimizer_key, grads, values, slots, consts[-3], lr, tf.cast(count + 1, tf.float32))
             return b + 1, count + 1, values, state, slots, losses.write(b, loss)
 
+        losses = tf.TensorArray(tf.float32, steps, element_shape=[])
         _, count, values, state, slots, losses = tf.while_loop(
-            lambda b, *_: b < steps, body, (tf.constant(0), count, values, state, slots, tf.TensorArray(tf.float32, steps, element_shape=[])))
+            lambda b, *_: b < steps, body, (tf.constant(0), count, values, state, slots, losses))
         return values, state, slots, count, losses.stack()
 
     signature = ([tf.TensorSpec([None] * r, tf.float32) for r in ranks], [tf.TensorSpec([None], tf.float32)] * n_state,
