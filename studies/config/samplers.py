@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.errors import ConfigError
@@ -116,9 +118,69 @@ def build_sampler(section: SamplerSection, seed: int, space: SearchSpace, space_
     options = dict(section.options)
     if section.type == "tpe":
         # Parallel workers: a running trial counts as a bad result while it runs, so workers do
-        # not all sample the same region. No effect on a single worker.
+        # not all sample the same region. No effect on a single worker's choices.
         options.setdefault("constant_liar", True)
+        cls = _snapshot_tpe_class()
     return _construct(cls, options, "sampler", **fixed)
+
+
+@functools.cache
+def _snapshot_tpe_class() -> type:
+    import optuna
+
+    class TPESampler(optuna.samplers.TPESampler):
+        """Optuna's TPE sampler, reading the study's trials once per trial. With `constant_liar`
+        Optuna's TPE reads every trial again for each group of parameters it samples (it cannot use
+        its per-trial cache, which leaves out running trials): on an RDB storage each read also
+        reloads the running trials with their params and attributes, ~2.8 ms on SQLite, five or
+        six times a trial of the MLP space. Here the search-space inference and every sampling of
+        one trial see one snapshot of the trials, taken when the first of them asks; the same
+        choices for a single worker (tests/unit/test_samplers.py), and for parallel workers the
+        view Optuna's own cache gives without the liar."""
+
+        def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+            return super().infer_relative_search_space(self._snapshot(study, trial), trial)
+
+        def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                            search_space: dict[str, Any]) -> dict[str, Any]:
+            return super().sample_relative(self._snapshot(study, trial), trial, search_space)
+
+        def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                               param_distribution: Any) -> Any:
+            return super().sample_independent(self._snapshot(study, trial), trial, param_name, param_distribution)
+
+        def _snapshot(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Any:
+            # One per thread (n_jobs > 1): a plain dict, so the sampler still copies and pickles.
+            snapshots = self.__dict__.setdefault("_snapshots", {})
+            key = (id(study._storage), study._study_id, trial._trial_id)
+            held = snapshots.get(threading.get_ident())
+            if held is None or held[0] != key:
+                held = snapshots[threading.get_ident()] = (key, study._get_trials(deepcopy=False, states=None, use_cache=False))
+            return _Snapshot(held[1], study)
+
+    return TPESampler
+
+
+class _Snapshot:
+    """A study whose trial queries are answered from a list of its trials read before; everything
+    else is the study's."""
+
+    def __init__(self, trials: list[optuna.trial.FrozenTrial], study: optuna.Study) -> None:
+        self._trials, self._study = trials, study
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list:
+        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else list(trials)
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
+        return self._get_trials(deepcopy, states)
+
+    @property
+    def trials(self) -> list:
+        return self._get_trials()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
 
 
 def build_pruner(section: PrunerSection, path: str = "pruner") -> optuna.pruners.BasePruner:
@@ -153,8 +215,11 @@ def read_completed_once_per_trial(inner: optuna.pruners.BasePruner) -> optuna.pr
     on an RDB storage each such call also re-reads the running trial with all its params and
     intermediate values: a quarter of a short trial's storage time (benchmarks/storage_overhead.py).
     Within one trial the pruner sees the trials that were complete at its first report; calls
-    with other arguments reach the study as before. Decisions are unchanged for a single worker
-    (tests/unit/test_pruning.py)."""
+    with other arguments reach the study as before. The running trial's own system attributes
+    (where successive halving and Hyperband keep the rungs it passed; Optuna reloads the whole
+    trial from the storage to read them at every report, ~1.8 ms on SQLite) are read at its first
+    report and then kept up to date from the pruner's own writes: only this worker writes them.
+    Decisions are unchanged for a single worker (tests/unit/test_pruning.py)."""
     return _once_per_trial_class()(inner)
 
 
@@ -171,7 +236,9 @@ def _once_per_trial_class() -> type:
         def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
             key = (id(study), trial.number)
             if key != self._key or self._view is None:
-                self._key, self._view = key, _StudyView(study)
+                self._key, self._view = key, _StudyView(study, trial._trial_id, dict(trial.system_attrs))
+            trial = copy.copy(trial)
+            trial.system_attrs = self._view.own_attrs
             # a duck-typed stand-in for the Study: optuna's pruners only query it
             return self.inner.prune(self._view, trial)  # type: ignore[arg-type]
 
@@ -182,11 +249,14 @@ def _once_per_trial_class() -> type:
 
 
 class _StudyView:
-    """A study whose finished-trial queries (deepcopy=False) are answered from one snapshot."""
+    """A study whose finished-trial queries (deepcopy=False) are answered from one snapshot, and
+    whose storage keeps `own_attrs`, the running trial's system attributes, up to date."""
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study, trial_id: int, own_attrs: dict[str, Any]) -> None:
         self._study = study
         self._snapshots: dict[tuple, list] = {}
+        self.own_attrs = own_attrs
+        self._storage = _OwnAttrsStorage(study._storage, trial_id, own_attrs)
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
         if deepcopy or states is None or not all(s.is_finished() for s in states):
@@ -198,3 +268,18 @@ class _StudyView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
+
+
+class _OwnAttrsStorage:
+    """A storage that also records the system attributes it writes on one trial in `attrs`."""
+
+    def __init__(self, storage: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+        self._storage, self._trial_id, self._attrs = storage, trial_id, attrs
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._storage.set_trial_system_attr(trial_id, key, value)
+        if trial_id == self._trial_id:
+            self._attrs[key] = value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)

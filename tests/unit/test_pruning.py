@@ -27,15 +27,38 @@ def _curve_objective(trial: optuna.Trial) -> float:
         lambda: optuna.pruners.PatientPruner(optuna.pruners.MedianPruner(n_startup_trials=2), patience=1),
     ],
 )
-def test_same_decisions_as_the_wrapped_pruner(make):
+@pytest.mark.parametrize("rdb", [False, True], ids=["memory", "sqlite"])
+def test_same_decisions_as_the_wrapped_pruner(make, rdb, tmp_path):
     outcomes = []
-    for pruner in (make(), read_completed_once_per_trial(make())):
+    for i, pruner in enumerate((make(), read_completed_once_per_trial(make()))):
+        # An RDB storage reloads a running trial to read its system attributes (the rungs it passed).
+        storage = f"sqlite:///{tmp_path / f'{i}.db'}" if rdb else None
         # Same name: Hyperband assigns brackets by a hash of study name and trial number.
-        study = optuna.create_study(study_name="same", sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
+        study = optuna.create_study(study_name="same", storage=storage, sampler=optuna.samplers.RandomSampler(seed=0),
+                                    pruner=pruner)
         study.optimize(_curve_objective, n_trials=30)
-        outcomes.append([(t.state.name, t.last_step) for t in study.trials])
+        outcomes.append([(t.state.name, t.last_step, sorted(t.system_attrs.items())) for t in study.trials])
     assert outcomes[0] == outcomes[1]
-    assert any(state == "PRUNED" for state, _ in outcomes[0])  # the comparison means something
+    assert any(state == "PRUNED" for state, _, _ in outcomes[0])  # the comparison means something
+
+
+def test_a_running_trial_is_reloaded_once_per_trial_not_at_every_report(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    reloads = 0
+    original = storage.get_trial
+
+    def counting(trial_id):
+        nonlocal reloads
+        reloads += 1
+        return original(trial_id)
+
+    storage.get_trial = counting
+    study = optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=read_completed_once_per_trial(optuna.pruners.SuccessiveHalvingPruner()))
+    study.optimize(_curve_objective, n_trials=5)
+    # Optuna's own: a start, a tell, an end; ours: one at the first report (8 reports a trial).
+    assert reloads <= 5 * 4
+    assert any(k.startswith("completed_rung") for t in study.trials for k in t.system_attrs)
 
 
 def test_completed_trials_are_read_once_per_trial():
