@@ -54,14 +54,17 @@ class Plan:
     key: tuple[Any, ...]
     train: list[Any]  # handles of the trainable variables, in model.trainable_variables order
     state: list[Any]  # handles of batch norm's moving statistics
-    slots: list[Any]  # handles of the optimizer's slot variables
+    slots: list[Any]  # handles of the optimizer's slot variables; zeros when `fresh_slots`
     counters: list[Any]  # handles of the optimizer's step count and learning rate
     consts: list[Any]  # float32 tensors: scaling, L2 factors, dropout rates, optimizer settings, weights
+    fresh_slots: bool = False  # the optimizer is not built: its slots start at zero, held by `Epochs`
 
 
 def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Plan:
-    """The plan of a compiled, built model whose optimizer is built (models.training.prebuild), or
-    Unsupported with the first reason it has none."""
+    """The plan of a compiled, built model, or Unsupported with the first reason it has none. With
+    the optimizer built (models.training.prebuild) the slots are its variables; not built, they are
+    zeros, the values Keras would create them with, for `Epochs` to carry from epoch to epoch (the
+    per-batch `step` takes variables only)."""
     import tensorflow as tf
 
     if tf.distribute.has_strategy():
@@ -119,7 +122,7 @@ def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Pl
            len(state), len(slots), tuple(len(c.shape) for c in consts))
     optimizer = model.optimizer
     return Plan(key, [_handle(v) for v in model.trainable_variables], state, slots,
-                [_handle(optimizer.iterations), _handle(optimizer._learning_rate)], consts)
+                [_handle(optimizer.iterations), _handle(optimizer._learning_rate)], consts, fresh_slots=not optimizer.built)
 
 
 def _handle(variable: Any) -> Any:
@@ -193,25 +196,35 @@ def _loss(model: keras.Model) -> tuple[str, float]:
 
 
 def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], list[Any], np.ndarray]:
-    """The optimizer's kind for the key, its slot handles, and its settings [beta_1, beta_2,
-    epsilon, 1 - beta_1, 1 - beta_2] (Adam) or [momentum] (SGD)."""
-    if optimizer is None or not optimizer.built:
-        raise Unsupported("the optimizer is not built")
+    """The optimizer's kind for the key, its slot handles (zeros of each variable's shape when it
+    is not built), and its settings [beta_1, beta_2, epsilon, 1 - beta_1, 1 - beta_2] (Adam) or
+    [momentum] (SGD)."""
+    import tensorflow as tf
+
+    if optimizer is None:
+        raise Unsupported("no optimizer")
     if (optimizer.clipnorm or optimizer.clipvalue or optimizer.global_clipnorm or optimizer.weight_decay
             or optimizer.use_ema or optimizer.gradient_accumulation_steps or optimizer.loss_scale_factor):
         raise Unsupported("optimizer with clipping, weight decay, EMA, accumulation or loss scaling")
     if not isinstance(optimizer._learning_rate, keras.Variable):
         raise Unsupported("a learning-rate schedule")
     kind = type(optimizer)
-    index = [optimizer._get_variable_index(v) for v in variables]
+    if optimizer.built:
+        index = [optimizer._get_variable_index(v) for v in variables]
+
+        def slot(kind: str) -> list[Any]:
+            return [_handle(getattr(optimizer, kind)[i]) for i in index]
+    else:
+        def slot(kind: str) -> list[Any]:
+            return [tf.zeros(v.shape, tf.float32) for v in variables]
     if kind is keras.optimizers.Adam and not optimizer.amsgrad:
-        slots = [_handle(optimizer._momentums[i]) for i in index] + [_handle(optimizer._velocities[i]) for i in index]
+        slots = slot("_momentums") + slot("_velocities")
         settings = [optimizer.beta_1, optimizer.beta_2, optimizer.epsilon, 1 - optimizer.beta_1, 1 - optimizer.beta_2]
         return ("adam",), slots, np.asarray(settings, dtype=np.float32)
     if kind is keras.optimizers.SGD:
         if optimizer.momentum == 0:
             return ("sgd",), [], np.zeros(1, dtype=np.float32)
-        slots = [_handle(optimizer.momentums[i]) for i in index]
+        slots = slot("momentums")
         return ("momentum", bool(optimizer.nesterov)), slots, np.asarray([optimizer.momentum], dtype=np.float32)
     raise Unsupported(f"optimizer {kind.__name__}")
 
@@ -222,6 +235,8 @@ def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any]
     met for the first time is traced at the first batch, in the first epoch as Keras's step is."""
     import tensorflow as tf
 
+    if plan.fresh_slots:
+        raise ValueError("the per-batch step updates the optimizer's slot variables: build the optimizer first")
     fixed = (plan.train, plan.state, plan.slots, plan.counters, plan.consts, tf.constant(seed, tf.int64))
     concrete: list[Any] = []
 
@@ -442,7 +457,9 @@ class Epochs:
     split, and writes the variables back, so between epochs the model holds its weights as after
     Keras's epoch (for validation, checkpoints and callbacks). `__call__(permutation)` returns
     each batch's loss, as Keras's step returns it. A structure met for the first time is traced at
-    its first epoch."""
+    its first epoch. When the optimizer is not built (`Plan.fresh_slots`), its slots start at zero
+    and stay here between epochs: creating them as variables cost a trial ~10-18 ms, and nothing
+    after the fit reads them."""
 
     def __init__(self, plan: Plan, seed: int, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
         import tensorflow as tf
@@ -453,6 +470,7 @@ class Epochs:
         self._batch_size = tf.constant(batch_size, tf.int32)
         self._specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in (self._x, self._y))
         self._epoch: Any = None
+        self._slots: list[Any] | None = list(plan.slots) if plan.fresh_slots else None
 
     def __call__(self, permutation: np.ndarray) -> np.ndarray:
         import tensorflow as tf
@@ -461,13 +479,15 @@ class Epochs:
             self._epoch = _traced_epoch(self.plan.key, *self._specs)
         plan = self.plan
         read = tf.raw_ops.ReadVariableOp
-        values, state, slots = ([read(resource=h, dtype=tf.float32) for h in handles]
-                                for handles in (plan.train, plan.state, plan.slots))
+        values, state = ([read(resource=h, dtype=tf.float32) for h in handles] for handles in (plan.train, plan.state))
+        slots = self._slots if self._slots is not None else [read(resource=h, dtype=tf.float32) for h in plan.slots]
         iterations, learning_rate = plan.counters
         values, state, slots, count, losses = self._epoch(
             values, state, slots, read(resource=iterations, dtype=tf.int64), read(resource=learning_rate, dtype=tf.float32),
             plan.consts, self._seed, self._x, self._y, tf.constant(permutation, tf.int32), self._batch_size)
-        for handle, value in zip([*plan.train, *plan.state, *plan.slots, iterations], [*values, *state, *slots, count],
-                                 strict=True):
+        if self._slots is not None:
+            self._slots = list(slots)
+        held = [*plan.train, *plan.state, *(plan.slots if self._slots is None else []), iterations]
+        for handle, value in zip(held, [*values, *state, *(slots if self._slots is None else []), count], strict=True):
             tf.raw_ops.AssignVariableOp(resource=handle, value=value)
         return losses.numpy()

@@ -6,6 +6,7 @@ Pruning reaches this module only as a plain `report(epoch, logs) -> stop?` funct
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 import weakref
@@ -144,17 +145,22 @@ def fit(
     # as well cost ~0.35 s of tracing and most of an eager step. They stay in the compile config.
     compiled_metrics, model._compile_metrics = getattr(model, "_compile_metrics", None), None
     skip_graph_rewrites()
+    watched = _batch_watchers(hooks)
     try:
-        prebuild(model, data.x_train[:1], data.y_train[:1])
+        # Whole epochs carry the optimizer's slots themselves: its variables are made only for
+        # Keras's own step or the per-batch shared step (and when the network has no plan).
+        prebuild(model, data.x_train[:1], data.y_train[:1], optimizer=not shared or bool(watched))
         if model.optimizer is not None:
             direct_updates(model.optimizer)
         plan, note = _plan(model, class_weight) if shared else (None, "not asked")
+        if plan is None:
+            prebuild(model, data.x_train[:1], data.y_train[:1])
         if plan is not None:
             if plan.key in _AGREEING_STRUCTURES:  # validation skips the numpy program's check (`_inference`)
                 _NUMPY_AGREES.setdefault(model, True)
             traces = shared_step.traces()
             seed = int(np.random.randint(2 ** 31 - 1))
-            train_epoch = (_batch_epochs(model, plan, seed, data, batch_size, watched) if (watched := _batch_watchers(hooks))
+            train_epoch = (_batch_epochs(model, plan, seed, data, batch_size, watched) if watched
                            else _whole_epochs(plan, seed, data, batch_size))
             history = _own_loop(model, train_epoch, epochs, initial_epoch, hooks)
             note = "traced" if shared_step.traces() > traces else ""  # the first fit of its structure
@@ -264,8 +270,9 @@ def skip_graph_rewrites() -> None:
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 
-def prebuild(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
-    """Create the optimizer's and the metrics' variables before the first train step is traced.
+def prebuild(model: keras.Model, x: np.ndarray, y: np.ndarray, *, optimizer: bool = True) -> None:
+    """Create the optimizer's and the metrics' variables before the first train step is traced
+    (the optimizer's left for later when not `optimizer`; a later call makes them).
     Without a distribution strategy Keras creates them inside that trace, and TensorFlow then
     traces the step a second time (a function that creates variables is traced twice): ~1.2 s
     of a small model's first epoch. For a built single-output model without compiled metrics
@@ -280,7 +287,8 @@ def prebuild(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
         loss = getattr(model, "_compile_loss", None)
         if loss is not None and not loss.built:
             loss.build(keras.KerasTensor((None, *np.shape(y)[1:]), "float32"), outputs[0])
-        model.optimizer.build(model.trainable_variables)
+        if optimizer:
+            model.optimizer.build(model.trainable_variables)
         model._post_build()
         return
     build = getattr(model, "_symbolic_build", None)
@@ -414,10 +422,27 @@ def _new_scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[tu
         loss_fn = loss.call  # per sample, before the reduction
     else:
         loss_fn = keras.losses.get(loss)
-    metrics = [keras.metrics.deserialize(m) for m in (config.get("metrics") or [])]
     weights = config.get("loss_weights")
     weight = float(weights[0] if isinstance(weights, (list, tuple)) else weights) if weights is not None else 1.0
-    return loss_fn, weight, [(m, numpy_metric(m)) for m in metrics]
+    return loss_fn, weight, _metrics(config.get("metrics") or [])
+
+
+# Compiled metrics by their configs (JSON), all with numpy twins: shared by the models compiled alike.
+_TWINNED: dict[str, list[tuple[keras.metrics.Metric, Score | None]]] = {}
+
+
+def _metrics(configs: list[Any]) -> list[tuple[keras.metrics.Metric, Score | None]]:
+    """The compiled metrics with their numpy twins. When every one has a twin, no Keras metric is
+    ever updated, and the same objects serve the next model compiled alike (every trial of a
+    study): each copy made variables, an AUC four of 200 thresholds each (~0.5 ms a variable).
+    A metric without a twin holds state, so each model gets its own."""
+    key = json.dumps(configs, sort_keys=True, default=repr)
+    if key in _TWINNED:
+        return _TWINNED[key]
+    paired = [(m, numpy_metric(m)) for m in (keras.metrics.deserialize(c) for c in configs)]
+    if all(twin is not None for _, twin in paired):
+        _TWINNED[key] = paired
+    return paired
 
 
 def _aligned(y: np.ndarray, pred: Any) -> np.ndarray:

@@ -138,6 +138,20 @@ def test_eager_evaluation_matches_keras_evaluate(dataset, params):
     assert min(result.history["val_loss"]) == pytest.approx(ours["loss"], rel=1e-5)
 
 
+def test_models_compiled_alike_share_their_numpy_scored_metrics():
+    """Every trial of a study compiles the same metrics; scored in numpy, their Keras objects are
+    never updated, so one copy (whose AUCs made variables) serves every model."""
+    from models.training import _scorers
+
+    data = load_dataset(name="breast_cancer", seed=0)
+    models = [FAMILIES["mlp"].build({"units": [units]}, data.spec) for units in (4, 5)]
+    for model in models:
+        evaluate(model, data.x_val, data.y_val)
+    first, second = (_scorers(model)[2] for model in models)
+    assert {m.name for m, _ in first} == {"accuracy", "auc", "pr_auc"} and all(twin is not None for _, twin in first)
+    assert all(a is b for (a, _), (b, _) in zip(first, second, strict=True))
+
+
 def test_sgd_trains_a_regression_in_target_units_without_diverging():
     """The head rescales to target units (diabetes: std ~77), which scales gradients by the std; the
     loss is weighted back to standardised units, so plain SGD trains (it gave inf at epoch 1)."""
