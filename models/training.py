@@ -153,8 +153,6 @@ def fit(
         if model.optimizer is not None:
             direct_updates(model.optimizer)
         plan, note = _plan(model, class_weight) if shared else (None, "not asked")
-        if plan is None:
-            prebuild(model, data.x_train[:1], data.y_train[:1])
         if plan is not None:
             if plan.key in _AGREEING_STRUCTURES:  # validation skips the numpy program's check (`_inference`)
                 _NUMPY_AGREES.setdefault(model, True)
@@ -165,6 +163,7 @@ def fit(
             history = _own_loop(model, train_epoch, epochs, initial_epoch, hooks)
             note = "traced" if shared_step.traces() > traces else ""  # the first fit of its structure
         else:
+            prebuild(model, data.x_train[:1], data.y_train[:1])  # the optimizer's variables before Keras traces its step
             history = model.fit(
                 batches(data.x_train, data.y_train, batch_size),
                 epochs=epochs,

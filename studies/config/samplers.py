@@ -150,7 +150,7 @@ def _snapshot_tpe_class() -> type:
             return super().sample_independent(self._snapshot(study, trial), trial, param_name, param_distribution)
 
         def _snapshot(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Any:
-            # One per thread (n_jobs > 1): a plain dict, so the sampler still copies and pickles.
+            # One per thread (n_jobs > 1), in a plain dict: the sampler still deep-copies.
             snapshots = self.__dict__.setdefault("_snapshots", {})
             key = (id(study._storage), study._study_id, trial._trial_id)
             held = snapshots.get(threading.get_ident())
