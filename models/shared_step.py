@@ -485,9 +485,10 @@ class Epochs:
         values, state, slots, count, losses = self._epoch(
             values, state, slots, read(resource=iterations, dtype=tf.int64), read(resource=learning_rate, dtype=tf.float32),
             plan.consts, self._seed, self._x, self._y, tf.constant(permutation, tf.int32), self._batch_size)
-        if self._slots is not None:
-            self._slots = list(slots)
-        held = [*plan.train, *plan.state, *(plan.slots if self._slots is None else []), iterations]
-        for handle, value in zip(held, [*values, *state, *(slots if self._slots is None else []), count], strict=True):
+        slot_handles = plan.slots
+        if self._slots is not None:  # kept here, not written to variables
+            self._slots, slots, slot_handles = list(slots), [], []
+        for handle, value in zip([*plan.train, *plan.state, *slot_handles, iterations], [*values, *state, *slots, count],
+                                 strict=True):
             tf.raw_ops.AssignVariableOp(resource=handle, value=value)
         return losses.numpy()

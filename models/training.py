@@ -148,7 +148,7 @@ def fit(
     watched = _batch_watchers(hooks)
     try:
         # Whole epochs carry the optimizer's slots themselves: its variables are made only for
-        # Keras's own step or the per-batch shared step (and when the network has no plan).
+        # the per-batch shared step here, and for Keras's own step below.
         prebuild(model, data.x_train[:1], data.y_train[:1], optimizer=not shared or bool(watched))
         if model.optimizer is not None:
             direct_updates(model.optimizer)
