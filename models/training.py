@@ -19,7 +19,7 @@ import numpy as np
 
 from models import shared_step
 from models.datasets import Dataset
-from models.scores import Score, numpy_metric
+from models.scores import Score, numpy_loss, numpy_metric, numpy_penalty
 from models.updates import direct_updates
 
 Report = Callable[[int, dict[str, float]], bool]
@@ -334,12 +334,11 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, *, chunk: int = 8
         xb, yb = x[start:start + chunk], y[start:start + chunk]
         pred = forward(xb)
         yb = _aligned(yb, pred)
-        total += float(keras.ops.sum(loss_fn(yb, pred)))
+        total += float(np.sum(loss_fn(yb, pred)))
         for metric in keras_metrics:
             metric.update_state(yb, pred)
         preds.append(keras.ops.convert_to_numpy(pred))
-    penalty = sum(float(loss) for loss in model.losses)
-    out = {"loss": weight * total / max(n, 1) + penalty}
+    out = {"loss": weight * total / max(n, 1) + _penalty(model)}
     predicted = np.concatenate(preds) if preds else np.zeros((0, 1), dtype=np.float32)
     for metric, twin in metrics:
         out[metric.name] = float(metric.result()) if twin is None else twin(y, predicted)
@@ -400,6 +399,22 @@ def _one_blas_thread() -> Any:
     return _blas().limit(limits=1, user_api="blas")
 
 
+def _penalty(model: keras.Model) -> float:
+    """`model.losses` summed (Keras adds them to the loss it reports): the weights' regularizers,
+    in numpy where each has a twin (models.scores), and any loss a layer adds itself."""
+    total = 0.0
+    for variable in model.trainable_weights:
+        if variable.regularizer is None:
+            continue
+        twin = numpy_penalty(variable.regularizer)
+        if twin is None:
+            return sum(float(loss) for loss in model.losses)
+        total += twin(variable.numpy())
+    if any(layer._losses for layer in model._flatten_layers()):
+        return sum(float(loss) for loss in model.losses)
+    return total
+
+
 _SCORERS: weakref.WeakKeyDictionary[keras.Model, tuple[Callable[..., Any], float, list[tuple[keras.metrics.Metric, Score | None]]]] = (
     weakref.WeakKeyDictionary())
 
@@ -418,9 +433,10 @@ def _new_scorers(model: keras.Model) -> tuple[Callable[..., Any], float, list[tu
         raise ValueError("the model is not compiled: no loss to evaluate")
     loss = model.loss
     if isinstance(loss, keras.losses.Loss):
-        loss_fn = loss.call  # per sample, before the reduction
+        keras_loss = loss.call  # per sample, before the reduction
     else:
-        loss_fn = keras.losses.get(loss)
+        keras_loss = keras.losses.get(loss)
+    loss_fn = numpy_loss(keras_loss) or (lambda y, pred: keras.ops.convert_to_numpy(keras_loss(y, pred)))
     weights = config.get("loss_weights")
     weight = float(weights[0] if isinstance(weights, (list, tuple)) else weights) if weights is not None else 1.0
     return loss_fn, weight, _metrics(config.get("metrics") or [])

@@ -3,7 +3,7 @@ on a loopback port, in a thread of this process, answering with whichever model 
 handed, and POST /predict timed over one keep-alive HTTP connection by a small client process
 (serving.probe_client), the way a client sees it.
 
-A study measures each trial's network here before training (the `latency_p50_ms` and
+A study measures each trial's network here (the `latency_p50_ms` and
 `latency_batch64_ms` an objective, a constraint or `registry.limits` can use), so the figure it
 records is the one the registered model shows once served (benchmarks/trial_cost.py compares
 the two); the forward pass alone is a few microseconds of a ~0.3 ms request.

@@ -382,6 +382,12 @@ class StudyConfig(_Section):
                 out[f"{key}_min"] = limit.min - float(values[key])
         return out
 
+    @property
+    def constrains_serving(self) -> bool:
+        """Whether a constraint names a serving cost: each trial then measures them before
+        training, so a pruned trial tells the sampler whether its region is feasible too."""
+        return any(key in SERVING_METRICS for key in self.constraints)
+
     def eligible(self, values: dict[str, float | None]) -> bool:
         """Whether a trial with these metrics (objective values and user attributes by name) may
         win: within `constraints` and `registry.limits`."""

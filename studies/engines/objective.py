@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -109,6 +110,12 @@ class Objective:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
 
+    def one_transaction(self, trial: optuna.Trial) -> contextlib.AbstractContextManager[None]:
+        """The trial's writes inside the block in one transaction on the workbench storage
+        (studies.storage.rdb); one at a time on any other."""
+        batched = getattr(self.storage, "one_transaction", None)
+        return batched(trial._trial_id) if batched is not None else contextlib.nullcontext()
+
     def may_win(self, metrics: dict[str, Any]) -> bool:
         """Within constraints and registry.limits (metrics by name: objective values and user
         attributes): a model the selector may register."""
@@ -145,8 +152,9 @@ class Objective:
             # The runner defers signals around Optuna's bookkeeping (ask, tell); the trial's own
             # work may be cut at once, since the handlers below record the interruption.
             with signals_allowed():
-                self.set_attrs(trial, start_attrs)
-                params = sample(self.loaded.space, optuna_suggest(trial))
+                with self.one_transaction(trial):
+                    self.set_attrs(trial, start_attrs)
+                    params = sample(self.loaded.space, optuna_suggest(trial))
                 with signals_deferred():  # a run created but unknown here would stay RUNNING
                     run_id = self.tracker.start_trial(trial, params, run_tags) if self.tracker else None
                 values = self._train(trial, params, seed, run_id, outcome, model=model, fit_options=fit_options)
@@ -226,13 +234,19 @@ class Objective:
         metrics["n_params"] = float(model.count_params())
         attrs = outcome.attrs
         attrs["n_params"] = int(model.count_params())
-        # Before training: the same for a trained network, and pruned trials carry them too (constraints).
-        costs = serving_costs(model, self.data.spec, self.data.x_val[:64])
-        metrics.update(costs)
-        attrs.update(costs)
+
+        def measure_serving_costs() -> dict[str, float]:  # the same for a trained network
+            costs = serving_costs(model, self.data.spec, self.data.x_val[:64])
+            metrics.update(costs)
+            attrs.update(costs)
+            raise_if_signalled()
+            return costs
+
+        # Before training where a constraint needs them, so pruned trials carry them too; else once
+        # the trial completes (~15 ms): a pruned trial's network is never served.
+        costs = measure_serving_costs() if cfg.constrains_serving else {}
         for key, value in cfg.constraint_values({**costs, "n_params": metrics["n_params"]}).items():
             trial.set_constraint(key, value)  # the sampler steers around infeasible regions
-        raise_if_signalled()
 
         best = _RunningBest(self.mode)
 
@@ -245,7 +259,7 @@ class Objective:
             trial.report(best.add(logs.get(self.monitor, float("nan"))), epoch)
             return trial.should_prune()
 
-        attrs["setup_seconds"] = round(time.perf_counter() - started, 4)  # build + serving costs
+        attrs["setup_seconds"] = round(time.perf_counter() - started, 4)  # build (+ serving costs when measured first)
         options: dict[str, Any] = {"epochs": cfg.training.epochs, **(fit_options or {})}
         result = fit(
             model,
@@ -269,6 +283,8 @@ class Objective:
         attrs["best_epoch"] = result.best_epoch
         metrics["best_epoch"] = float(result.best_epoch)
         raise_if_signalled()
+        if not cfg.constrains_serving:
+            measure_serving_costs()
         validation = result.best_validation(int(options.get("initial_epoch", 0)))
         if validation is None:
             validation = evaluate(model, self.data.x_val, self.data.y_val)

@@ -3,15 +3,18 @@ retried across a lost connection, its failures reported plainly with the passwor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.errors import WorkbenchError
 from models.faults import RetryLog, describe, is_transient, retry_call
+from studies.storage import trial_rows
 
 if TYPE_CHECKING:
     import optuna
@@ -22,12 +25,12 @@ _RETRIED = (
     "create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
     "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "get_trial_param",
-    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "set_trial_user_attr", "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number", "get_trial",
     # Optuna's trial cache calls these internals directly; the public create_new_trial,
     # set_trial_param, get_all_trials and get_best_trial go through them too.
-    "_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id", "_get_stale_trial_ids",
-)
+    "_create_new_trial", "_get_trials", "_get_best_trial_id", "_get_stale_trial_ids",
+)  # ResilientRDBStorage retries its own writes: _set_trial_param, set_trial_intermediate_value, set_trial_user_attrs
 # A database restart takes a few seconds; a managed failover up to a minute or two.
 STORAGE_ATTEMPTS = 10
 STORAGE_MAX_DELAY = 15.0
@@ -65,6 +68,25 @@ class WalConnection(sqlite3.Connection):
             pass
 
 
+class _Held:
+    """A trial's writes held back by one_transaction: parameter rows, user attributes."""
+
+    def __init__(self, trial_id: int) -> None:
+        self.trial_id = trial_id
+        self.params: list[dict[str, Any]] = []
+        self.user_attrs: dict[str, Any] = {}
+
+    def write(self, storage: Any) -> Callable[[Any], None]:
+        def write(session: Any) -> None:
+            trial_rows.check_updatable(storage, session, self.trial_id)
+            if self.params:
+                trial_rows.insert_params(session, self.params)
+            if self.user_attrs:
+                trial_rows.write_user_attrs(storage, session, self.trial_id, self.user_attrs)
+
+        return write
+
+
 @functools.cache
 def resilient_storage_class() -> type:
     """RDBStorage whose calls survive a lost connection: retried with backoff (bounded), each
@@ -81,36 +103,82 @@ def resilient_storage_class() -> type:
 
     class ResilientRDBStorage(optuna.storages.RDBStorage):
         retry_log: RetryLog
+        _held = threading.local()  # this thread's writes held back inside one_transaction
 
-        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
-            attempt = 0
-
-            def once() -> bool:
-                nonlocal attempt
-                attempt += 1
-                try:
-                    return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    # A retry after a commit whose reply was lost: the trial already holds this state.
-                    if attempt > 1 and self.get_trial(trial_id).state == state:
-                        return True
-                    raise
-
-            return retry_call(once, "storage.set_trial_state_values", attempts=STORAGE_ATTEMPTS,
-                              max_delay=STORAGE_MAX_DELAY, log=self.retry_log)
-
-        def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
-            """Several user attributes in one transaction (Optuna writes one per call)."""
-            from optuna.storages._rdb import models
+        def _write(self, name: str, write: Callable[[Any], None]) -> None:
+            """`write(session)` in one transaction, retried across a lost connection."""
             from optuna.storages._rdb.storage import _create_scoped_session
 
             def once() -> None:
                 with _create_scoped_session(self.scoped_session, True) as session:
-                    for key, value in attrs.items():
-                        self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+                    write(session)
 
-            retry_call(once, "storage.set_trial_user_attrs", attempts=STORAGE_ATTEMPTS, max_delay=STORAGE_MAX_DELAY,
+            retry_call(once, f"storage.{name}", attempts=STORAGE_ATTEMPTS, max_delay=STORAGE_MAX_DELAY,
                        log=self.retry_log)
+
+        @contextlib.contextmanager
+        def one_transaction(self, trial_id: int) -> Iterator[None]:
+            """The trial's parameters and user attributes set inside the block reach the database
+            in one transaction as it ends (studies.storage.trial_rows), not one each: a trial
+            sets ~12 before training, each a transaction that looks the trial up again. Reads
+            inside the block do not see them, so it holds sampling only (the sampler reads the
+            study's trials once, before the first parameter). A parameter whose name this process
+            has not stored yet is written at once: its compatibility with the study's earlier
+            trials is checked against the database, as Optuna does. Raising inside the block
+            still writes what was set; a failed write then gives way to the block's own exception."""
+            held = _Held(trial_id)
+            self._held.batch = held
+            completed = False
+            try:
+                yield
+                completed = True
+            finally:
+                self._held.batch = None
+                if held.params or held.user_attrs:
+                    try:
+                        self._write("one_transaction", held.write(self))
+                    except Exception:
+                        if completed:
+                            raise
+
+        def _holding(self, trial_id: int) -> _Held | None:
+            held = getattr(self._held, "batch", None)
+            return held if held is not None and held.trial_id == trial_id else None
+
+        def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any,
+                             previous_distribution: Any) -> None:
+            held = self._holding(trial_id)
+            if held is None or previous_distribution is None:
+                retry_call(lambda: optuna.storages.RDBStorage._set_trial_param(
+                    self, trial_id, param_name, param_value_internal, distribution, previous_distribution),
+                    "storage._set_trial_param", attempts=STORAGE_ATTEMPTS, max_delay=STORAGE_MAX_DELAY,
+                    log=self.retry_log)
+                return
+            # Raised here, as the write would: Optuna's trial cache records the distribution once this returns.
+            optuna.distributions.check_distribution_compatibility(previous_distribution, distribution)
+            held.params.append(trial_rows.param_row(trial_id, param_name, param_value_internal, distribution))
+
+        def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+            """Several user attributes in one statement (Optuna writes one per call, and looks the
+            trial up for each)."""
+            held = self._holding(trial_id)
+            if held is not None:
+                held.user_attrs.update(attrs)
+                return
+            attrs = dict(attrs)
+
+            def write(session: Any) -> None:
+                trial_rows.check_updatable(self, session, trial_id)
+                trial_rows.write_user_attrs(self, session, trial_id, attrs)
+
+            self._write("set_trial_user_attrs", write)
+
+        def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+            def write(session: Any) -> None:  # one statement, where Optuna reads the step's row first
+                trial_rows.check_updatable(self, session, trial_id)
+                trial_rows.write_intermediate_value(self, session, trial_id, step, intermediate_value)
+
+            self._write("set_trial_intermediate_value", write)
 
         def record_heartbeat(self, trial_id: int) -> None:
             # Runs in Optuna's heartbeat thread, which dies on the first exception: a missed beat

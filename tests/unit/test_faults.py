@@ -343,3 +343,94 @@ def test_a_lost_schema_race_opens_the_storage_again(tmp_path, monkeypatch):
     monkeypatch.setattr(storage_module, "resilient_storage_class", lambda: Racing)
     storage_module.open_storage(f"sqlite:///{tmp_path / 'x.db'}")
     assert len(calls) == 2
+
+
+def _commits(storage) -> list[int]:
+    import sqlalchemy
+
+    counted: list[int] = []
+    sqlalchemy.event.listen(storage.engine, "commit", lambda conn: counted.append(1))
+    return counted
+
+
+def test_a_trials_parameters_and_attributes_set_in_one_transaction_land_as_if_set_one_by_one(tmp_path):
+    """studies.storage.rdb's one_transaction: the same trial rows, one commit instead of one a write."""
+    import contextlib
+    import functools
+
+    from studies.storage import open_storage
+
+    def objective(trial, storage, batched):
+        with storage.one_transaction(trial._trial_id) if batched else contextlib.nullcontext():
+            storage.set_trial_user_attrs(trial._trial_id, {"seed": trial.number, "worker": "w"})
+            x = trial.suggest_float("x", 0, 1)
+            n = trial.suggest_int("n", 1, 9, log=True)
+            c = trial.suggest_categorical("c", ["a", "b", None])
+        return x + n + (c is None)
+
+    rows = {}
+    for batched in (False, True):
+        url = f"sqlite:///{tmp_path / f'{batched}.db'}"
+        storage = open_storage(url)
+        study = optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(seed=1))
+        study.optimize(functools.partial(objective, storage=storage, batched=batched), n_trials=2)  # names known here
+        commits = _commits(storage)
+        study.optimize(functools.partial(objective, storage=storage, batched=batched), n_trials=1)
+        reloaded = optuna.load_study(study_name=study.study_name, storage=url)
+        rows[batched] = ([(t.params, t.distributions, t.user_attrs, t.value) for t in reloaded.trials], len(commits))
+    assert rows[True][0] == rows[False][0]
+    # create the trial, (attributes + 3 parameters), tell: 3 commits against 6 (the heartbeat is off).
+    assert rows[True][1] == rows[False][1] - 3
+
+
+def test_one_transaction_checks_each_parameter_as_it_is_set_and_writes_what_was_set_when_the_block_raises(tmp_path):
+    from studies.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # this process has stored x's distribution
+    trial = study.ask()
+    with pytest.raises(ValueError, match="Cannot set different distribution kind"):
+        with storage.one_transaction(trial._trial_id):
+            trial.suggest_categorical("x", ["a", "b"])  # refused at once, as an unbatched write is
+    with pytest.raises(KeyError, match="boom"):
+        with storage.one_transaction(trial._trial_id):
+            trial.suggest_float("x", 0, 1)
+            storage.set_trial_user_attrs(trial._trial_id, {"k": 1})
+            raise KeyError("boom")
+    stored = storage.get_trial(trial._trial_id)
+    assert set(stored.params) == {"x"} and stored.user_attrs == {"k": 1}
+
+
+def test_the_workbench_storage_writes_a_trials_rows_as_optunas_own_does(tmp_path):
+    """studies.storage.trial_rows: upserts of user attributes and intermediate values (non-finite
+    ones too), and the same refusals on a finished trial."""
+    from studies.storage import open_storage
+
+    def history(storage):
+        study = optuna.create_study(storage=storage, study_name="s")
+        trial_id = study.ask()._trial_id
+        for step, value in ((0, 1.0), (1, float("inf")), (2, float("-inf")), (0, 0.5)):
+            storage.set_trial_intermediate_value(trial_id, step, value)
+        for attrs in ({"a": 1, "b": [1, 2]}, {"b": None, "c": "x"}):
+            if hasattr(storage, "set_trial_user_attrs"):
+                storage.set_trial_user_attrs(trial_id, attrs)
+            else:
+                for key, value in attrs.items():
+                    storage.set_trial_user_attr(trial_id, key, value)
+        storage.set_trial_intermediate_value(trial_id, 3, float("nan"))
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.PRUNED)
+        refused = []
+        for write in (lambda: storage.set_trial_intermediate_value(trial_id, 4, 1.0),
+                      lambda: storage.set_trial_user_attrs(trial_id, {"d": 1}) if hasattr(storage, "set_trial_user_attrs")
+                      else storage.set_trial_user_attr(trial_id, "d", 1)):
+            with pytest.raises(optuna.exceptions.UpdateFinishedTrialError) as e:
+                write()
+            refused.append(str(e.value))
+        trial = optuna.load_study(study_name="s", storage=storage).trials[0]
+        values = {k: ("nan" if v != v else v) for k, v in trial.intermediate_values.items()}
+        return values, trial.user_attrs, refused
+
+    ours = history(open_storage(f"sqlite:///{tmp_path / 'ours.db'}"))
+    assert ours == history(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optunas.db'}"))
+    assert ours[0] == {0: 0.5, 1: float("inf"), 2: float("-inf"), 3: "nan"} and ours[1] == {"a": 1, "b": None, "c": "x"}

@@ -205,6 +205,31 @@ def test_numpy_metrics_give_keras_metric_values():
     assert numpy_metric(keras.metrics.AUC(multi_label=True)) is None and numpy_metric(keras.metrics.Precision()) is None
 
 
+def test_numpy_losses_and_penalties_give_keras_values():
+    """models.scores' loss twins per row (saturated predictions included: Keras clips in float32)
+    and its regularizer twins, against Keras on the same arrays."""
+    from models.scores import numpy_loss, numpy_penalty
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300).astype(np.float32)
+    p = rng.random((300, 1)).astype(np.float32)
+    p[:4, 0] = [0.0, 1.0, 1.0, 0.0]
+    y[:4] = [1, 0, 1, 0]
+    labels, probs = rng.integers(0, 3, 300), rng.dirichlet([1, 1, 1], 300).astype(np.float32)
+    probs[:2] = [[1, 0, 0], [0, 0, 1]]
+    labels[:2] = [1, 0]
+    target, pred = rng.normal(size=(300, 1)).astype(np.float32) * 50, rng.normal(size=(300, 1)).astype(np.float32) * 50
+    for name, args in (("binary_crossentropy", (y[:, None], p)), ("sparse_categorical_crossentropy", (labels, probs)),
+                       ("mean_squared_error", (target, pred))):
+        fn = keras.losses.get(name)
+        np.testing.assert_allclose(numpy_loss(fn)(*args), keras.ops.convert_to_numpy(fn(*args)), rtol=2e-6, err_msg=name)
+    assert numpy_loss(keras.losses.get("huber")) is None
+    w = rng.normal(size=(30, 8)).astype(np.float32)
+    for reg in (keras.regularizers.L2(1e-3), keras.regularizers.L1(2e-4), keras.regularizers.L1L2(1e-4, 3e-3)):
+        assert numpy_penalty(reg)(w) == pytest.approx(float(reg(w)), rel=1e-6), reg
+    assert numpy_penalty(keras.regularizers.OrthogonalRegularizer()) is None
+
+
 def test_evaluate_runs_the_numpy_program_only_where_it_agrees_with_keras(monkeypatch):
     """Validation runs the network's numpy program (4.4 vs 12.1 ms a call); a program that does
     not give Keras' answers is caught on its first use and Keras answers from then on."""

@@ -66,6 +66,22 @@ def test_a_changed_space_is_refused_unless_allowed(write_config, tiny_space, sto
     assert len(load(storage).trials) == 2
 
 
+def test_a_pruned_trial_measures_serving_costs_only_when_a_constraint_names_one(write_config, tiny_space, storage):
+    """The probe (~15 ms a trial) times a completed trial's network; a pruned one is never served,
+    unless the sampler must learn from it where latency is feasible."""
+    prunes = {"pruner": {"type": "threshold", "options": {"upper": 1e-6}}, "budget": {"n_trials": 1},
+              "tracking": {"enabled": False}}
+    plain = write_config(tiny_config(tiny_space, study={"name": "plain"}, **prunes), "plain.yaml")
+    constrained = write_config(tiny_config(tiny_space, study={"name": "constrained"}, sampler={"type": "tpe"},
+                                           constraints={"latency_p50_ms": {"max": 1000}}, **prunes), "constrained.yaml")
+    assert main([str(plain), "--storage", storage]) == 0 and main([str(constrained), "--storage", storage]) == 0
+    [pruned] = load(storage, "plain").trials
+    assert pruned.state.name == "PRUNED" and "latency_p50_ms" not in pruned.user_attrs and pruned.user_attrs["n_params"] > 0
+    [pruned] = load(storage, "constrained").trials
+    assert pruned.state.name == "PRUNED" and 0 < pruned.user_attrs["latency_p50_ms"] < 1000
+    assert pruned.constraints == {"latency_p50_ms_max": pruned.user_attrs["latency_p50_ms"] - 1000}
+
+
 def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(write_config, tiny_space, storage, tmp_path):
     # An upper threshold no epoch can meet prunes every trial after its first epoch.
     path = write_config(tiny_config(tiny_space, pruner={"type": "threshold", "options": {"upper": 1e-6}}))
