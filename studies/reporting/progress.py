@@ -61,7 +61,8 @@ class Progress:
             self.bar.update(1)
         elif state == "FAIL":
             self.failed_here += 1
-        self._postfix(study)
+        if state == "COMPLETE" and not self.bar.disable:  # the best read from the storage (~1.5 ms) when it may have moved
+            self._postfix(study)
 
     def close(self) -> None:
         self.bar.close()

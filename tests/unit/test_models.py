@@ -106,8 +106,12 @@ def test_regression_outputs_are_in_target_units():
 def test_report_can_stop_training_and_divergence_is_an_error():
     data = load_dataset(name="breast_cancer", seed=0)
     model = FAMILIES["mlp"].build({"units": [4]}, data.spec)
+    restored = []
+    model.set_weights = lambda weights: restored.append(weights)  # a pruned model is discarded: not restored
     result = fit(model, data, epochs=5, batch_size=64, report=lambda epoch, logs: epoch >= 1)
-    assert result.stopped_by == "report" and result.epochs_run == 2
+    assert result.stopped_by == "report" and result.epochs_run == 2 and restored == []
+    fit(model, data, epochs=1, batch_size=64, report=lambda epoch, logs: False)
+    assert len(restored) == 1
     model = FAMILIES["mlp"].build({"units": [64], "optimizer": "sgd", "learning_rate": 1e12}, data.spec)
     with pytest.raises(NonFiniteLossError, match="loss became"):
         fit(model, data, epochs=5, batch_size=32)
