@@ -105,6 +105,23 @@ def resilient_storage_class() -> type:
         retry_log: RetryLog
         _held = threading.local()  # this thread's writes held back inside one_transaction
 
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            attempt = 0
+
+            def once() -> bool:
+                nonlocal attempt
+                attempt += 1
+                try:
+                    return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # A retry after a commit whose reply was lost: the trial already holds this state.
+                    if attempt > 1 and self.get_trial(trial_id).state == state:
+                        return True
+                    raise
+
+            return retry_call(once, "storage.set_trial_state_values", attempts=STORAGE_ATTEMPTS,
+                              max_delay=STORAGE_MAX_DELAY, log=self.retry_log)
+
         def _write(self, name: str, write: Callable[[Any], None]) -> None:
             """`write(session)` in one transaction, retried across a lost connection."""
             from optuna.storages._rdb.storage import _create_scoped_session

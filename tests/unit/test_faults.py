@@ -434,3 +434,28 @@ def test_the_workbench_storage_writes_a_trials_rows_as_optunas_own_does(tmp_path
     ours = history(open_storage(f"sqlite:///{tmp_path / 'ours.db'}"))
     assert ours == history(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optunas.db'}"))
     assert ours[0] == {0: 0.5, 1: float("inf"), 2: float("-inf"), 3: "nan"} and ours[1] == {"a": 1, "b": None, "c": "x"}
+
+
+def test_a_trials_state_whose_commit_reply_was_lost_is_not_refused_on_the_retry(tmp_path, monkeypatch):
+    """The commit lands, the connection drops before its reply: the retry finds the trial already
+    in that state, which is success, not Optuna's UpdateFinishedTrialError."""
+    import studies.storage.rdb as storage_module
+    from studies.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    trial_id = optuna.create_study(storage=storage).ask()._trial_id
+    real = optuna.storages.RDBStorage.set_trial_state_values
+    calls = []
+
+    def reply_lost_once(self, *args, **kwargs):
+        calls.append(1)
+        result = real(self, *args, **kwargs)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return result
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", reply_lost_once)
+    monkeypatch.setattr(storage_module, "STORAGE_MAX_DELAY", 0.0)
+    assert storage.set_trial_state_values(trial_id, optuna.trial.TrialState.COMPLETE, [1.0]) is True
+    assert len(calls) == 2 and storage.get_trial(trial_id).state == optuna.trial.TrialState.COMPLETE
+    assert storage.retry_log.entries and "storage.set_trial_state_values" in storage.retry_log.entries[-1]
