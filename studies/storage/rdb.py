@@ -71,8 +71,8 @@ class WalConnection(sqlite3.Connection):
 class _Held:
     """A trial's writes held back by one_transaction: parameter rows, user attributes."""
 
-    def __init__(self, trial_id: int) -> None:
-        self.trial_id = trial_id
+    def __init__(self, storage: Any, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
         self.params: list[dict[str, Any]] = []
         self.user_attrs: dict[str, Any] = {}
 
@@ -103,7 +103,7 @@ def resilient_storage_class() -> type:
 
     class ResilientRDBStorage(optuna.storages.RDBStorage):
         retry_log: RetryLog
-        _held = threading.local()  # this thread's writes held back inside one_transaction
+        _held = threading.local()  # this thread's writes held back inside one_transaction (of one storage)
 
         def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
             attempt = 0
@@ -143,7 +143,7 @@ def resilient_storage_class() -> type:
             has not stored yet is written at once: its compatibility with the study's earlier
             trials is checked against the database, as Optuna does. Raising inside the block
             still writes what was set; a failed write then gives way to the block's own exception."""
-            held = _Held(trial_id)
+            held = _Held(self, trial_id)
             self._held.batch = held
             completed = False
             try:
@@ -160,7 +160,7 @@ def resilient_storage_class() -> type:
 
         def _holding(self, trial_id: int) -> _Held | None:
             held = getattr(self._held, "batch", None)
-            return held if held is not None and held.trial_id == trial_id else None
+            return held if held is not None and held.storage is self and held.trial_id == trial_id else None
 
         def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any,
                              previous_distribution: Any) -> None:

@@ -400,6 +400,14 @@ def test_one_transaction_checks_each_parameter_as_it_is_set_and_writes_what_was_
             raise KeyError("boom")
     stored = storage.get_trial(trial._trial_id)
     assert set(stored.params) == {"x"} and stored.user_attrs == {"k": 1}
+    # another storage's trial of the same id, written inside the block, is not held back with it
+    other = open_storage(f"sqlite:///{tmp_path / 'other.db'}")
+    other_study = optuna.create_study(storage=other)
+    other_id = [other_study.ask()._trial_id for _ in range(trial._trial_id)][-1]
+    assert other_id == trial._trial_id
+    with storage.one_transaction(trial._trial_id):
+        other.set_trial_user_attrs(other_id, {"here": True})
+        assert other.get_trial(other_id).user_attrs == {"here": True}
 
 
 def test_the_workbench_storage_writes_a_trials_rows_as_optunas_own_does(tmp_path):
