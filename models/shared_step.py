@@ -71,7 +71,7 @@ def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Pl
         raise Unsupported("a distribution strategy is active")
     if len(model.inputs) != 1 or len(model.outputs) != 1 or len(model.inputs[0].shape) != 2:
         raise Unsupported("the network does not take one [rows, features] input to one output")
-    if any(layer._losses for layer in model._flatten_layers()):
+    if adds_own_losses(model):
         raise Unsupported("the network adds losses of its own")
     trainable = {id(v): i for i, v in enumerate(model.trainable_variables)}
     consts: list[Any] = []
@@ -123,6 +123,11 @@ def plan(model: keras.Model, class_weight: dict[int, float] | None = None) -> Pl
     optimizer = model.optimizer
     return Plan(key, [_handle(v) for v in model.trainable_variables], state, slots,
                 [_handle(optimizer.iterations), _handle(optimizer._learning_rate)], consts, fresh_slots=not optimizer.built)
+
+
+def adds_own_losses(model: keras.Model) -> bool:
+    """Whether a layer of the network adds losses itself (`add_loss`, activity regularizers)."""
+    return any(layer._losses for layer in model._flatten_layers())
 
 
 def _handle(variable: Any) -> Any:

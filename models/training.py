@@ -412,7 +412,7 @@ def _penalty(model: keras.Model) -> float:
         if twin is None:
             return sum(float(loss) for loss in model.losses)
         total += twin(variable.numpy())
-    if any(layer._losses for layer in model._flatten_layers()):
+    if shared_step.adds_own_losses(model):
         return sum(float(loss) for loss in model.losses)
     return total
 

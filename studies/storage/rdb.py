@@ -76,15 +76,12 @@ class _Held:
         self.params: list[dict[str, Any]] = []
         self.user_attrs: dict[str, Any] = {}
 
-    def write(self, storage: Any) -> Callable[[Any], None]:
-        def write(session: Any) -> None:
-            trial_rows.check_updatable(storage, session, self.trial_id)
-            if self.params:
-                trial_rows.insert_params(session, self.params)
-            if self.user_attrs:
-                trial_rows.write_user_attrs(storage, session, self.trial_id, self.user_attrs)
-
-        return write
+    def write(self, session: Any) -> None:
+        trial_rows.check_updatable(self.storage, session, self.trial_id)
+        if self.params:
+            trial_rows.insert_params(session, self.params)
+        if self.user_attrs:
+            trial_rows.write_user_attrs(self.storage, session, self.trial_id, self.user_attrs)
 
 
 @functools.cache
@@ -153,7 +150,7 @@ def resilient_storage_class() -> type:
                 self._held.batch = None
                 if held.params or held.user_attrs:
                     try:
-                        self._write("one_transaction", held.write(self))
+                        self._write("one_transaction", held.write)
                     except Exception:
                         if completed:
                             raise
