@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from models.datasets import DataSpec
-from models.layers import Columns
+from models.layers import TableView
 
 
 def per_layer(value: Any, n: int, default: Any) -> list[Any]:
@@ -39,37 +39,32 @@ def scaled_input(spec: DataSpec) -> tuple[keras.KerasTensor, keras.KerasTensor]:
 
 
 def table_view(x: keras.KerasTensor, spec: DataSpec, params: dict[str, Any]) -> keras.KerasTensor:
-    """A mixed-type table's encoded columns as the network takes them, per the searchable choices:
-    `numeric_scaling` standard (as encoded) or robust (median/IQR of the training split, an affine
-    layer on the standardised values), `categorical_encoding` one_hot (as encoded) or embedding:
-    each categorical column's one-hot block through its own bias-free Dense of `embedding_dim`
-    units, which is an embedding lookup. The encoding itself (models.tabular) never changes, so it
-    is computed once per study and serving needs nothing per trial."""
+    """A mixed-type table's encoded columns as the network takes them, per the searchable choices
+    (one models.layers.TableView): `numeric_scaling` standard (as encoded) or robust (median/IQR
+    of the training split, an affine map of the standardised values), `categorical_encoding`
+    one_hot (as encoded) or embedding: each categorical column's one-hot block through its own
+    bias-free kernel of `embedding_dim` units (at most the block's width), which is an embedding
+    lookup. The encoding itself (models.tabular) never changes, so it is computed once per study
+    and serving needs nothing per trial."""
     table = spec.table
     if table is None:
         return x
-    if params.get("numeric_scaling", "standard") == "robust":
-        shift, var, j = np.zeros(table.width), np.ones(table.width), 0
-        for c in table.columns:
-            if c.kind == "numeric":  # (raw - median)/iqr == (z - (median - mean)/std) / (iqr/std)
-                shift[j], var[j] = (c.median - c.mean) / c.std, (c.iqr / c.std) ** 2
-            j += c.n_outputs
-        x = keras.layers.Normalization(mean=shift.astype("float32"), variance=var.astype("float32"), name="robust")(x)
-    if params.get("categorical_encoding", "one_hot") != "embedding":
-        return x
+    shift, var, j = np.zeros(table.width), np.ones(table.width), 0
+    robust = params.get("numeric_scaling", "standard") == "robust"
     dim = int(params.get("embedding_dim", 4))
-    parts, dense, j = [], [], 0
-    for i, c in enumerate(table.columns):
-        width = c.n_outputs
+    dense: list[int] = []
+    blocks: list[list[int]] = []
+    for c in table.columns:
+        if robust and c.kind == "numeric":  # (raw - median)/iqr == (z - (median - mean)/std) / (iqr/std)
+            shift[j], var[j] = (c.median - c.mean) / c.std, (c.iqr / c.std) ** 2
         if c.kind == "categorical":
-            block = Columns(list(range(j, j + width)), name=f"onehot_{i}")(x)
-            parts.append(keras.layers.Dense(min(dim, width), use_bias=False, name=f"embedding_{i}")(block))
+            blocks.append([j, c.n_outputs, min(dim, c.n_outputs)])
         else:
-            dense += list(range(j, j + width))
-        j += width
-    if dense:
-        parts.insert(0, Columns(dense, name="dense_columns")(x))
-    return keras.layers.Concatenate(name="table_features")(parts) if len(parts) > 1 else parts[0]
+            dense += list(range(j, j + c.n_outputs))
+        j += c.n_outputs
+    embedding = params.get("categorical_encoding", "one_hot") == "embedding"
+    return TableView(shift.astype("float32").tolist(), var.astype("float32").tolist(), dense, blocks if embedding else [],
+                     name="table_view")(x)
 
 
 def head(x: keras.KerasTensor, spec: DataSpec) -> keras.KerasTensor:

@@ -1,7 +1,7 @@
 """A Keras network as a `NumpyNet` (models.numpy_net), when all of its layers are dense-style.
 
 The walk follows the functional graph, so a table's embedding branches (column blocks, bias-free
-Dense, Concatenate) export as they are. Any other layer (convolutions, ...) gives None and a
+Dense, Concatenate; models.layers.TableView as those steps) export as they are. Any other layer (convolutions, ...) gives None and a
 reason: that model keeps TensorFlow at serving time. `export_checked` also compares the program
 with Keras on varied rows before anyone relies on it.
 """
@@ -61,10 +61,39 @@ def _step(layer: Any, inputs: tuple[str, ...]) -> Step | str:
         arrays = {"kernel": weights[0], **({"bias": weights[1]} if len(weights) > 1 else {})}
         return Step(name, "dense", inputs, arrays, activation)
     if kind == "Columns":  # models.layers.Columns
-        return Step(name, "columns", inputs, {"indices": np.asarray(layer.indices, dtype=np.int64)})
+        return Step(name, "columns", inputs, {"indices": _indices(layer.indices)})
     if kind == "Concatenate" and layer.axis in (-1, 1):
         return Step(name, "concat", inputs)
     return f"layer {name!r} ({kind}) has no numpy form"
+
+
+def _indices(indices: list[int]) -> np.ndarray:
+    return np.asarray(indices, dtype=np.int64)
+
+
+def _table_steps(layer: Any, inputs: tuple[str, ...]) -> list[Step]:
+    """models.layers.TableView as the steps it stands for: the scaling (none when it is the
+    identity: no steps at all), and with embeddings the other columns, each block through its kernel, and their
+    concatenation."""
+    name, steps = layer.name, []
+    shift, variance = _f32(layer.shift), _f32(layer.variance)
+    if np.any(shift != 0) or np.any(variance != 1):
+        scale = 1.0 / np.maximum(np.sqrt(variance), 1e-7)
+        steps.append(Step(f"{name}/scaling", "affine", inputs, {"scale": scale.reshape(1, -1), "offset": (-shift * scale).reshape(1, -1)}))
+        inputs = (steps[-1].name,)
+    if not layer.blocks:
+        return steps
+    parts = []
+    if layer.dense:
+        steps.append(Step(f"{name}/dense_columns", "columns", inputs, {"indices": _indices(layer.dense)}))
+        parts.append(steps[-1].name)
+    for i, ((start, width, _), kernel) in enumerate(zip(layer.blocks, layer.kernels, strict=True)):
+        steps.append(Step(f"{name}/block_{i}", "columns", inputs, {"indices": _indices(list(range(start, start + width)))}))
+        steps.append(Step(f"{name}/embedding_{i}", "dense", (steps[-1].name,), {"kernel": _f32(kernel)}))
+        parts.append(steps[-1].name)
+    if len(parts) > 1:
+        steps.append(Step(f"{name}/concat", "concat", tuple(parts)))
+    return steps
 
 
 def to_numpy(model: Any) -> Export:
@@ -91,6 +120,11 @@ def _walk(model: Any) -> Export:
         inputs = tuple(names[t._keras_history.operation.name] for t in layer._inbound_nodes[0].input_tensors)
         if kind == "Dropout":  # inference: the identity
             names[layer.name] = inputs[0]
+            continue
+        if kind == "TableView":  # models.layers.TableView
+            table = _table_steps(layer, inputs)
+            names[layer.name] = table[-1].name if table else inputs[0]  # none: the identity
+            steps += table
             continue
         step = _step(layer, inputs)
         if isinstance(step, str):

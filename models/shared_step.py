@@ -6,8 +6,10 @@ trace is most of a short trial: 0.17-0.21 s of a 3-epoch breast-cancer trial's 0
 three epochs of training took 0.007 s each (benchmarks/trial_cost.py). Here the functions depend on
 the structure alone (the layers' kinds and wiring, the loss, the optimizer's kind), and everything a
 trial varies is an input: the weights (so their shapes are free), the learning rate, the L2 factors,
-the dropout rates (0 where a layer has none), the scaling constants. A study's trials of the same
-depth, activation, batch norm and optimizer then share one trace, whatever their widths and rates.
+the dropout rates (0 where a layer has none), the scaling constants (a table's robust or standard
+scaling alike), SGD's momentum and Nesterov flag in the epoch (`epoch_key`). A study's trials of the
+same depth, activation, batch norm and optimizer kind then share one trace, whatever their widths
+and rates.
 
 Two functions per structure. `Epochs` runs a whole epoch in one call (`_traced_epoch`: a loop over
 the batches of a permutation of the train split, the weights, batch norm statistics, optimizer slots
@@ -185,6 +187,10 @@ def _op(layer: Any, kind: str, inputs: tuple[int, ...], const: Callable[[Any], i
         return ("rescaling", inputs, const(layer.scale), const(layer.offset))
     if kind == "Columns":  # models.layers.Columns
         return ("columns", inputs, tuple(layer.indices))
+    if kind == "TableView":  # models.layers.TableView: robust or standard scaling alike (constants)
+        blocks = tuple((start, width) for start, width, _ in layer.blocks)
+        return ("table", inputs, const(layer.shift), const(layer.variance), tuple(layer.dense), blocks,
+                tuple(var(kernel) for kernel in layer.kernels))
     if kind == "Concatenate" and layer.axis in (-1, 1):
         return ("concatenate", inputs)
     raise Unsupported(f"{name} ({kind})")
@@ -203,7 +209,7 @@ def _loss(model: keras.Model) -> tuple[str, float]:
 def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], list[Any], np.ndarray]:
     """The optimizer's kind for the key, its slot handles (zeros of each variable's shape when it
     is not built), and its settings [beta_1, beta_2, epsilon, 1 - beta_1, 1 - beta_2] (Adam) or
-    [momentum] (SGD)."""
+    [momentum, nesterov] (SGD)."""
     import tensorflow as tf
 
     if optimizer is None:
@@ -227,10 +233,10 @@ def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], l
         settings = [optimizer.beta_1, optimizer.beta_2, optimizer.epsilon, 1 - optimizer.beta_1, 1 - optimizer.beta_2]
         return ("adam",), slots, np.asarray(settings, dtype=np.float32)
     if kind is keras.optimizers.SGD:
+        sgd = np.asarray([optimizer.momentum, float(bool(optimizer.nesterov))], dtype=np.float32)
         if optimizer.momentum == 0:
-            return ("sgd",), [], np.zeros(1, dtype=np.float32)
-        slots = slot("momentums")
-        return ("momentum", bool(optimizer.nesterov)), slots, np.asarray([optimizer.momentum], dtype=np.float32)
+            return ("sgd",), [], sgd
+        return ("momentum", bool(optimizer.nesterov)), slot("momentums"), sgd
     raise Unsupported(f"optimizer {kind.__name__}")
 
 
@@ -251,6 +257,17 @@ def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any]
         return concrete[0](*fixed, x, y)
 
     return run
+
+
+def epoch_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The structure whose epoch function a network runs: its own, except that every SGD (plain,
+    momentum, Nesterov) runs the momentum formula with the momentum and the Nesterov flag as inputs
+    (plain SGD at momentum 0, its zero slots carried by `Epochs`), which gives the same numbers
+    (x + (0 - g * lr) is x - g * lr in floating point) and spares a study two traces."""
+    ops, out, loss_key, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key
+    if optimizer_key[0] not in ("sgd", "momentum"):
+        return key
+    return (ops, out, loss_key, ("momentum",), weighted, ranks, n_state, len(ranks), const_ranks)
 
 
 def traces() -> int:
@@ -376,9 +393,15 @@ def _loss_of(key: tuple[Any, ...]) -> Callable[..., tuple[Any, list[Any]]]:
                 if _feeds_head(ops, i):
                     h = tf.ensure_shape(h, [None, out])
             elif kind == "columns":
-                indices = list(op[2])
-                start = indices[0]
-                h = h[:, start:indices[-1] + 1] if indices == list(range(start, indices[-1] + 1)) else tf.gather(h, indices, axis=1)
+                h = _columns(h, list(op[2]))
+            elif kind == "table":
+                _, _, shift, variance, dense, blocks, kernels = op
+                h = (h - consts[shift]) / tf.maximum(tf.sqrt(consts[variance]), keras.config.epsilon())
+                if blocks:
+                    parts = [_columns(h, list(dense))] if dense else []
+                    parts += [keras.ops.matmul(h[:, start:start + width], values[kernel])
+                              for (start, width), kernel in zip(blocks, kernels, strict=True)]
+                    h = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
             elif kind == "concatenate":
                 h = tf.concat([outputs[j] for j in inputs], axis=-1)
             outputs[i] = h
@@ -387,6 +410,14 @@ def _loss_of(key: tuple[Any, ...]) -> Callable[..., tuple[Any, list[Any]]]:
         return loss_weight * loss_object(y, outputs[len(ops) - 1], sample_weight=weights) + penalty, moving
 
     return loss_of
+
+
+def _columns(h: Any, indices: list[int]) -> Any:
+    """The given columns of h, in order: a slice when they are contiguous, else a gather."""
+    import tensorflow as tf
+
+    start, stop = indices[0], indices[-1] + 1
+    return h[:, start:stop] if indices == list(range(start, stop)) else tf.gather(h, indices, axis=1)
 
 
 def _dropout(h: Any, rate: Any, seed: Any, i: int) -> Any:
@@ -430,8 +461,8 @@ def _apply(optimizer_key: tuple[Any, ...], grads: list[Any], train: list[Any], s
 def _updated(optimizer_key: tuple[Any, ...], grads: list[Any], values: list[Any], slots: list[Any], settings: Any,
              lr: Any, step: Any) -> tuple[list[Any], list[Any]]:
     """The optimizer's update as values in, values out: Keras's formulas (Adam's bias-corrected step
-    size and moments, with 1 - beta as Keras computes it in double precision; SGD; momentum and
-    Nesterov's look-ahead)."""
+    size and moments, with 1 - beta as Keras computes it in double precision; SGD with momentum and
+    Nesterov's look-ahead, plain SGD at momentum 0: `epoch_key`)."""
     import tensorflow as tf
 
     n = len(values)
@@ -447,12 +478,10 @@ def _updated(optimizer_key: tuple[Any, ...], grads: list[Any], values: list[Any]
             v = slots[n + i] + (tf.square(grad) - slots[n + i]) * one_minus_beta_2
             slots[i], slots[n + i] = m, v
             values[i] = values[i] - (m * alpha) / (tf.sqrt(v) + epsilon)
-        elif optimizer_key[0] == "sgd":
-            values[i] = values[i] - grad * lr
-        else:
+        else:  # every SGD (epoch_key): momentum and Nesterov's look-ahead as inputs
             accum = slots[i] * settings[0] - grad * lr
             slots[i] = accum
-            values[i] = values[i] + (accum * settings[0] - grad * lr if optimizer_key[1] else accum)
+            values[i] = values[i] + tf.where(settings[1] > 0, accum * settings[0] - grad * lr, accum)
     return values, slots
 
 
@@ -476,12 +505,14 @@ class Epochs:
         self._specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in (self._x, self._y))
         self._epoch: Any = None
         self._slots: list[Any] | None = list(plan.slots) if plan.fresh_slots else None
+        if plan.key[3] == ("sgd",):  # runs the momentum formula at momentum 0 (epoch_key): zero slots, kept here
+            self._slots = [tf.zeros_like(tf.raw_ops.ReadVariableOp(resource=h, dtype=tf.float32)) for h in plan.train]
 
     def __call__(self, permutation: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
         if self._epoch is None:
-            self._epoch = _traced_epoch(self.plan.key, *self._specs)
+            self._epoch = _traced_epoch(epoch_key(self.plan.key), *self._specs)
         plan = self.plan
         read = tf.raw_ops.ReadVariableOp
         values, state = ([read(resource=h, dtype=tf.float32) for h in handles] for handles in (plan.train, plan.state))

@@ -26,6 +26,7 @@ CASES = [
     ("iris", {"units": [8], "activation": "silu"}),
     ("diabetes", {"units": [8, 8], "activation": "relu", "batch_norm": True}),
     ("churn", {"units": [8], "categorical_encoding": "embedding", "embedding_dim": 2, "numeric_scaling": "robust"}),
+    ("churn", {"units": [8], "categorical_encoding": "one_hot", "numeric_scaling": "standard"}),  # the table view: no steps
 ]
 
 
