@@ -7,9 +7,10 @@ three epochs of training took 0.007 s each (benchmarks/trial_cost.py). Here the 
 the structure alone (the layers' kinds and wiring, the loss, the optimizer's kind), and everything a
 trial varies is an input: the weights (so their shapes are free), the learning rate, the L2 factors,
 the dropout rates (0 where a layer has none), the scaling constants (a table's robust or standard
-scaling alike), SGD's momentum and Nesterov flag in the epoch (`epoch_key`). A study's trials of the
-same depth, activation, batch norm and optimizer kind then share one trace, whatever their widths
-and rates.
+scaling alike). A study's trials of the same depth, activation, batch norm and optimizer then share
+one trace, whatever their widths and rates. (Plain SGD, momentum and Nesterov run as one function,
+with the momentum and the Nesterov flag as inputs, cost each epoch of such a churn MLP 1.3-1.8 ms
+(11-15%) for a trace or two saved in a study: they keep their own.)
 
 Two functions per structure. `Epochs` runs a whole epoch in one call (`_traced_epoch`: a loop over
 the batches of a permutation of the train split, the weights, batch norm statistics, optimizer slots
@@ -209,7 +210,7 @@ def _loss(model: keras.Model) -> tuple[str, float]:
 def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], list[Any], np.ndarray]:
     """The optimizer's kind for the key, its slot handles (zeros of each variable's shape when it
     is not built), and its settings [beta_1, beta_2, epsilon, 1 - beta_1, 1 - beta_2] (Adam) or
-    [momentum, nesterov] (SGD)."""
+    [momentum] (SGD)."""
     import tensorflow as tf
 
     if optimizer is None:
@@ -233,10 +234,10 @@ def _optimizer(optimizer: Any, variables: list[Any]) -> tuple[tuple[Any, ...], l
         settings = [optimizer.beta_1, optimizer.beta_2, optimizer.epsilon, 1 - optimizer.beta_1, 1 - optimizer.beta_2]
         return ("adam",), slots, np.asarray(settings, dtype=np.float32)
     if kind is keras.optimizers.SGD:
-        sgd = np.asarray([optimizer.momentum, float(bool(optimizer.nesterov))], dtype=np.float32)
         if optimizer.momentum == 0:
-            return ("sgd",), [], sgd
-        return ("momentum", bool(optimizer.nesterov)), slot("momentums"), sgd
+            return ("sgd",), [], np.zeros(1, dtype=np.float32)
+        slots = slot("momentums")
+        return ("momentum", bool(optimizer.nesterov)), slots, np.asarray([optimizer.momentum], dtype=np.float32)
     raise Unsupported(f"optimizer {kind.__name__}")
 
 
@@ -257,17 +258,6 @@ def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any]
         return concrete[0](*fixed, x, y)
 
     return run
-
-
-def epoch_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The structure whose epoch function a network runs: its own, except that every SGD (plain,
-    momentum, Nesterov) runs the momentum formula with the momentum and the Nesterov flag as inputs
-    (plain SGD at momentum 0, its zero slots carried by `Epochs`), which gives the same numbers
-    (x + (0 - g * lr) is x - g * lr in floating point) and spares a study two traces."""
-    ops, out, loss_key, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key
-    if optimizer_key[0] not in ("sgd", "momentum"):
-        return key
-    return (ops, out, loss_key, ("momentum",), weighted, ranks, n_state, len(ranks), const_ranks)
 
 
 def traces() -> int:
@@ -461,8 +451,8 @@ def _apply(optimizer_key: tuple[Any, ...], grads: list[Any], train: list[Any], s
 def _updated(optimizer_key: tuple[Any, ...], grads: list[Any], values: list[Any], slots: list[Any], settings: Any,
              lr: Any, step: Any) -> tuple[list[Any], list[Any]]:
     """The optimizer's update as values in, values out: Keras's formulas (Adam's bias-corrected step
-    size and moments, with 1 - beta as Keras computes it in double precision; SGD with momentum and
-    Nesterov's look-ahead, plain SGD at momentum 0: `epoch_key`)."""
+    size and moments, with 1 - beta as Keras computes it in double precision; SGD; momentum and
+    Nesterov's look-ahead)."""
     import tensorflow as tf
 
     n = len(values)
@@ -478,10 +468,12 @@ def _updated(optimizer_key: tuple[Any, ...], grads: list[Any], values: list[Any]
             v = slots[n + i] + (tf.square(grad) - slots[n + i]) * one_minus_beta_2
             slots[i], slots[n + i] = m, v
             values[i] = values[i] - (m * alpha) / (tf.sqrt(v) + epsilon)
-        else:  # every SGD (epoch_key): momentum and Nesterov's look-ahead as inputs
+        elif optimizer_key[0] == "sgd":
+            values[i] = values[i] - grad * lr
+        else:
             accum = slots[i] * settings[0] - grad * lr
             slots[i] = accum
-            values[i] = values[i] + tf.where(settings[1] > 0, accum * settings[0] - grad * lr, accum)
+            values[i] = values[i] + (accum * settings[0] - grad * lr if optimizer_key[1] else accum)
     return values, slots
 
 
@@ -505,14 +497,12 @@ class Epochs:
         self._specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in (self._x, self._y))
         self._epoch: Any = None
         self._slots: list[Any] | None = list(plan.slots) if plan.fresh_slots else None
-        if plan.key[3] == ("sgd",):  # runs the momentum formula at momentum 0 (epoch_key): zero slots, kept here
-            self._slots = [tf.zeros_like(tf.raw_ops.ReadVariableOp(resource=h, dtype=tf.float32)) for h in plan.train]
 
     def __call__(self, permutation: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
         if self._epoch is None:
-            self._epoch = _traced_epoch(epoch_key(self.plan.key), *self._specs)
+            self._epoch = _traced_epoch(self.plan.key, *self._specs)
         plan = self.plan
         read = tf.raw_ops.ReadVariableOp
         values, state = ([read(resource=h, dtype=tf.float32) for h in handles] for handles in (plan.train, plan.state))

@@ -82,9 +82,8 @@ def test_the_shared_step_trains_as_keras_does(name, params, class_weight):
             np.testing.assert_allclose(epoch_value, keras_value, rtol=rtol, atol=atol)
         for keras_value, fresh_value in zip(theirs.weights, fresh.weights, strict=True):
             np.testing.assert_allclose(np.asarray(fresh_value), np.asarray(keras_value), rtol=rtol, atol=atol)
-        # Plain SGD has no slots in Keras; the epoch carries momentum-0 ones of its own (epoch_key).
-        assert len(fresh_epoch._slots) == (len(their_slots) if fresh_plan.key[3] != ("sgd",) else len(fresh.trainable_variables))
-        for handle, fresh_value in zip(their_slots, fresh_epoch._slots if their_slots else [], strict=True):
+        assert len(fresh_epoch._slots) == len(their_slots)
+        for handle, fresh_value in zip(their_slots, fresh_epoch._slots, strict=True):
             keras_value = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
             np.testing.assert_allclose(np.asarray(fresh_value), np.asarray(keras_value), rtol=rtol, atol=atol)
         assert int(fresh.optimizer.iterations) == int(theirs.optimizer.iterations)
@@ -121,17 +120,6 @@ def test_networks_of_one_structure_share_one_trace():
 
     first = losses(3)
     assert first == losses(3) and first != losses(4) and len(set(first)) == 3
-
-
-def test_every_sgd_runs_one_epoch_function():
-    """Plain SGD, momentum and Nesterov keep their own per-batch steps (Keras's fused kernels) and
-    share one whole-epoch function (test_the_shared_step_trains_as_keras_does checks its numbers)."""
-    base = {"units": [8], "optimizer": "sgd"}
-    keys = [shared_step.plan(ready("breast_cancer", {**base, **change})).key
-            for change in ({}, {"momentum": 0.9}, {"momentum": 0.5, "nesterov": True})]
-    assert len(set(keys)) == 3 and len({shared_step.epoch_key(k) for k in keys}) == 1
-    adam = shared_step.plan(ready("breast_cancer", {"units": [8]})).key
-    assert shared_step.epoch_key(adam) == adam
 
 
 def test_a_tables_scaling_and_embedding_size_do_not_split_structures():
