@@ -1,8 +1,8 @@
 """A Keras network as a `NumpyNet` (models.numpy_net), when all of its layers are dense-style.
 
 The walk follows the functional graph, so a table's embedding branches (column blocks, bias-free
-Dense, Concatenate; models.layers.TableView as those steps) export as they are. Any other layer (convolutions, ...) gives None and a
-reason: that model keeps TensorFlow at serving time. `export_checked` also compares the program
+Dense, Concatenate; models.layers.TableView as those steps) export as they are. Any other layer
+(convolutions, ...) gives None and a reason: that model keeps TensorFlow at serving time. `export_checked` also compares the program
 with Keras on varied rows before anyone relies on it.
 """
 
@@ -73,13 +73,14 @@ def _indices(indices: list[int]) -> np.ndarray:
 
 def _table_steps(layer: Any, inputs: tuple[str, ...]) -> list[Step]:
     """models.layers.TableView as the steps it stands for: the scaling (none when it is the
-    identity: no steps at all), and with embeddings the other columns, each block through its kernel, and their
-    concatenation."""
+    identity), and with embeddings the other columns, each block through its kernel, and their
+    concatenation. No steps at all for the identity without embeddings."""
     name, steps = layer.name, []
     shift, variance = _f32(layer.shift), _f32(layer.variance)
     if np.any(shift != 0) or np.any(variance != 1):
         scale = 1.0 / np.maximum(np.sqrt(variance), 1e-7)
-        steps.append(Step(f"{name}/scaling", "affine", inputs, {"scale": scale.reshape(1, -1), "offset": (-shift * scale).reshape(1, -1)}))
+        arrays = {"scale": scale.reshape(1, -1), "offset": (-shift * scale).reshape(1, -1)}
+        steps.append(Step(f"{name}/scaling", "affine", inputs, arrays))
         inputs = (steps[-1].name,)
     if not layer.blocks:
         return steps

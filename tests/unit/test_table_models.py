@@ -143,6 +143,39 @@ def test_searchable_preprocessing_choices_train_save_and_load_safely(params):
     np.testing.assert_allclose(np.asarray(served.forward(data.x_test[:32])), model(data.x_test[:32]).numpy(), atol=1e-5)
 
 
+def test_a_network_saved_with_the_earlier_column_layers_still_loads_and_serves(tmp_path):
+    """Before models.layers.TableView, a table's embeddings were a Columns block and a bias-free
+    Dense per categorical column, joined by a Concatenate: such a registered network still loads
+    (safe mode) and is still served by its numpy program."""
+    import keras
+
+    from models import load_dataset
+    from models.export import export_checked
+    from models.layers import Columns
+    from serving.model import from_directory
+    from serving.store import ResolvedModel
+    from studies.tracking import save_model
+
+    data = load_dataset(path=CHURN, target="churn", task="binary", columns={"customer_id": "id"}, seed=1)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape=(data.spec.n_features,), name="features")
+    parts, dense, j = [], [], 0
+    for i, c in enumerate(data.spec.table.columns):
+        if c.kind == "categorical":
+            block = Columns(list(range(j, j + c.n_outputs)), name=f"onehot_{i}")(inputs)
+            parts.append(keras.layers.Dense(2, use_bias=False, name=f"embedding_{i}")(block))
+        else:
+            dense += list(range(j, j + c.n_outputs))
+        j += c.n_outputs
+    x = keras.layers.Concatenate(name="table_features")([Columns(dense, name="dense_columns")(inputs), *parts])
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="probability")(x))
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    assert export_checked(model, data.x_test).net is not None
+    path = save_model(model, data.spec, {"optuna.study_name": "t", "optuna.trial_number": "0"})
+    served = from_directory(path, ResolvedModel(str(path), None, None, None, None))
+    np.testing.assert_allclose(np.asarray(served.forward(data.x_test[:32])), model(data.x_test[:32]).numpy(), atol=1e-5)
+
+
 def test_the_table_space_compiles_for_both_engines():
     import keras_tuner
 
