@@ -6,6 +6,7 @@ import copy
 import functools
 import inspect
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.errors import ConfigError
@@ -209,7 +210,8 @@ def check_sampler_and_pruner(cfg: StudyConfig, src: str, space: SearchSpace, spa
         raise ConfigError.single(src, e.field, e.message) from None
 
 
-def read_completed_once_per_trial(inner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+def read_completed_once_per_trial(inner: optuna.pruners.BasePruner,
+                                  priors: Sequence[optuna.trial.FrozenTrial] = ()) -> optuna.pruners.BasePruner:
     """Wrap a pruner so the completed trials it reads are fetched once per trial, not at every
     epoch. Optuna's pruners call `study.get_trials(states=(COMPLETE,))` in each `should_prune`;
     on an RDB storage each such call also re-reads the running trial with all its params and
@@ -219,8 +221,10 @@ def read_completed_once_per_trial(inner: optuna.pruners.BasePruner) -> optuna.pr
     (where successive halving and Hyperband keep the rungs it passed; Optuna reloads the whole
     trial from the storage to read them at every report, ~1.8 ms on SQLite) are read at its first
     report and then kept up to date from the pruner's own writes: only this worker writes them.
-    Decisions are unchanged for a single worker (tests/unit/test_pruning.py)."""
-    return _once_per_trial_class()(inner)
+    Decisions are unchanged for a single worker (tests/unit/test_pruning.py). `priors` are finished
+    trials from outside the study that the pruner compares a trial against too, as if they were
+    the study's (a warm start's, as studies.engines.priors.for_pruner gives them)."""
+    return _once_per_trial_class()(inner, priors)
 
 
 @functools.cache
@@ -228,15 +232,16 @@ def _once_per_trial_class() -> type:
     import optuna
 
     class CompletedTrialsOncePerTrial(optuna.pruners.BasePruner):
-        def __init__(self, inner: optuna.pruners.BasePruner) -> None:
+        def __init__(self, inner: optuna.pruners.BasePruner, priors: Sequence[optuna.trial.FrozenTrial] = ()) -> None:
             self.inner = inner
+            self.priors = list(priors)
             self._key: tuple[int, int] | None = None
             self._view: _StudyView | None = None
 
         def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
             key = (id(study), trial.number)
             if key != self._key or self._view is None:
-                self._key, self._view = key, _StudyView(study, trial._trial_id, dict(trial.system_attrs))
+                self._key, self._view = key, _StudyView(study, trial._trial_id, dict(trial.system_attrs), self.priors)
             trial = copy.copy(trial)
             trial.system_attrs = self._view.own_attrs
             # a duck-typed stand-in for the Study: optuna's pruners only query it
@@ -249,21 +254,27 @@ def _once_per_trial_class() -> type:
 
 
 class _StudyView:
-    """A study whose finished-trial queries (deepcopy=False) are answered from one snapshot, and
-    whose storage keeps `own_attrs`, the running trial's system attributes, up to date."""
+    """A study whose finished-trial queries (deepcopy=False) are answered from one snapshot, whose
+    storage keeps `own_attrs`, the running trial's system attributes, up to date, and whose
+    queries (deepcopy=False) list `priors` first."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, own_attrs: dict[str, Any]) -> None:
+    def __init__(self, study: optuna.Study, trial_id: int, own_attrs: dict[str, Any],
+                 priors: Sequence[optuna.trial.FrozenTrial] = ()) -> None:
         self._study = study
         self._snapshots: dict[tuple, list] = {}
         self.own_attrs = own_attrs
         self._storage = _OwnAttrsStorage(study._storage, trial_id, own_attrs)
+        self._priors = list(priors)
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
-        if deepcopy or states is None or not all(s.is_finished() for s in states):
+        if deepcopy:
             return self._study.get_trials(deepcopy=deepcopy, states=states)
+        priors = [t for t in self._priors if states is None or t.state in states]
+        if states is None or not all(s.is_finished() for s in states):
+            return [*priors, *self._study.get_trials(deepcopy=False, states=states)]
         key = tuple(states)
         if key not in self._snapshots:
-            self._snapshots[key] = self._study.get_trials(deepcopy=False, states=states)
+            self._snapshots[key] = [*priors, *self._study.get_trials(deepcopy=False, states=states)]
         return self._snapshots[key]
 
     def __getattr__(self, name: str) -> Any:

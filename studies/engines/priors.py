@@ -1,11 +1,13 @@
 """A sampler that also learns from trials outside its study: a warm start's prior observations
 (studies.storage.warm_start). The sampler reads the study's trials through a view that lists the
 priors first; everything that writes (a trial's attributes, the study's state) reaches the real
-study, and nothing else (budget, pruner, winner, reports) ever sees the priors.
+study. The pruner compares a trial against them too (`for_pruner`), and nothing else (budget,
+winner, reports) ever sees them.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,34 @@ class _StudyWithPriors:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
+
+
+def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The priors as `pruner` compares a trial against them, or none where it cannot. Median and
+    percentile pruners read finished trials' intermediate values, which priors carry. Successive
+    halving reads the value each trial had at each rung it reached (its `completed_rung_<k>`
+    system attributes): here the prior's value at the rung's step. Without them, a warm-started
+    study's first trial (the source's best, queued first) set the bar of every rung alone, since
+    successive halving promotes the top third of the trials that reached a rung, and with fewer
+    than three only the best: in `benchmarks/warm_start.py`, every trial after it was pruned in
+    three seeds of five. Hyperband and the other pruners keep to the study's own trials."""
+    import optuna
+
+    kind = type(pruner)
+    if kind in (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner):
+        return list(priors)
+    sh: Any = pruner
+    if kind is not optuna.pruners.SuccessiveHalvingPruner or sh._min_resource is None:  # None: "auto", not known yet
+        return []
+    seen = []
+    for prior in priors:
+        attrs, rung = {}, 0
+        while (step := sh._min_resource * sh._reduction_factor ** (sh._min_early_stopping_rate + rung)) in prior.intermediate_values:
+            attrs[f"completed_rung_{rung}"] = prior.intermediate_values[step]
+            rung += 1
+        seen.append(copy.copy(prior))
+        seen[-1].system_attrs = attrs
+    return seen
 
 
 def with_priors(sampler: optuna.samplers.BaseSampler, priors: Sequence[FrozenTrial]) -> optuna.samplers.BaseSampler:

@@ -94,15 +94,17 @@ def open_session(loaded: LoadedConfig, settings: Settings, *, storage_flag: str 
         n_trials = len(study.get_trials(deepcopy=False))
         study.sampler = build_sampler(cfg.sampler, sampler_seed(base_seed, n_trials, worker_index), loaded.space,
                                       str(loaded.space_path), cfg.constraints)
+        pruner, priors = build_pruner(cfg.pruner), []
         if cfg.warm_start is not None:
-            from studies.engines.priors import with_priors
+            from studies.engines.priors import for_pruner, with_priors
             from studies.storage.warm_start import warm_start
 
             name, source_url = cfg.warm_start.source()
             started = warm_start(loaded, study, name=name, url=source_url or url, own_url=url, queue=worker_index is None)
             if started.priors:
                 study.sampler = with_priors(study.sampler, started.priors)
-        study.pruner = read_completed_once_per_trial(build_pruner(cfg.pruner))
+                priors = for_pruner(pruner, started.priors)
+        study.pruner = read_completed_once_per_trial(pruner, priors)
     else:  # the tuner picks every value; Optuna only records them
         study.sampler = optuna.samplers.RandomSampler(seed=cfg.study.seed)
         study.pruner = optuna.pruners.NopPruner()

@@ -87,3 +87,36 @@ def test_a_trial_reports_its_best_value_so_far():
     highest = _RunningBest("max")
     first = highest.add(float("nan"))  # nothing finite yet: reported as it came
     assert first != first and [highest.add(v) for v in (0.8, 0.9, 0.85)] == [0.8, 0.9, 0.9]
+
+
+def _prior(x: float, number: int) -> optuna.trial.FrozenTrial:
+    prior = optuna.trial.create_trial(params={"x": x}, distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+                                      value=x, intermediate_values={s: x + abs(s - 3) * 0.1 for s in range(8)})
+    prior.number = -1 - number
+    return prior
+
+
+def test_a_warm_starts_priors_are_rivals_at_each_rung_of_successive_halving():
+    """The source's best runs first in a warm-started study: alone at a rung, it would be the bar
+    every later trial must beat (successive halving promotes the top third, with fewer than three
+    the best). With the source's trials as rivals, the second-best trial goes on."""
+    from studies.engines.priors import for_pruner
+
+    priors = [_prior(0.1 * (i + 1), i) for i in range(9)]
+    states = []
+    for rivals in (False, True):
+        inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        pruner = read_completed_once_per_trial(inner, for_pruner(inner, priors) if rivals else ())
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
+        study.enqueue_trial({"x": 0.0})
+        study.enqueue_trial({"x": 0.05})
+        study.optimize(_curve_objective, n_trials=2)
+        states.append([t.state.name for t in study.trials])
+    assert states == [["COMPLETE", "PRUNED"], ["COMPLETE", "COMPLETE"]]
+    # Each prior's rungs: its value at steps 1, 3 (and 9, which no prior reached).
+    seen = for_pruner(optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3), priors[:1])
+    assert seen[0].system_attrs == {"completed_rung_0": pytest.approx(0.3), "completed_rung_1": pytest.approx(0.1)}
+    assert priors[0].system_attrs == {}  # the sampler's priors are left as they are
+    assert for_pruner(optuna.pruners.MedianPruner(), priors) == priors
+    assert for_pruner(optuna.pruners.HyperbandPruner(), priors) == []
+    assert for_pruner(optuna.pruners.SuccessiveHalvingPruner(), priors) == []  # min_resource "auto": not known yet
