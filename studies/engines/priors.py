@@ -50,8 +50,9 @@ def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial])
     system attributes): here the prior's value at the rung's step. Without them, a warm-started
     study's first trial (the source's best, queued first) set the bar of every rung alone, since
     successive halving promotes the top third of the trials that reached a rung, and with fewer
-    than three only the best: in `benchmarks/warm_start.py`, every trial after it was pruned in
-    three seeds of five. Hyperband and the other pruners keep to the study's own trials."""
+    than three only the best: in `benchmarks/warm_start.py` the warm study never improved on the
+    source's best in three seeds of five (0.89x a cold start's trials; 0.70x with the source's
+    trials as rivals). Hyperband and the other pruners keep to the study's own trials."""
     import optuna
 
     kind = type(pruner)
