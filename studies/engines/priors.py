@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,16 +44,19 @@ class _StudyWithPriors:
         return getattr(self._study, name)
 
 
-def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial], *, minimize: bool = True) -> list[FrozenTrial]:
     """The priors as `pruner` compares a trial against them, or none where it cannot. Median and
     percentile pruners read finished trials' intermediate values, which priors carry. Successive
     halving reads the value each trial had at each rung it reached (its `completed_rung_<k>`
-    system attributes): here the prior's value at the rung's step. Without them, a warm-started
-    study's first trial (the source's best, queued first) set the bar of every rung alone, since
-    successive halving promotes the top third of the trials that reached a rung, and with fewer
-    than three only the best: in `benchmarks/warm_start.py` the warm study never improved on the
-    source's best in three seeds of five (0.89x a cold start's trials; 0.70x with the source's
-    trials as rivals). Hyperband and the other pruners keep to the study's own trials."""
+    system attributes): here the prior's value at the rung's step, for the priors successive
+    halving would have let reach it (the top third of the priors at the rung before; a source
+    that pruned otherwise, or not at all, ran some further), up to a value that is not finite.
+    Without them, a warm-started study's first trial (the source's best, queued first) set the
+    bar of every rung alone, since successive halving promotes the top third of the trials that
+    reached a rung, and with fewer than three only the best: in `benchmarks/warm_start.py` the
+    warm study never improved on the source's best in three seeds of five (0.89x a cold start's
+    trials; 0.70x with the source's trials as rivals). Hyperband and the other pruners keep to
+    the study's own trials. The caller gives priors only from a source trained on the same data."""
     import optuna
 
     kind = type(pruner)
@@ -61,12 +65,23 @@ def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial])
     sh: Any = pruner
     if kind is not optuna.pruners.SuccessiveHalvingPruner or sh._min_resource is None:  # None: "auto", not known yet
         return []
+    rungs: list[dict[str, float]] = [{} for _ in priors]
+    reaching = list(range(len(priors)))  # the priors that reach the current rung
+    rung = 0
+    while reaching:
+        step = sh._min_resource * sh._reduction_factor ** (sh._min_early_stopping_rate + rung)
+        values: dict[int, float] = {}
+        for i in reaching:
+            value = priors[i].intermediate_values.get(step)
+            if value is not None and math.isfinite(value):
+                values[i] = value
+        for i, value in values.items():
+            rungs[i][f"completed_rung_{rung}"] = value
+        ranked = sorted(values, key=lambda i: values[i] if minimize else -values[i])
+        reaching = ranked[:max(1, len(ranked) // sh._reduction_factor)] if ranked else []
+        rung += 1
     seen = []
-    for prior in priors:
-        attrs, rung = {}, 0
-        while (step := sh._min_resource * sh._reduction_factor ** (sh._min_early_stopping_rate + rung)) in prior.intermediate_values:
-            attrs[f"completed_rung_{rung}"] = prior.intermediate_values[step]
-            rung += 1
+    for prior, attrs in zip(priors, rungs, strict=True):
         seen.append(copy.copy(prior))
         seen[-1].system_attrs = attrs
     return seen

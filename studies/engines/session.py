@@ -103,7 +103,8 @@ def open_session(loaded: LoadedConfig, settings: Settings, *, storage_flag: str 
             started = warm_start(loaded, study, name=name, url=source_url or url, own_url=url, queue=worker_index is None)
             if started.priors:
                 study.sampler = with_priors(study.sampler, started.priors)
-                priors = for_pruner(pruner, started.priors)
+                if started.data_hash == data.fingerprint:  # the same data: the same curves to compare
+                    priors = for_pruner(pruner, started.priors, minimize=study.direction.name == "MINIMIZE")
         study.pruner = read_completed_once_per_trial(pruner, priors)
     else:  # the tuner picks every value; Optuna only records them
         study.sampler = optuna.samplers.RandomSampler(seed=cfg.study.seed)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.errors import ConfigError
 from search_spaces import compile_space, transfer
-from studies.storage.study import ENGINE, SPACE_HASH, WARM_START_ATTR, WARM_START_SEED
+from studies.storage.study import DATA_HASH, ENGINE, SPACE_HASH, WARM_START_ATTR, WARM_START_SEED
 
 if TYPE_CHECKING:
     import optuna
@@ -35,6 +35,7 @@ KEY = "warm_start.from"
 class WarmStart:
     priors: list[optuna.trial.FrozenTrial]  # the source's finished trials in the new space
     lineage: dict[str, Any]
+    data_hash: str | None = None  # the data the source trained on (studies.storage.study.DATA_HASH)
 
 
 def _source_study(loaded: LoadedConfig, name: str, url: str, own_url: str) -> optuna.Study:
@@ -144,4 +145,4 @@ def warm_start(loaded: LoadedConfig, study: optuna.Study, *, name: str, url: str
               file=sys.stderr)
     elif isinstance(previous, dict):
         lineage = previous
-    return WarmStart(priors, lineage)
+    return WarmStart(priors, lineage, source.user_attrs.get(DATA_HASH))

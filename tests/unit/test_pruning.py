@@ -102,7 +102,7 @@ def test_a_warm_starts_priors_are_rivals_at_each_rung_of_successive_halving():
     the best). With the source's trials as rivals, the second-best trial goes on."""
     from studies.engines.priors import for_pruner
 
-    priors = [_prior(0.1 * (i + 1), i) for i in range(9)]
+    priors = [_prior(0.05 * (i + 2), i) for i in range(18)]
     states = []
     for rivals in (False, True):
         inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
@@ -117,6 +117,15 @@ def test_a_warm_starts_priors_are_rivals_at_each_rung_of_successive_halving():
     seen = for_pruner(optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3), priors[:1])
     assert seen[0].system_attrs == {"completed_rung_0": pytest.approx(0.3), "completed_rung_1": pytest.approx(0.1)}
     assert priors[0].system_attrs == {}  # the sampler's priors are left as they are
+    # Rung 1 only for the top third at rung 0 (the source may have let more run on); none from NaN.
+    sh = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    rungs = [sorted(p.system_attrs) for p in for_pruner(sh, priors)]
+    assert rungs == [["completed_rung_0", "completed_rung_1"]] * 6 + [["completed_rung_0"]] * 12
+    rungs = [sorted(p.system_attrs) for p in for_pruner(sh, priors, minimize=False)]
+    assert rungs == [["completed_rung_0"]] * 12 + [["completed_rung_0", "completed_rung_1"]] * 6
+    diverged = _prior(0.5, 18)
+    diverged.intermediate_values = {1: float("nan"), 3: 0.1}
+    assert for_pruner(sh, [diverged])[0].system_attrs == {}
     assert for_pruner(optuna.pruners.MedianPruner(), priors) == priors
     assert for_pruner(optuna.pruners.HyperbandPruner(), priors) == []
     assert for_pruner(optuna.pruners.SuccessiveHalvingPruner(), priors) == []  # min_resource "auto": not known yet

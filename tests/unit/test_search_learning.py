@@ -14,7 +14,7 @@ from studies.config import load_config
 from studies.config.sections import StopSection
 from studies.engines.priors import with_priors
 from studies.engines.stopping import StopRule, blocked_by_stop, continued_since, record_stop
-from studies.storage.study import ENGINE, WARM_START_ATTR, stopped_record
+from studies.storage.study import DATA_HASH, ENGINE, WARM_START_ATTR, stopped_record
 from studies.storage.warm_start import warm_start
 from tests.conftest import tiny_config
 
@@ -138,7 +138,8 @@ def source_study(tmp_path, tiny_space, write_config):
 
 
 def test_warm_start_maps_a_changed_space_queues_the_best_and_records_lineage(source_study, tmp_path, write_config):
-    url, _ = source_study
+    url, source = source_study
+    source.set_user_attr(DATA_HASH, "the source's data")  # its pruner rivals only for a study on the same data
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text("params:\n  n_layers: {type: int, low: 1, high: 2}\n"
                       "  units: {type: int, low: 4, high: 64, log: true, per_layer: n_layers}\n"
@@ -155,6 +156,7 @@ def test_warm_start_maps_a_changed_space_queues_the_best_and_records_lineage(sou
     assert lineage["values_dropped"] == 4 + 2 and lineage["queued"] == 2 and lineage["values_clipped"] == 1
     assert lineage["source_space_hash"] != lineage["space_hash"]
     assert all(p.number < 0 and "optimizer" not in p.params for p in started.priors)
+    assert started.data_hash == "the source's data"
     queued = study.get_trials(states=(TrialState.WAITING,))
     assert [t.system_attrs["fixed_params"] for t in queued] == [{"n_layers": 1, "units_0": 16, "learning_rate": 0.01},
                                           {"n_layers": 1, "units_0": 4, "learning_rate": 0.001}]
