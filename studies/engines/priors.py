@@ -48,9 +48,10 @@ def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial],
     """The priors as `pruner` compares a trial against them, or none where it cannot. Median and
     percentile pruners read finished trials' intermediate values, which priors carry. Successive
     halving reads the value each trial had at each rung it reached (its `completed_rung_<k>`
-    system attributes): here the prior's value at the rung's step, for the priors successive
-    halving would have let reach it (the top third of the priors at the rung before; a source
-    that pruned otherwise, or not at all, ran some further), up to a value that is not finite.
+    system attributes): here the prior's value at the rung's step, up to a value that is not
+    finite. A source that pruned decided itself how far each of its trials ran; from a source that
+    pruned none, only the priors successive halving would have let reach a rung count there (the
+    top third of those at the rung before), else every long prior would lower the bar.
     Without them, a warm-started study's first trial (the source's best, queued first) set the
     bar of every rung alone, since successive halving promotes the top third of the trials that
     reached a rung, and with fewer than three only the best: in `benchmarks/warm_start.py` the
@@ -65,6 +66,7 @@ def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial],
     sh: Any = pruner
     if kind is not optuna.pruners.SuccessiveHalvingPruner or sh._min_resource is None:  # None: "auto", not known yet
         return []
+    pruned = any(p.state == optuna.trial.TrialState.PRUNED for p in priors)
     rungs: list[dict[str, float]] = [{} for _ in priors]
     reaching = list(range(len(priors)))  # the priors that reach the current rung
     rung = 0
@@ -78,7 +80,7 @@ def for_pruner(pruner: optuna.pruners.BasePruner, priors: Sequence[FrozenTrial],
         for i, value in values.items():
             rungs[i][f"completed_rung_{rung}"] = value
         ranked = sorted(values, key=lambda i: values[i] if minimize else -values[i])
-        reaching = ranked[:max(1, len(ranked) // sh._reduction_factor)] if ranked else []
+        reaching = ranked if pruned else ranked[:max(1, len(ranked) // sh._reduction_factor)]
         rung += 1
     seen = []
     for prior, attrs in zip(priors, rungs, strict=True):

@@ -117,12 +117,16 @@ def test_a_warm_starts_priors_are_rivals_at_each_rung_of_successive_halving():
     seen = for_pruner(optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3), priors[:1])
     assert seen[0].system_attrs == {"completed_rung_0": pytest.approx(0.3), "completed_rung_1": pytest.approx(0.1)}
     assert priors[0].system_attrs == {}  # the sampler's priors are left as they are
-    # Rung 1 only for the top third at rung 0 (the source may have let more run on); none from NaN.
+    # A source that pruned none: rung 1 only for the top third at rung 0. None from NaN.
     sh = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     rungs = [sorted(p.system_attrs) for p in for_pruner(sh, priors)]
     assert rungs == [["completed_rung_0", "completed_rung_1"]] * 6 + [["completed_rung_0"]] * 12
     rungs = [sorted(p.system_attrs) for p in for_pruner(sh, priors, minimize=False)]
     assert rungs == [["completed_rung_0"]] * 12 + [["completed_rung_0", "completed_rung_1"]] * 6
+    # A source that pruned: each prior's rungs as far as it ran there.
+    cut = [_prior(0.05 * (i + 2), i) for i in range(3)]
+    cut[0].state, cut[0].intermediate_values = optuna.trial.TrialState.PRUNED, {s: 0.3 for s in range(2)}
+    assert [sorted(p.system_attrs) for p in for_pruner(sh, cut)] == [["completed_rung_0"]] + [["completed_rung_0", "completed_rung_1"]] * 2
     diverged = _prior(0.5, 18)
     diverged.intermediate_values = {1: float("nan"), 3: 0.1}
     assert for_pruner(sh, [diverged])[0].system_attrs == {}
