@@ -2,8 +2,8 @@
 
 The walk follows the functional graph, so a table's embedding branches (column blocks, bias-free
 Dense, Concatenate; models.layers.TableView as those steps) export as they are. Any other layer
-(convolutions, ...) gives None and a reason: that model keeps TensorFlow at serving time. `export_checked` also compares the program
-with Keras on varied rows before anyone relies on it.
+(convolutions, ...) gives None and a reason: that model keeps TensorFlow at serving time.
+`export_checked` also compares the program with Keras on varied rows before anyone relies on it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ def _step(layer: Any, inputs: tuple[str, ...]) -> Step | str:
     """The step of one layer, or why it has none."""
     kind, name = type(layer).__name__, layer.name
     if kind == "Normalization":
-        scale = 1.0 / np.maximum(np.sqrt(_f32(layer.variance)), 1e-7)
-        return Step(name, "affine", inputs, {"scale": scale.reshape(1, -1), "offset": (-_f32(layer.mean) * scale).reshape(1, -1)})
+        return _normalization(name, inputs, _f32(layer.mean), _f32(layer.variance))
     if kind == "BatchNormalization":
         if layer.axis not in (-1, 1):
             return f"layer {name!r}: batch norm over axis {layer.axis}"
@@ -67,6 +66,12 @@ def _step(layer: Any, inputs: tuple[str, ...]) -> Step | str:
     return f"layer {name!r} ({kind}) has no numpy form"
 
 
+def _normalization(name: str, inputs: tuple[str, ...], mean: np.ndarray, variance: np.ndarray) -> Step:
+    """(x - mean) / max(sqrt(variance), 1e-7), Keras's Normalization, as an affine step."""
+    scale = 1.0 / np.maximum(np.sqrt(variance), 1e-7)
+    return Step(name, "affine", inputs, {"scale": scale.reshape(1, -1), "offset": (-mean * scale).reshape(1, -1)})
+
+
 def _indices(indices: list[int]) -> np.ndarray:
     return np.asarray(indices, dtype=np.int64)
 
@@ -78,9 +83,7 @@ def _table_steps(layer: Any, inputs: tuple[str, ...]) -> list[Step]:
     name, steps = layer.name, []
     shift, variance = _f32(layer.shift), _f32(layer.variance)
     if np.any(shift != 0) or np.any(variance != 1):
-        scale = 1.0 / np.maximum(np.sqrt(variance), 1e-7)
-        arrays = {"scale": scale.reshape(1, -1), "offset": (-shift * scale).reshape(1, -1)}
-        steps.append(Step(f"{name}/scaling", "affine", inputs, arrays))
+        steps.append(_normalization(f"{name}/scaling", inputs, shift, variance))
         inputs = (steps[-1].name,)
     if not layer.blocks:
         return steps

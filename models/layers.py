@@ -5,6 +5,7 @@ Importing this module registers them (serving.model imports it before loading a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -83,9 +84,11 @@ class TableView(keras.layers.Layer):
                 "blocks": self.blocks}
 
 
-def columns(x: Any, indices: list[int]) -> Any:
-    """The given columns of x, in order: a slice when they are contiguous, else a gather."""
+def columns(x: Any, indices: list[int], take: Callable[..., Any] = keras.ops.take) -> Any:
+    """The given columns of x, in order: a slice when they are contiguous, else `take(x, indices,
+    axis=1)` (models.shared_step passes tf.gather: keras.ops.take adds ops that mend negative
+    indices, run at every batch of a traced epoch)."""
     start, stop = indices[0], indices[-1] + 1
     if indices == list(range(start, stop)):
         return x[:, start:stop]
-    return keras.ops.take(x, indices, axis=1)
+    return take(x, indices, axis=1)

@@ -41,6 +41,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from models.layers import columns
+
 LOSSES = {"binary_crossentropy": "BinaryCrossentropy", "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
           "mse": "MeanSquaredError", "mean_squared_error": "MeanSquaredError"}
 _ACTIVATIONS = ("linear", "relu", "gelu", "tanh", "sigmoid", "softmax", "elu", "selu", "silu", "swish", "softplus")
@@ -377,18 +379,18 @@ def _loss_of(key: tuple[Any, ...]) -> Callable[..., tuple[Any, list[Any]]]:
                     h, mean, variance, axis=-1, offset=values[beta] if beta >= 0 else None,
                     scale=values[gamma] if gamma >= 0 else None, epsilon=epsilon)
             elif kind == "normalization":
-                h = (h - consts[op[2]]) / tf.maximum(tf.sqrt(consts[op[3]]), keras.config.epsilon())
+                h = _normalized(h, consts[op[2]], consts[op[3]])
             elif kind == "rescaling":
                 h = h * consts[op[2]] + consts[op[3]]
                 if _feeds_head(ops, i):
                     h = tf.ensure_shape(h, [None, out])
             elif kind == "columns":
-                h = _columns(h, list(op[2]))
+                h = columns(h, list(op[2]), take=tf.gather)
             elif kind == "table":
                 _, _, shift, variance, dense, blocks, kernels = op
-                h = (h - consts[shift]) / tf.maximum(tf.sqrt(consts[variance]), keras.config.epsilon())
+                h = _normalized(h, consts[shift], consts[variance])
                 if blocks:
-                    parts = [_columns(h, list(dense))] if dense else []
+                    parts = [columns(h, list(dense), take=tf.gather)] if dense else []
                     parts += [keras.ops.matmul(h[:, start:start + width], values[kernel])
                               for (start, width), kernel in zip(blocks, kernels, strict=True)]
                     h = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
@@ -402,12 +404,11 @@ def _loss_of(key: tuple[Any, ...]) -> Callable[..., tuple[Any, list[Any]]]:
     return loss_of
 
 
-def _columns(h: Any, indices: list[int]) -> Any:
-    """The given columns of h, in order: a slice when they are contiguous, else a gather."""
+def _normalized(h: Any, mean: Any, variance: Any) -> Any:
+    """Keras's Normalization: (h - mean) / max(sqrt(variance), epsilon)."""
     import tensorflow as tf
 
-    start, stop = indices[0], indices[-1] + 1
-    return h[:, start:stop] if indices == list(range(start, stop)) else tf.gather(h, indices, axis=1)
+    return (h - mean) / tf.maximum(tf.sqrt(variance), keras.config.epsilon())
 
 
 def _dropout(h: Any, rate: Any, seed: Any, i: int) -> Any:
