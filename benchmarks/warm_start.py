@@ -5,11 +5,13 @@
 Per seed (the study seed, so the data split, is the same for the three studies of a round):
 1. an earlier study on search_spaces/mlp.yaml (the shipped breast_cancer config, `--trials`);
 2. a cold study on search_spaces/mlp_wide.yaml (one range doubled, one activation added);
-3. a warm study on mlp_wide.yaml, `--warm-start-from` the earlier one (its best 5 run first,
-   all its trials inform TPE).
+3. a warm study on mlp_wide.yaml, `--warm-start-from` the earlier one (its best runs first,
+   all its trials inform TPE and successive halving; `--top-k` queues more).
 Each study has the same budget. The cold study's final best is the target: how many finished
 trials did the cold study need to reach it, and how many did the warm one? Goal (issue 18): the
 warm start needs at most 0.5x the trials, on the median seed. One TensorFlow thread, no tracking.
+Each study's trials are deterministic (seeded, one thread, one worker): the spread between seeds
+is the noise, so `--seeds 20` (about 5 minutes) is the steadier figure.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--top-k", type=int, default=None, help="warm_start.top_k (default: the config's default)")
     p.add_argument("--quick", action="store_true", help="1 seed, 4 trials, 2 epochs: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -78,7 +81,8 @@ def main() -> None:
             base = ["--storage", storage, "--seed", str(seed), *common]
             run([*base, "--study-name", f"earlier{seed}"])
             run([*base, *wide, "--study-name", f"cold{seed}"])
-            run([*base, *wide, "--study-name", f"warm{seed}", "--warm-start-from", f"earlier{seed}"])
+            top_k = [] if args.top_k is None else ["--set", f"warm_start.top_k={args.top_k}"]
+            run([*base, *wide, *top_k, "--study-name", f"warm{seed}", "--warm-start-from", f"earlier{seed}"])
             earlier, cold, warm = (curve(storage, f"{k}{seed}") for k in ("earlier", "cold", "warm"))
             target = cold[-1]
             cold_n, warm_n = trials_to_reach(cold, target), trials_to_reach(warm, target)

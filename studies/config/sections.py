@@ -248,7 +248,7 @@ class WarmStartSection(_Section):
     # The source study's name; `name@storage-url` when it lives in another storage.
     from_: str = Field(alias="from", min_length=1)
     storage: str | None = None  # the source's storage (default: this study's)
-    top_k: int = Field(default=5, ge=0, le=1000)  # the source's best trials, mapped, run first
+    top_k: int = Field(default=1, ge=0, le=1000)  # the source's best trials, mapped, run first (storage.warm_start)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -15,7 +15,7 @@ import optuna
 from models.faults import RetryLog, describe, is_transient
 from search_spaces import optuna_suggest, sample
 from studies.engines.workers import interruption_reason, raise_if_signalled, signals_allowed, signals_deferred
-from studies.storage.study import WARM_START_SEED, derive_seed, improves, trial_metrics
+from studies.storage.study import WARM_START_OF, WARM_START_SEED, derive_seed, improves, trial_metrics
 
 if TYPE_CHECKING:
     import keras
@@ -249,6 +249,9 @@ class Objective:
             trial.set_constraint(key, value)  # the sampler steers around infeasible regions
 
         best = _RunningBest(self.mode)
+        # A warm start's queued trial re-runs a source's best: the pruner still records its rungs,
+        # but it runs to the end (studies.storage.warm_start).
+        prunable = not (isinstance(trial, optuna.Trial) and WARM_START_OF in trial.user_attrs)
 
         def report(epoch: int, logs: dict[str, float]) -> bool:
             raise_if_signalled()  # Keras calls this at each epoch's end: a safe point to stop
@@ -257,7 +260,7 @@ class Objective:
             if cfg.multi_objective:
                 return False
             trial.report(best.add(logs.get(self.monitor, float("nan"))), epoch)
-            return trial.should_prune()
+            return trial.should_prune() and prunable
 
         attrs["setup_seconds"] = round(time.perf_counter() - started, 4)  # build (+ serving costs when measured first)
         options: dict[str, Any] = {"epochs": cfg.training.epochs, **(fit_options or {})}

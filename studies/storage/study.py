@@ -27,7 +27,9 @@ STOPPED_ATTR = "workbench:stopped"
 # Where the study started from: source study, storage, space hashes, trials mapped/dropped/queued
 # (studies.storage.warm_start).
 WARM_START_ATTR = "workbench:warm_start"
-# On a trial a warm start queued: the seed of the source trial it re-runs (studies.engines.objective).
+# On a trial a warm start queued: the source trial it re-runs ("study#number"; never pruned) and
+# that trial's seed (studies.engines.objective).
+WARM_START_OF = "warm_start_of"
 WARM_START_SEED = "warm_start_seed"
 # The budget counts these: a failed trial is retried, it does not use up the budget.
 BUDGET_STATES = ("COMPLETE", "PRUNED")

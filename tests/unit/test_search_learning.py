@@ -263,15 +263,18 @@ def test_run_measures_serving_costs_stops_registers_within_limits_and_warm_start
     assert run_main([str(path), "--warm-start-from", "serve_aware"]) == 2
     assert "sa.yaml: warm_start.from: is this study itself" in capsys.readouterr().err
 
-    # a new study starts from it on a wider space: its best trial runs first, lineage on study and run
+    # a new study starts from it on a wider space: its best trial runs first, and to the end under
+    # a pruner that prunes every other trial at its first report; lineage on study and run
     wide = tiny_space.parent / "wide.yaml"
     wide.write_text(tiny_space.read_text().replace("high: 16", "high: 32").replace("[adam, sgd]", "[adam, sgd, rmsprop]"))
-    cfg2 = tiny_config(wide, study={"name": "warm", "seed": 3}, budget={"n_trials": 2}, registry={"auto": False})
+    cfg2 = tiny_config(wide, study={"name": "warm", "seed": 3}, budget={"n_trials": 2}, registry={"auto": False},
+                       pruner={"type": "threshold", "options": {"upper": 0.0}})
     assert run_main([str(write_config(cfg2, "warm.yaml")), "--warm-start-from", "serve_aware"]) == 0
     assert "warm start: 1 of 1 finished trials of 'serve_aware' (space changed" in capsys.readouterr().err
     warm = optuna.load_study(study_name="warm", storage=storage)
     assert warm.trials[0].user_attrs["warm_start_of"] == "serve_aware#0" and warm.trials[0].params == trial.params
     assert warm.trials[0].value == pytest.approx(trial.value, rel=1e-5)  # same params, same seed: same model
+    assert [t.state.name for t in warm.trials] == ["COMPLETE", "PRUNED"]
     assert warm.user_attrs[WARM_START_ATTR]["source"] == "serve_aware"
     parent = client.get_run(warm.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["workbench.warm_start.source"] == "serve_aware"
