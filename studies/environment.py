@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from serving.settings import MlflowLocation
+from studies.storage.running import FLUSH_SECONDS
 
 
 class Settings(MlflowLocation):
@@ -18,6 +19,8 @@ class Settings(MlflowLocation):
     workbench_verbose: bool = Field(default=False, description="libraries' own logging (WORKBENCH_VERBOSE, set by --verbose)")
     heartbeat_seconds: int = Field(default=30, ge=1, description="seconds between trial heartbeats (HEARTBEAT_SECONDS); "
                                    "a trial is reclaimed after two missed beats")
+    curve_seconds: float = Field(default=FLUSH_SECONDS, ge=0, description="a running trial's per-epoch values reach the "
+                                 "storage with its next write, or this many seconds after its last (CURVE_SECONDS); 0: each epoch")
 
     def default_storage(self) -> str:
         """The embedded default: one SQLite file inside the project data folder."""

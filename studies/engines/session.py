@@ -86,7 +86,8 @@ def open_session(loaded: LoadedConfig, settings: Settings, *, storage_flag: str 
     url = settings.storage_url(storage_flag, cfg.study.storage)
     # KerasTuner re-runs a trial it lost itself: its studies never queue a stale trial again.
     retries = cfg.budget.retries if cfg.engine == "optuna" else 0
-    storage = open_storage(url, heartbeat_interval=settings.heartbeat_seconds, max_retry=retries)
+    storage = open_storage(url, heartbeat_interval=settings.heartbeat_seconds, max_retry=retries,
+                           curve_seconds=settings.curve_seconds)
     study = open_study(loaded, storage, study_name=loaded.study_name,
                        allow_space_change=allow_space_change, data_hash=data.fingerprint)
     if cfg.engine == "optuna":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from models.errors import WorkbenchError
 from models.faults import RetryLog, describe, is_transient, retry_call
 from studies.storage import trial_rows
+from studies.storage.running import RunningTrials
 
 if TYPE_CHECKING:
     import optuna
@@ -87,7 +88,8 @@ class _Held:
 @functools.cache
 def resilient_storage_class() -> type:
     """RDBStorage whose calls survive a lost connection: retried with backoff (bounded), each
-    retry written to `retry_log`. Optuna wraps it in its trial cache like any RDBStorage."""
+    retry written to `retry_log`, and that reads the trials this process runs from memory
+    (studies.storage.running). Optuna wraps it in its trial cache like any RDBStorage."""
     import optuna
 
     def retrying(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,6 +121,11 @@ def resilient_storage_class() -> type:
             return retry_call(once, "storage.set_trial_state_values", attempts=STORAGE_ATTEMPTS,
                               max_delay=STORAGE_MAX_DELAY, log=self.retry_log)
 
+        def _call(self, name: str, call: Callable[[], Any]) -> Any:
+            """`call()`, retried across a lost connection."""
+            return retry_call(call, f"storage.{name}", attempts=STORAGE_ATTEMPTS, max_delay=STORAGE_MAX_DELAY,
+                              log=self.retry_log)
+
         def _write(self, name: str, write: Callable[[Any], None]) -> None:
             """`write(session)` in one transaction, retried across a lost connection."""
             from optuna.storages._rdb.storage import _create_scoped_session
@@ -127,8 +134,7 @@ def resilient_storage_class() -> type:
                 with _create_scoped_session(self.scoped_session, True) as session:
                     write(session)
 
-            retry_call(once, f"storage.{name}", attempts=STORAGE_ATTEMPTS, max_delay=STORAGE_MAX_DELAY,
-                       log=self.retry_log)
+            self._call(name, once)
 
         @contextlib.contextmanager
         def one_transaction(self, trial_id: int) -> Iterator[None]:
@@ -190,7 +196,7 @@ def resilient_storage_class() -> type:
         def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
             def write(session: Any) -> None:  # one statement, where Optuna reads the step's row first
                 trial_rows.check_updatable(self, session, trial_id)
-                trial_rows.write_intermediate_value(self, session, trial_id, step, intermediate_value)
+                trial_rows.write_intermediate_values(self, session, trial_id, {step: intermediate_value})
 
             self._write("set_trial_intermediate_value", write)
 
@@ -207,7 +213,11 @@ def resilient_storage_class() -> type:
 
     for name in _RETRIED:
         setattr(ResilientRDBStorage, name, retrying(name, getattr(optuna.storages.RDBStorage, name)))
-    return ResilientRDBStorage
+
+    class WorkbenchRDBStorage(RunningTrials, ResilientRDBStorage):
+        """Reads of the trials this process runs answered from memory (studies.storage.running)."""
+
+    return WorkbenchRDBStorage
 
 
 def open_storage(
@@ -216,6 +226,7 @@ def open_storage(
     heartbeat_interval: int | None = None,
     on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     max_retry: int | None = None,
+    curve_seconds: float | None = None,
 ) -> optuna.storages.RDBStorage:
     """An RDB storage whose pooled connections are checked before use (pool_pre_ping) and whose
     calls are retried across a lost connection (see resilient_storage_class).
@@ -226,6 +237,9 @@ def open_storage(
     With a heartbeat, a trial whose worker died (no beat for 2 intervals) is failed by the next
     worker to start a trial and queued again with the same parameters, at most `max_retry` times
     (RetryHeartbeatStaleTrialCallback); `on_stale` is then told about it (e.g. to close its run).
+
+    A running trial's intermediate values reach the database with its next write, or
+    `curve_seconds` after its last (studies.storage.running; default FLUSH_SECONDS).
     """
     import optuna
     import sqlalchemy.exc
@@ -259,6 +273,7 @@ def open_storage(
             heartbeat_stale_trial_callback=stale,
         )
         storage.retry_log = RetryLog()  # where its retried calls are recorded
+        storage.curve_seconds = curve_seconds
         return storage
 
     try:

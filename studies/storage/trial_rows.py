@@ -79,12 +79,16 @@ def insert_params(session: Any, rows: list[dict[str, Any]]) -> None:
     session.execute(sqlalchemy.insert(models.TrialParamModel), rows)
 
 
-def write_intermediate_value(storage: Any, session: Any, trial_id: int, step: int, value: float) -> None:
+def write_intermediate_values(storage: Any, session: Any, trial_id: int, values: dict[int, float]) -> None:
+    """The trial's values at these steps, in one statement."""
     from optuna.storages._rdb import models
 
     model = models.TrialIntermediateValueModel
-    stored, kind = model.intermediate_value_to_stored_repr(value)
-    row = {"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind}
-    if not upsert(session, storage.engine.name, model, [row], ("trial_id", "step"),
+    rows = []
+    for step, value in values.items():
+        stored, kind = model.intermediate_value_to_stored_repr(value)
+        rows.append({"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind})
+    if not upsert(session, storage.engine.name, model, rows, ("trial_id", "step"),
                   ("intermediate_value", "intermediate_value_type")):
-        storage._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+        for step, value in values.items():
+            storage._set_trial_intermediate_value_without_commit(session, trial_id, step, value)

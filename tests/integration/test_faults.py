@@ -145,7 +145,7 @@ def test_sigterm_fails_running_trials_then_the_study_resumes(postgres_url, mlflo
     # Trials of 200 epochs: an 8-epoch trial's epochs now pass faster than this test polls.
     path = write_config(slow_config(tiny_space, 8, epochs=200))
     args = (str(path), "--storage", postgres_url, "--study-name", study_name, "--workers", "2")
-    proc = run_cli(*args, env=stack_env(mlflow_uri))
+    proc = run_cli(*args, env={**stack_env(mlflow_uri), "CURVE_SECONDS": "0"})  # each epoch seen as it ends
     try:
         # A trial in training (some epochs reported, most to come), not one being told or just asked.
         wait_for(lambda: finished(ts := trials(postgres_url, study_name)) and any(
@@ -184,7 +184,7 @@ def test_cut_database_connections_are_retried_and_recorded(postgres_url, mlflow_
         # all end first, or the cut fall between trials, once trials got cheaper).
         path = write_config(slow_config(tiny_space, 4, epochs=150))
         proc = run_cli(str(path), "--storage", url, "--study-name", study_name, "--workers", "2",
-                       env=stack_env(mlflow_uri))
+                       env={**stack_env(mlflow_uri), "CURVE_SECONDS": "0"})  # each epoch's report a write, as it ends
         try:
             # A trial mid-training with at least 100 epochs (~2 s) to go: its epoch reports fall in the
             # outage (waiting for "a finished and a running trial" could catch the running one in its

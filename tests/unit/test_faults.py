@@ -114,7 +114,8 @@ def test_a_deterministic_error_is_not_requeued(home, write_config, tiny_space, m
     assert not [t for t in study.trials if "retry_of" in t.user_attrs]
 
 
-def test_sigterm_fails_the_running_trial_and_ends_the_parent_run(home, write_config, tiny_space):
+def test_sigterm_fails_the_running_trial_and_ends_the_parent_run(home, write_config, tiny_space, monkeypatch):
+    monkeypatch.setenv("CURVE_SECONDS", "0")  # each epoch's report seen at once by the watcher
     path = write_config(tiny_config(tiny_space, budget={"n_trials": 50}, training={"epochs": 30, "batch_size": 32,
                                                                                   "early_stopping_patience": None}))
     url = f"sqlite:///{home / 'optuna.db'}"
@@ -467,3 +468,84 @@ def test_a_trials_state_whose_commit_reply_was_lost_is_not_refused_on_the_retry(
     assert storage.set_trial_state_values(trial_id, optuna.trial.TrialState.COMPLETE, [1.0]) is True
     assert len(calls) == 2 and storage.get_trial(trial_id).state == optuna.trial.TrialState.COMPLETE
     assert storage.retry_log.entries and "storage.set_trial_state_values" in storage.retry_log.entries[-1]
+
+
+def test_the_trials_a_process_runs_are_read_from_memory_and_their_curves_written_with_their_next_write(tmp_path, monkeypatch):
+    """studies.storage.running: at every point of a trial (created or taken from the queue), the
+    storage's copy equals what another process reads from the database, in `get_trial` and in
+    the study's trials, but for the intermediate values reported since the trial's last write;
+    those land with its next one (successive halving's rung, its end), or at once when a second
+    has passed. The database is read for a running trial once, as it starts."""
+    import studies.storage.running as running
+    from studies.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage, other = open_storage(url), open_storage(url)  # `other`: a process that runs none of them
+    built: list[tuple[int, str]] = []
+    writes: list[dict] = []
+    build = optuna.storages.RDBStorage._build_frozen_trial_from_trial_model
+    write_values = running.trial_rows.write_intermediate_values
+
+    def recorded(self, model):
+        if self is storage:
+            built.append((model.trial_id, model.state.name))
+        return build(self, model)
+
+    def counted(storage_, session, trial_id, values):
+        writes.append(dict(values))
+        return write_values(storage_, session, trial_id, values)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_build_frozen_trial_from_trial_model", recorded)
+    monkeypatch.setattr(running.trial_rows, "write_intermediate_values", counted)
+    study = optuna.create_study(storage=storage, study_name="s", sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2))
+    study.enqueue_trial({"x": 0.25}, user_attrs={"queued": True})
+    checked = []
+
+    def same(trial_id: int, *, curve: bool) -> None:
+        ours, theirs = storage.get_trial(trial_id), other.get_trial(trial_id)
+        assert theirs.intermediate_values.items() <= ours.intermediate_values.items()
+        assert (theirs.intermediate_values == ours.intermediate_values) is curve or not ours.intermediate_values
+        theirs.intermediate_values = ours.intermediate_values
+        assert ours == theirs
+        for states in (None, (optuna.trial.TrialState.RUNNING,)):
+            mine = storage.get_all_trials(study._study_id, states=states)
+            assert [t.number for t in mine] == [t.number for t in other.get_all_trials(study._study_id, states=states)]
+        checked.append(trial_id)
+
+    def objective(trial: optuna.Trial) -> float:
+        same(trial._trial_id, curve=True)
+        with storage.one_transaction(trial._trial_id):
+            x = trial.suggest_float("x", 0, 1)
+            trial.suggest_int("n", 1, 4)
+            trial.suggest_categorical("c", [None, "a", 2])
+            storage.set_trial_user_attrs(trial._trial_id, {"pair": (1, 2), "nested": {"k": [1.5]}})
+        same(trial._trial_id, curve=True)
+        for step in range(4):
+            trial.report(x + step / 10, step)
+            same(trial._trial_id, curve=False)
+            pruned = trial.should_prune()  # successive halving writes its rungs at steps 1 and 2, the curve with them
+            same(trial._trial_id, curve=step in (1, 2))
+            if pruned:
+                raise optuna.TrialPruned
+        trial.set_user_attr("seed", 3)  # a user attribute carries the curve too
+        same(trial._trial_id, curve=True)
+        return x
+
+    study.optimize(objective, n_trials=5)
+    finished = other.get_all_trials(study._study_id)
+    assert {t.state.name for t in finished} == {"PRUNED", "COMPLETE"} and len(checked) >= 30
+    assert finished[0].user_attrs["queued"] is True
+    reports = sum(len(t.intermediate_values) for t in finished)
+    assert all(t.intermediate_values == {s: t.params["x"] + s / 10 for s in range(len(t.intermediate_values))} for t in finished)
+    assert sum(map(len, writes)) == reports and len(writes) <= reports * 2 / 3, writes  # 9 statements for 14 reports
+    running_reads = [trial_id for trial_id, state in built if state == "RUNNING"]
+    assert sorted(running_reads) == sorted(set(running_reads)) and len(running_reads) == 5, built
+
+    # a report a second (FLUSH_SECONDS) after the trial's last write is written at once
+    monkeypatch.setattr(running, "FLUSH_SECONDS", 0.0)
+    trial = study.ask()
+    trial.report(0.5, 0)
+    assert other.get_trial(trial._trial_id).intermediate_values == {0: 0.5}
+    study.tell(trial, 0.5)
+    assert storage.get_trial(trial._trial_id).state.name == "COMPLETE"  # finished: read from the database
