@@ -129,6 +129,10 @@ def build_sampler(section: SamplerSection, seed: int, space: SearchSpace, space_
 def _snapshot_tpe_class() -> type:
     import optuna
 
+    from studies.config import tpe_kernels
+
+    tpe_kernels.install()
+
     class TPESampler(optuna.samplers.TPESampler):
         """Optuna's TPE sampler, reading the study's trials once per trial. With `constant_liar`
         Optuna's TPE reads every trial again for each group of parameters it samples (it cannot use

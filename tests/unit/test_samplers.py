@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 
 from search_spaces import load_space, optuna_suggest, sample
 from studies.config.samplers import build_sampler
@@ -70,3 +71,33 @@ def test_the_tpe_sampler_takes_warm_start_priors_through_its_snapshot(tmp_path):
     finally:
         optuna.samplers.TPESampler._sample = original
     assert seen and min(seen) >= 8  # the priors count as finished trials: TPE samples from the first trial
+
+
+def test_tpes_log_cdf_is_computed_in_c_with_optunas_values_and_choices(tmp_path, monkeypatch):
+    """studies.config.tpe_kernels: building a TPE sampler points Optuna's truncated normal at
+    scipy's log_ndtr; the values are Optuna's own, and so are a seeded study's choices."""
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm
+
+    from studies.config import tpe_kernels
+
+    build_sampler(SamplerSection(type="tpe", options=OPTIONS), 7, SPACE, "mlp.yaml")
+    assert _truncnorm._log_ndtr is tpe_kernels.log_ndtr
+    x = np.concatenate([np.linspace(-40, 40, 40_001), [-20, 6, 0.0, -0.0, np.inf, -np.inf, np.nan]])
+    python = np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(x).astype(float)
+    ours = tpe_kernels.log_ndtr(x)
+    assert np.array_equal(np.isnan(ours), np.isnan(python)) and np.allclose(ours, python, rtol=1e-7, atol=1e-12, equal_nan=True)
+    choices = {}
+    for kernel in ("optuna", "ours"):
+        if kernel == "optuna":
+            monkeypatch.setattr(_truncnorm, "_log_ndtr", lambda a: np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float))
+        else:
+            monkeypatch.setattr(_truncnorm, "_log_ndtr", tpe_kernels.log_ndtr)
+        sampler = optuna.samplers.TPESampler(seed=5, **OPTIONS)
+        choices[kernel] = _run(sampler, f"sqlite:///{tmp_path / f'{kernel}.db'}", n_trials=24)[0]
+    # the same draws; a float may differ in its last bits (sampling inverts the CDF through it)
+    assert len(choices["ours"]) == len(choices["optuna"]) == 24
+    for ours_, theirs_ in zip(choices["ours"], choices["optuna"], strict=True):
+        assert ours_.keys() == theirs_.keys()
+        assert all(ours_[k] == pytest.approx(theirs_[k], rel=1e-12) if isinstance(ours_[k], float) else ours_[k] == theirs_[k]
+                   for k in ours_), (ours_, theirs_)
