@@ -26,12 +26,13 @@ _RETRIED = (
     "create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
     "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "get_trial_param",
-    "set_trial_user_attr", "set_trial_system_attr",
+    "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number", "get_trial",
     # Optuna's trial cache calls these internals directly; the public create_new_trial,
     # set_trial_param, get_all_trials and get_best_trial go through them too.
     "_create_new_trial", "_get_trials", "_get_best_trial_id", "_get_stale_trial_ids",
 )  # ResilientRDBStorage retries its own writes: _set_trial_param, set_trial_intermediate_value, set_trial_user_attrs
+# (set_trial_user_attr included: studies.storage.running makes it one set_trial_user_attrs)
 # A database restart takes a few seconds; a managed failover up to a minute or two.
 STORAGE_ATTEMPTS = 10
 STORAGE_MAX_DELAY = 15.0
