@@ -16,8 +16,9 @@ Each epoch's report was a transaction of its own (~1.4 ms on SQLite, six a trial
 running trial's intermediate values reach the database with its next other write (successive
 halving's rung, the trial's attributes, its end, in the same transaction where the write is an
 attribute), and at the latest with the first report a second or more after the last write
-(FLUSH_SECONDS; the CURVE_SECONDS setting, studies.environment): another process (the dashboard, a worker) sees a running trial's curve that
-late, and every finished trial's curve whole. No pruner reads another trial's curve before it
+(FLUSH_SECONDS; the CURVE_SECONDS setting, studies.environment): another process (the
+dashboard, a worker) sees a running trial's curve that late, and every finished trial's curve
+whole. No pruner reads another trial's curve before it
 finishes (median, percentile, Wilcoxon: finished trials; successive halving, Hyperband: the
 rungs, written at once). A worker killed mid-trial loses at most that second of its curve, of a
 trial that is failed and run again anyway.
@@ -54,6 +55,8 @@ class _Own:
 class RunningTrials:
     """Mixed into the workbench's RDBStorage (studies.storage.rdb), before the retried methods."""
 
+    curve_seconds: float | None = None  # set by open_storage; None: FLUSH_SECONDS
+
     if TYPE_CHECKING:  # given by the storage it is mixed into
         scoped_session: Any
 
@@ -69,10 +72,6 @@ class RunningTrials:
         state: dict[str, Any] = dict(super().__getstate__())  # type: ignore[call-overload]
         state.pop("_own_trials", None)  # a lock; copies of a process's own trials
         return state
-
-    def _curve_seconds(self) -> float:
-        seconds = self.__dict__.get("curve_seconds")
-        return FLUSH_SECONDS if seconds is None else float(seconds)
 
     def _own(self) -> _Own:
         own = self.__dict__.get("_own_trials")
@@ -223,7 +222,7 @@ class RunningTrials:
             if mine:
                 own.held.setdefault(trial_id, {})[step] = float(intermediate_value)
                 own.trials[trial_id][1].intermediate_values[step] = float(intermediate_value)
-                due = time.monotonic() - own.written.get(trial_id, 0.0) >= self._curve_seconds()
+                due = time.monotonic() - own.written.get(trial_id, 0.0) >= (FLUSH_SECONDS if self.curve_seconds is None else self.curve_seconds)
         if not mine:
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)  # type: ignore[misc]
         elif due:
