@@ -33,6 +33,7 @@ turned off) gets no plan, and models.training.fit runs Keras's `fit`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,9 +258,32 @@ def step(plan: Plan, seed: int, x_spec: Any, y_spec: Any) -> Callable[[Any, Any]
     def run(x: Any, y: Any) -> Any:
         if not concrete:
             concrete.append(_traced(plan.key, x_spec, y_spec))
-        return concrete[0](*fixed, x, y)
+        with small_graph_executor():
+            return concrete[0](*fixed, x, y)
 
     return run
+
+
+@functools.cache
+def _executor() -> str:
+    """TensorFlow's single-threaded executor where every op runs on the CPU, else its default ("")."""
+    import tensorflow as tf
+
+    return "" if tf.config.list_logical_devices("GPU") else "SINGLE_THREADED_EXECUTOR"
+
+
+def small_graph_executor() -> contextlib.AbstractContextManager[None]:
+    """The executor the shared functions are traced and run with: TensorFlow's single-threaded one,
+    made for graphs of many small ops (tf.data runs its functions with it), which runs each op on the
+    calling thread instead of scheduling it on the inter-op pool. A steady epoch of the
+    breast-cancer MLP took 2.2-3.0 ms with it against 3.0-4.0 ms, and a structure's first call
+    (its function instantiated) 0.11-0.30 s against 0.13-0.32 s. It runs no v1 control flow, so
+    the epoch's loop stays a functional While op, and no graph split across devices: with a GPU
+    the default executor runs them."""
+    import tensorflow as tf
+
+    executor = _executor()
+    return tf.experimental.function_executor_type(executor) if executor else contextlib.nullcontext()
 
 
 def traces() -> int:
@@ -297,7 +321,8 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
     signature = ([resource] * len(ranks), [resource] * n_state, [resource] * n_slots, [resource, resource],
                  [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks], tf.TensorSpec([], tf.int64),
                  x_spec, y_spec)
-    return tf.function(train_step, autograph=False).get_concrete_function(*signature)
+    with small_graph_executor():
+        return tf.function(train_step, autograph=False).get_concrete_function(*signature)
 
 
 @functools.cache
@@ -335,7 +360,8 @@ def _traced_epoch(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
                  [tf.TensorSpec([None] * r, tf.float32) for r in slot_ranks], tf.TensorSpec([], tf.int64),
                  tf.TensorSpec([], tf.float32), [tf.TensorSpec([None] * rank, tf.float32) for rank in const_ranks],
                  tf.TensorSpec([], tf.int64), x_spec, y_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32))
-    return tf.function(epoch, autograph=False).get_concrete_function(*signature)
+    with small_graph_executor():  # also keeps the loop a While op: that executor runs no Switch/Merge
+        return tf.function(epoch, autograph=False).get_concrete_function(*signature)
 
 
 def _loss_of(key: tuple[Any, ...]) -> Callable[..., tuple[Any, list[Any]]]:
@@ -509,9 +535,10 @@ class Epochs:
         values, state = ([read(resource=h, dtype=tf.float32) for h in handles] for handles in (plan.train, plan.state))
         slots = self._slots if self._slots is not None else [read(resource=h, dtype=tf.float32) for h in plan.slots]
         iterations, learning_rate = plan.counters
-        values, state, slots, count, losses = self._epoch(
-            values, state, slots, read(resource=iterations, dtype=tf.int64), read(resource=learning_rate, dtype=tf.float32),
-            plan.consts, self._seed, self._x, self._y, tf.constant(permutation, tf.int32), self._batch_size)
+        with small_graph_executor():
+            values, state, slots, count, losses = self._epoch(
+                values, state, slots, read(resource=iterations, dtype=tf.int64), read(resource=learning_rate, dtype=tf.float32),
+                plan.consts, self._seed, self._x, self._y, tf.constant(permutation, tf.int32), self._batch_size)
         slot_handles = plan.slots
         if self._slots is not None:  # kept here, not written to variables
             self._slots, slots, slot_handles = list(slots), [], []

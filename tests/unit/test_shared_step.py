@@ -231,3 +231,27 @@ def test_a_structure_checked_once_validates_in_numpy(monkeypatch):
     ours = evaluate(models[1], data.x_val, data.y_val)
     theirs = models[1].evaluate(data.x_val, data.y_val, verbose=0, return_dict=True)
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
+def test_the_shared_functions_run_on_the_single_threaded_executor(monkeypatch):
+    """On a CPU the shared functions are traced and called with TensorFlow's single-threaded
+    executor: the epoch's loop stays a functional While op (that executor runs no Switch/Merge),
+    and two epochs give the losses and weights TensorFlow's default executor gives them."""
+    params = {"n_layers": 2, "units": [9, 4], "batch_norm": True, "dropout": [0.2, 0.0], "activation": "elu"}
+    data = dataset("breast_cancer")
+    n = min(134, len(data.x_train))
+
+    def two_epochs() -> tuple[list[np.ndarray], list[np.ndarray], shared_step.Epochs]:
+        model = ready("breast_cancer", params)
+        run = shared_step.Epochs(shared_step.plan(model), 0, data.x_train[:n], data.y_train[:n], 24)
+        return [run(np.arange(n)) for _ in range(2)], model.get_weights(), run
+
+    assert shared_step._executor() == "SINGLE_THREADED_EXECUTOR"
+    losses, weights, run = two_epochs()
+    loops = [op for op in shared_step._traced_epoch(run.plan.key, *run._specs).graph.get_operations()
+             if op.type in ("While", "StatelessWhile")]
+    assert loops and not any(op.node_def.attr["_lower_using_switch_merge"].b for op in loops)
+    monkeypatch.setattr(shared_step, "_executor", lambda: "")  # TensorFlow's default executor, same function
+    default_losses, default_weights, _ = two_epochs()
+    for ours, theirs in zip([*losses, *weights], [*default_losses, *default_weights], strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
