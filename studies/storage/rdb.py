@@ -157,10 +157,14 @@ def resilient_storage_class() -> type:
                 self._held.batch = None
                 if held.params or held.user_attrs:
                     try:
-                        self._write("one_transaction", held.write)
+                        self._write_block(held)
                     except Exception:
                         if completed:
                             raise
+
+        def _write_block(self, held: _Held) -> None:
+            """The block's writes, in one transaction (studies.storage.running adds its own to it)."""
+            self._write("one_transaction", held.write)
 
         def _holding(self, trial_id: int) -> _Held | None:
             held = getattr(self._held, "batch", None)

@@ -12,16 +12,19 @@ give back), and answers reads of it from the copy; the database query leaves it 
 leaves the copies before the write that finishes it (a retried finishing write reads the
 database).
 
-Each epoch's report was a transaction of its own (~1.4 ms on SQLite, six a trial). Now a
-running trial's intermediate values reach the database with its next other write (successive
-halving's rung, the trial's attributes, its end, in the same transaction where the write is an
-attribute), and at the latest with the first report a second or more after the last write
-(FLUSH_SECONDS; the CURVE_SECONDS setting, studies.environment): another process (the
-dashboard, a worker) sees a running trial's curve that late, and every finished trial's curve
-whole. No pruner reads another trial's curve before it
-finishes (median, percentile, Wilcoxon: finished trials; successive halving, Hyperband: the
-rungs, written at once). A worker killed mid-trial loses at most that second of its curve, of a
-trial that is failed and run again anyway.
+Each epoch's report was a transaction of its own (~1.4 ms on SQLite, six a trial), and so was
+each system attribute (TPE's relative parameters as the trial starts, successive halving's rung
+at each one it reaches: ~1.4 ms each, 2.4 a trial). Now a running trial's intermediate values
+and system attributes reach the database with its next other write (the trial's user
+attributes, its end; in the same transaction), and at the latest with the first report or system
+attribute a second or more after the last write (FLUSH_SECONDS; the CURVE_SECONDS setting,
+studies.environment): another process (the dashboard, a worker) sees a running trial's curve and
+rungs that late, and every finished trial's whole. No pruner reads another trial's curve before
+it finishes (median, percentile, Wilcoxon: finished trials). Successive halving and Hyperband
+compare a trial at a rung with the trials that reached it, running ones too: another worker's
+rung may count a second late, as asynchronous successive halving allows (its promotions never
+wait for the rung to fill). A worker killed mid-trial loses at most that second of its curve
+and rungs, of a trial that is failed and run again anyway.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class _Own:
         self.lock = threading.Lock()
         self.trials: dict[int, tuple[int, FrozenTrial]] = {}  # trial id -> (study id, copy)
         self.held: dict[int, dict[int, float]] = {}  # trial id -> {step: value}
+        self.held_attrs: dict[int, dict[str, Any]] = {}  # trial id -> {system attribute: value}
         self.written: dict[int, float] = {}  # trial id -> when its rows were last written
 
 
@@ -67,6 +71,8 @@ class RunningTrials:
         def _build_frozen_trial_from_trial_model(self, model: Any) -> FrozenTrial: ...
 
         def _set_trial_attr_without_commit(self, session: Any, model: Any, trial_id: int, key: str, value: Any) -> None: ...
+
+        def _holding(self, trial_id: int) -> Any: ...
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = dict(super().__getstate__())  # type: ignore[call-overload]
@@ -101,32 +107,42 @@ class RunningTrials:
             if trial_id in own.trials:
                 change(own.trials[trial_id][1])
 
-    def _take_held(self, trial_id: int) -> dict[int, float]:
+    def _take_held(self, trial_id: int) -> tuple[dict[int, float], dict[str, Any]]:
         own = self._own()
         with own.lock:
             if trial_id in own.written:
                 own.written[trial_id] = time.monotonic()
-            return own.held.pop(trial_id, {})
+            return own.held.pop(trial_id, {}), own.held_attrs.pop(trial_id, {})
+
+    def _due(self, own: _Own, trial_id: int) -> bool:
+        """A second (curve_seconds) or more since the trial's last write (under own.lock)."""
+        return time.monotonic() - own.written.get(trial_id, 0.0) >= (FLUSH_SECONDS if self.curve_seconds is None else self.curve_seconds)
 
     def _with_held(self, trial_id: int, name: str, write: Callable[[Any], None] | None) -> bool:
-        """Write the trial's held intermediate values, then `write(session)`, in one transaction;
-        False (nothing written) when none are held."""
-        held = self._take_held(trial_id)
-        if not held:
+        """Write the trial's held intermediate values and system attributes, then
+        `write(session)`, in one transaction; False (nothing written) when none are held."""
+        from optuna.storages._rdb import models
+
+        held, attrs = self._take_held(trial_id)
+        if not held and not attrs:
             return False
 
-        def both(session: Any) -> None:
+        def all_of_them(session: Any) -> None:
             trial_rows.check_updatable(self, session, trial_id)
-            trial_rows.write_intermediate_values(self, session, trial_id, held)
+            if held:
+                trial_rows.write_intermediate_values(self, session, trial_id, held)
+            for key, value in attrs.items():
+                self._set_trial_attr_without_commit(session, models.TrialSystemAttributeModel, trial_id, key, value)
             if write is not None:
                 write(session)
 
         try:
-            self._write(name, both)
+            self._write(name, all_of_them)
         except BaseException:
             own = self._own()
             with own.lock:  # still held: a later write may land them
                 own.held[trial_id] = {**held, **own.held.get(trial_id, {})}
+                own.held_attrs[trial_id] = {**attrs, **own.held_attrs.get(trial_id, {})}
             raise
         return True
 
@@ -195,6 +211,7 @@ class RunningTrials:
                 with own.lock:
                     own.trials.pop(trial_id, None)
                     own.held.pop(trial_id, None)
+                    own.held_attrs.pop(trial_id, None)
                     own.written.pop(trial_id, None)
         moved = super().set_trial_state_values(trial_id, state, values)  # type: ignore[misc]
         if moved and state == TrialState.RUNNING:  # a queued trial this process took
@@ -222,7 +239,7 @@ class RunningTrials:
             if mine:
                 own.held.setdefault(trial_id, {})[step] = float(intermediate_value)
                 own.trials[trial_id][1].intermediate_values[step] = float(intermediate_value)
-                due = time.monotonic() - own.written.get(trial_id, 0.0) >= (FLUSH_SECONDS if self.curve_seconds is None else self.curve_seconds)
+                due = self._due(own, trial_id)
         if not mine:
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)  # type: ignore[misc]
         elif due:
@@ -233,18 +250,30 @@ class RunningTrials:
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         attrs = dict(attrs)
-        if not self._with_held(trial_id, "set_trial_user_attrs",
-                               lambda session: trial_rows.write_user_attrs(self, session, trial_id, attrs)):
+        if self._holding(trial_id) is not None:  # inside one_transaction: with the block's write (_write_block)
+            super().set_trial_user_attrs(trial_id, attrs)  # type: ignore[misc]
+        elif not self._with_held(trial_id, "set_trial_user_attrs",
+                                 lambda session: trial_rows.write_user_attrs(self, session, trial_id, attrs)):
             super().set_trial_user_attrs(trial_id, attrs)  # type: ignore[misc]
         self._edit(trial_id, lambda t: t.user_attrs.update({k: _stored(v) for k, v in attrs.items()}))
 
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        from optuna.storages._rdb import models
+    def _write_block(self, held: Any) -> None:
+        """studies.storage.rdb's one_transaction block, with what the trial holds here."""
+        if not self._with_held(held.trial_id, "one_transaction", held.write):
+            super()._write_block(held)  # type: ignore[misc]
 
-        if not self._with_held(trial_id, "set_trial_system_attr", lambda session: self._set_trial_attr_without_commit(
-                session, models.TrialSystemAttributeModel, trial_id, key, value)):
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        own = self._own()
+        with own.lock:
+            mine = trial_id in own.trials
+            if mine:
+                own.held_attrs.setdefault(trial_id, {})[key] = value
+                own.trials[trial_id][1].system_attrs[key] = _stored(value)
+                due = self._due(own, trial_id)
+        if not mine:
             super().set_trial_system_attr(trial_id, key, value)  # type: ignore[misc]
-        self._edit(trial_id, lambda t: t.system_attrs.__setitem__(key, _stored(value)))
+        elif due:
+            self._with_held(trial_id, "set_trial_system_attr", None)
 
 
 def _stored(value: Any) -> Any:

@@ -473,9 +473,10 @@ def test_a_trials_state_whose_commit_reply_was_lost_is_not_refused_on_the_retry(
 def test_the_trials_a_process_runs_are_read_from_memory_and_their_curves_written_with_their_next_write(tmp_path, monkeypatch):
     """studies.storage.running: at every point of a trial (created or taken from the queue), the
     storage's copy equals what another process reads from the database, in `get_trial` and in
-    the study's trials, but for the intermediate values reported since the trial's last write;
-    those land with its next one (successive halving's rung, its end), or at once when a second
-    has passed. The database is read for a running trial once, as it starts."""
+    the study's trials, but for the intermediate values and system attributes (successive
+    halving's rungs) set since the trial's last write; those land with its next one (a user
+    attribute, its end: one statement of values a trial), or at once when a second has passed.
+    The database is read for a running trial once, as it starts."""
     import studies.storage.running as running
     from studies.storage import open_storage
 
@@ -502,11 +503,13 @@ def test_the_trials_a_process_runs_are_read_from_memory_and_their_curves_written
     study.enqueue_trial({"x": 0.25}, user_attrs={"queued": True})
     checked = []
 
-    def same(trial_id: int, *, curve: bool) -> None:
+    def same(trial_id: int, *, written: bool) -> None:
         ours, theirs = storage.get_trial(trial_id), other.get_trial(trial_id)
-        assert theirs.intermediate_values.items() <= ours.intermediate_values.items()
-        assert (theirs.intermediate_values == ours.intermediate_values) is curve or not ours.intermediate_values
-        theirs.intermediate_values = ours.intermediate_values
+        for held in ("intermediate_values", "system_attrs"):
+            mine, stored = getattr(ours, held), getattr(theirs, held)
+            assert stored.items() <= mine.items()
+            assert (stored == mine) if written else (held == "system_attrs" or stored != mine), (held, stored, mine)
+            setattr(theirs, held, mine)
         assert ours == theirs
         for states in (None, (optuna.trial.TrialState.RUNNING,)):
             mine = storage.get_all_trials(study._study_id, states=states)
@@ -514,22 +517,24 @@ def test_the_trials_a_process_runs_are_read_from_memory_and_their_curves_written
         checked.append(trial_id)
 
     def objective(trial: optuna.Trial) -> float:
-        same(trial._trial_id, curve=True)
+        same(trial._trial_id, written=True)
         with storage.one_transaction(trial._trial_id):
             x = trial.suggest_float("x", 0, 1)
             trial.suggest_int("n", 1, 4)
             trial.suggest_categorical("c", [None, "a", 2])
             storage.set_trial_user_attrs(trial._trial_id, {"pair": (1, 2), "nested": {"k": [1.5]}})
-        same(trial._trial_id, curve=True)
+        same(trial._trial_id, written=True)
         for step in range(4):
             trial.report(x + step / 10, step)
-            same(trial._trial_id, curve=False)
-            pruned = trial.should_prune()  # successive halving writes its rungs at steps 1 and 2, the curve with them
-            same(trial._trial_id, curve=step in (1, 2))
+            same(trial._trial_id, written=False)
+            pruned = trial.should_prune()  # successive halving sets its rungs at steps 1 and 2: held too
+            assert ("completed_rung_0" in storage.get_trial(trial._trial_id).system_attrs) is (step >= 1)
+            assert "completed_rung_0" not in other.get_trial(trial._trial_id).system_attrs  # held
+            same(trial._trial_id, written=False)
             if pruned:
                 raise optuna.TrialPruned
-        trial.set_user_attr("seed", 3)  # a user attribute carries the curve too
-        same(trial._trial_id, curve=True)
+        trial.set_user_attr("seed", 3)  # a user attribute carries the curve and the rungs
+        same(trial._trial_id, written=True)
         return x
 
     study.optimize(objective, n_trials=5)
@@ -538,7 +543,8 @@ def test_the_trials_a_process_runs_are_read_from_memory_and_their_curves_written
     assert finished[0].user_attrs["queued"] is True
     reports = sum(len(t.intermediate_values) for t in finished)
     assert all(t.intermediate_values == {s: t.params["x"] + s / 10 for s in range(len(t.intermediate_values))} for t in finished)
-    assert sum(map(len, writes)) == reports and len(writes) <= reports * 2 / 3, writes  # 9 statements for 14 reports
+    assert sum(map(len, writes)) == reports and len(writes) == len(finished), writes  # one statement a trial
+    assert all(("completed_rung_0" in t.system_attrs) is (len(t.intermediate_values) >= 2) for t in finished)
     running_reads = [trial_id for trial_id, state in built if state == "RUNNING"]
     assert sorted(running_reads) == sorted(set(running_reads)) and len(running_reads) == 5, built
 
@@ -547,5 +553,7 @@ def test_the_trials_a_process_runs_are_read_from_memory_and_their_curves_written
     trial = study.ask()
     trial.report(0.5, 0)
     assert other.get_trial(trial._trial_id).intermediate_values == {0: 0.5}
+    storage.set_trial_system_attr(trial._trial_id, "rung", 1)
+    assert other.get_trial(trial._trial_id).system_attrs["rung"] == 1
     study.tell(trial, 0.5)
     assert storage.get_trial(trial._trial_id).state.name == "COMPLETE"  # finished: read from the database
