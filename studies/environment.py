@@ -19,8 +19,9 @@ class Settings(MlflowLocation):
     workbench_verbose: bool = Field(default=False, description="libraries' own logging (WORKBENCH_VERBOSE, set by --verbose)")
     heartbeat_seconds: int = Field(default=30, ge=1, description="seconds between trial heartbeats (HEARTBEAT_SECONDS); "
                                    "a trial is reclaimed after two missed beats")
-    curve_seconds: float = Field(default=FLUSH_SECONDS, ge=0, description="a running trial's per-epoch values reach the "
-                                 "storage with its next write, or this many seconds after its last (CURVE_SECONDS); 0: each epoch")
+    curve_seconds: float = Field(default=FLUSH_SECONDS, ge=0, description="a running trial's per-epoch values and rungs "
+                                 "reach the storage with its next write, or this many seconds after its last (CURVE_SECONDS); "
+                                 "0: each at once")
 
     def default_storage(self) -> str:
         """The embedded default: one SQLite file inside the project data folder."""

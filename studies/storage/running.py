@@ -6,8 +6,9 @@ the study (the sampler's, the pruner's, the trial budget's) and every look at th
 itself (`Trial()`, the pruner's rung attributes, `tell`) loads the running trial again from the
 database, with its parameters, attributes and intermediate values: ~2 ms each on SQLite, nine
 times a trial (a 40-second churn study: 3.3 s of its trials' time). Only this process changes a
-trial it started, so the storage keeps a copy of each, read once from the database as the trial
-starts and then changed by each write it passes on (after the write, in the form a read would
+trial it started, so the storage keeps a copy of each, as Optuna created it (on SQLite and
+PostgreSQL; elsewhere, and for a trial taken from the queue, read once from the database as it
+starts) and then changed by each write it passes on (after the write, in the form a read would
 give back), and answers reads of it from the copy; the database query leaves it out. A trial
 leaves the copies before the write that finishes it (a retried finishing write reads the
 database).
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 FLUSH_SECONDS = 1.0
+# Databases whose timestamps keep microseconds: a new trial's start reads back as Optuna set it
+# (MySQL's DATETIME drops them), so a trial created empty is kept without reading it back.
+EXACT_DATETIMES = ("sqlite", "postgresql")
 
 
 class _Own:
@@ -74,6 +78,8 @@ class RunningTrials:
 
         def _holding(self, trial_id: int) -> Any: ...
 
+        engine: Any
+
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = dict(super().__getstate__())  # type: ignore[call-overload]
         state.pop("_own_trials", None)  # a lock; copies of a process's own trials
@@ -87,11 +93,13 @@ class RunningTrials:
 
     def _start(self, trial_id: int) -> None:
         """Keep a copy of the trial, as the database holds it now."""
-        study_id, trial = self._call("get_trial", lambda: self._read_with_study(trial_id))
+        self._keep(*self._call("get_trial", lambda: self._read_with_study(trial_id)))
+
+    def _keep(self, study_id: int, trial: FrozenTrial) -> None:
         own = self._own()
         with own.lock:
-            own.trials[trial_id] = (study_id, trial)
-            own.written[trial_id] = time.monotonic()
+            own.trials[trial._trial_id] = (study_id, trial)
+            own.written[trial._trial_id] = time.monotonic()
 
     def _read_with_study(self, trial_id: int) -> tuple[int, FrozenTrial]:
         from optuna.storages._rdb import models
@@ -197,7 +205,10 @@ class RunningTrials:
 
         created = super()._create_new_trial(study_id, template_trial)  # type: ignore[misc]
         if created.state == TrialState.RUNNING:
-            self._start(created._trial_id)
+            if template_trial is None and self.engine.dialect.name in EXACT_DATETIMES:
+                self._keep(study_id, copy.deepcopy(created))  # what a read would give back: nothing but its start
+            else:
+                self._start(created._trial_id)
         return created
 
     def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:

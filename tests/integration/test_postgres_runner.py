@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 import optuna
+import pytest
 
 from tests.conftest import ROOT, tiny_config
 
@@ -81,3 +82,33 @@ def test_missing_database_is_reported(postgres_url, write_config, tiny_space):
     code, _, err = finish(run_cli(str(write_config(tiny_config(tiny_space))), "--storage", url))
     assert code == 1
     assert "cannot open storage" in err and "workbench_no_such_db" in err and "Traceback" not in err
+
+
+def test_a_running_trial_kept_in_memory_is_what_postgres_holds(postgres_url, study_name, monkeypatch):
+    """studies.storage.running on PostgreSQL: a trial the storage creates is kept as Optuna
+    created it, never read back (PostgreSQL's timestamps keep microseconds), and equals what
+    another process reads, but for the curve and system attributes set since its last write,
+    which land with its next one; the study's other trials are read past it, and a missing
+    study raises as Optuna's storage does."""
+    from studies.storage import open_storage
+
+    storage, other = open_storage(postgres_url), open_storage(postgres_url)
+    reads: list[int] = []
+    build = type(storage)._build_frozen_trial_from_trial_model
+    monkeypatch.setattr(type(storage), "_build_frozen_trial_from_trial_model",
+                        lambda self, model: (reads.append(model.trial_id) if self is storage else None, build(self, model))[1])
+    study = optuna.create_study(storage=storage, study_name=study_name)
+    study.enqueue_trial({"x": 0.1})
+    other_trial = optuna.load_study(study_name=study_name, storage=other).ask()  # another process's, running
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.report(0.5, 0)
+    storage.set_trial_system_attr(trial._trial_id, "completed_rung_0", 0.5)
+    ours, theirs = storage.get_trial(trial._trial_id), other.get_trial(trial._trial_id)
+    assert theirs.intermediate_values == {} and theirs.system_attrs == {} and ours.intermediate_values == {0: 0.5}
+    trial.set_user_attr("seed", 1)
+    assert storage.get_trial(trial._trial_id) == other.get_trial(trial._trial_id)
+    assert [t._trial_id for t in storage.get_all_trials(study._study_id)] == [other_trial._trial_id, trial._trial_id]
+    with pytest.raises(KeyError):
+        storage.get_all_trials(study._study_id + 10_000)
+    assert trial._trial_id not in reads and other_trial._trial_id in reads  # ours never read back; theirs read
