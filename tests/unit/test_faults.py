@@ -116,8 +116,10 @@ def test_a_deterministic_error_is_not_requeued(home, write_config, tiny_space, m
 
 def test_sigterm_fails_the_running_trial_and_ends_the_parent_run(home, write_config, tiny_space, monkeypatch):
     monkeypatch.setenv("CURVE_SECONDS", "0")  # each epoch's report seen at once by the watcher
-    path = write_config(tiny_config(tiny_space, budget={"n_trials": 50}, training={"epochs": 30, "batch_size": 32,
-                                                                                  "early_stopping_patience": None}))
+    # 200 epochs (~1-2 s a trial): a 30-epoch trial took 0.3 s, and ended before the watcher's
+    # signal (sent on a read that still saw it running) reached it.
+    path = write_config(tiny_config(tiny_space, budget={"n_trials": 50}, training={"epochs": 200, "batch_size": 32,
+                                                                                   "early_stopping_patience": None}))
     url = f"sqlite:///{home / 'optuna.db'}"
     done = threading.Event()
 
