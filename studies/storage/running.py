@@ -122,10 +122,6 @@ class RunningTrials:
                 own.written[trial_id] = time.monotonic()
             return own.held.pop(trial_id, {}), own.held_attrs.pop(trial_id, {})
 
-    def _due(self, own: _Own, trial_id: int) -> bool:
-        """A second (curve_seconds) or more since the trial's last write (under own.lock)."""
-        return time.monotonic() - own.written.get(trial_id, 0.0) >= (FLUSH_SECONDS if self.curve_seconds is None else self.curve_seconds)
-
     def _with_held(self, trial_id: int, name: str, write: Callable[[Any], None] | None) -> bool:
         """Write the trial's held intermediate values and system attributes, then
         `write(session)`, in one transaction; False (nothing written) when none are held."""
@@ -243,18 +239,27 @@ class RunningTrials:
 
         self._edit(trial_id, change)
 
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+    def _hold(self, trial_id: int, name: str, hold: Callable[[_Own, FrozenTrial], None]) -> bool:
+        """`hold(own, copy)` a write to one of this process's running trials (held, and on its
+        copy), written at once with what else it holds when a second (curve_seconds) has passed
+        since its last write; False when the trial is not one of them."""
         own = self._own()
         with own.lock:
-            mine = trial_id in own.trials
-            if mine:
-                own.held.setdefault(trial_id, {})[step] = float(intermediate_value)
-                own.trials[trial_id][1].intermediate_values[step] = float(intermediate_value)
-                due = self._due(own, trial_id)
-        if not mine:
+            if trial_id not in own.trials:
+                return False
+            hold(own, own.trials[trial_id][1])
+            seconds = FLUSH_SECONDS if self.curve_seconds is None else self.curve_seconds
+            due = time.monotonic() - own.written.get(trial_id, 0.0) >= seconds
+        if due:
+            self._with_held(trial_id, name, None)
+        return True
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        def hold(own: _Own, trial: FrozenTrial) -> None:
+            own.held.setdefault(trial_id, {})[step] = trial.intermediate_values[step] = float(intermediate_value)
+
+        if not self._hold(trial_id, "set_trial_intermediate_values", hold):
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)  # type: ignore[misc]
-        elif due:
-            self._with_held(trial_id, "set_trial_intermediate_values", None)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self.set_trial_user_attrs(trial_id, {key: value})
@@ -274,17 +279,12 @@ class RunningTrials:
             super()._write_block(held)  # type: ignore[misc]
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        own = self._own()
-        with own.lock:
-            mine = trial_id in own.trials
-            if mine:
-                own.held_attrs.setdefault(trial_id, {})[key] = value
-                own.trials[trial_id][1].system_attrs[key] = _stored(value)
-                due = self._due(own, trial_id)
-        if not mine:
+        def hold(own: _Own, trial: FrozenTrial) -> None:
+            own.held_attrs.setdefault(trial_id, {})[key] = value
+            trial.system_attrs[key] = _stored(value)
+
+        if not self._hold(trial_id, "set_trial_system_attr", hold):
             super().set_trial_system_attr(trial_id, key, value)  # type: ignore[misc]
-        elif due:
-            self._with_held(trial_id, "set_trial_system_attr", None)
 
 
 def _stored(value: Any) -> Any:
