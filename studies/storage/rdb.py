@@ -80,6 +80,10 @@ class _Held:
 
     def write(self, session: Any) -> None:
         trial_rows.check_updatable(self.storage, session, self.trial_id)
+        self.rows(session)
+
+    def rows(self, session: Any) -> None:
+        """The held rows, the trial's state checked before (`write`, or the caller)."""
         if self.params:
             trial_rows.insert_params(session, self.params)
         if self.user_attrs:

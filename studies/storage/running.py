@@ -275,7 +275,7 @@ class RunningTrials:
 
     def _write_block(self, held: Any) -> None:
         """studies.storage.rdb's one_transaction block, with what the trial holds here."""
-        if not self._with_held(held.trial_id, "one_transaction", held.write):
+        if not self._with_held(held.trial_id, "one_transaction", held.rows):  # _with_held checks the trial's state
             super()._write_block(held)  # type: ignore[misc]
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
