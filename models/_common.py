@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import keras
@@ -94,31 +93,18 @@ def optimizer(params: dict[str, Any]) -> keras.optimizers.Optimizer:
     raise ValueError(f"unknown optimizer {name!r} (adam, adamw, sgd, rmsprop)")
 
 
-@functools.cache
-def task_metrics(task: str) -> list[keras.metrics.Metric]:
-    """The metrics compiled into every model of a task, made once per process and shared by the
-    models compiled after: each copy made its variables at once (an AUC four of 200 thresholds),
-    ~6 ms of a breast-cancer MLP's ~45 ms build, in every trial, for metrics no trial updates
-    (models.training.fit leaves them out of the train step; `evaluate` computes them in numpy from
-    their configs). Keras's own fit and evaluate, where they run, reset them before each use, and
-    a process fits one model at a time (workers are processes); the saved compile config is the same."""
-    if task == "binary":
-        return [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc"),
-                keras.metrics.AUC(curve="PR", name="pr_auc")]
-    if task == "multiclass":
-        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    return [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse")]
-
-
 def compile_for_task(model: keras.Model, spec: DataSpec, params: dict[str, Any]) -> keras.Model:
     """Compile with the loss and metrics of the task; metric names match the objective names."""
-    metrics = task_metrics(spec.task)
     if spec.task == "binary":
         loss = "binary_crossentropy"
+        metrics: list[Any] = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc"),
+                              keras.metrics.AUC(curve="PR", name="pr_auc")]
     elif spec.task == "multiclass":
         loss = "sparse_categorical_crossentropy"
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     else:
         loss = "mse"
+        metrics = [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse")]
         # The head rescales to target units, which multiplies every gradient by the target's
         # standard deviation: SGD then diverges on targets in the hundreds. Weighting the loss by
         # 1/std^2 trains (and reports loss) in standardised units; mae/rmse stay in target units.

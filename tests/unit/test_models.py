@@ -156,19 +156,6 @@ def test_models_compiled_alike_share_their_numpy_scored_metrics():
     assert all(a is b for (a, _), (b, _) in zip(first, second, strict=True))
 
 
-def test_models_of_a_task_share_their_compiled_metrics_and_keras_resets_them_per_use():
-    """The families compile one set of metric objects per task (models._common.task_metrics): no
-    variables made per trial. Keras's own evaluate, where it runs, still gives each model its own."""
-    data = load_dataset(name="breast_cancer", seed=0)
-    keras.utils.set_random_seed(0)
-    a, b = (FAMILIES["mlp"].build({"units": [units]}, data.spec) for units in (4, 5))
-    assert [id(m) for m in a._compile_metrics._user_metrics] == [id(m) for m in b._compile_metrics._user_metrics]
-    first = b.evaluate(data.x_val, data.y_val, verbose=0, return_dict=True)
-    other = a.evaluate(data.x_val, data.y_val, verbose=0, return_dict=True)
-    assert b.evaluate(data.x_val, data.y_val, verbose=0, return_dict=True) == first != other
-    assert a.get_compile_config()["metrics"] == b.get_compile_config()["metrics"]
-
-
 def test_sgd_trains_a_regression_in_target_units_without_diverging():
     """The head rescales to target units (diabetes: std ~77), which scales gradients by the std; the
     loss is weighted back to standardised units, so plain SGD trains (it gave inf at epoch 1)."""
