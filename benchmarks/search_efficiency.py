@@ -7,7 +7,8 @@ Every contender searches the shipped MLP space (search_spaces/mlp.yaml; on the m
 `churn`, configs/data/churn.csv, the table's space search_spaces/mlp_table.yaml) on the same data split
 (study seed = benchmark seed), training at most 20 epochs with early stopping (patience 4),
 objective val_loss, one TensorFlow thread (TF_THREADS=1, OMP_NUM_THREADS=1), tracking off,
-SQLite storage, each run a fresh `python -m studies.run` process with `budget.timeout` = B:
+SQLite storage, no trace cache (TRACE_CACHE=0: each run traces what it meets), each run a fresh
+`python -m studies.run` process with `budget.timeout` = B:
 
   optuna        the shipped default (configs/*.yaml): multivariate TPE + successive halving (OPTUNA below)
   kt_hyperband  engine: keras_tuner, Hyperband (factor 3, max_epochs 20)
@@ -113,8 +114,11 @@ def config(folder: Path, dataset: str, contender: str, seed: int, budget: float)
 
 
 def run(path: Path, folder: Path, storage: str) -> tuple[int, float, str]:
+    # TRACE_CACHE=0: each study traces every structure it meets, as on a machine that never ran one
+    # (models.trace_cache would hand later studies of the run what earlier ones traced, and only to
+    # the contenders that train whole epochs: KerasTuner's fits go batch by batch).
     env = {**os.environ, "TF_THREADS": "1", "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "WORKBENCH_HOME": str(folder / "home")}
+           "WORKBENCH_HOME": str(folder / "home"), "TRACE_CACHE": "0"}
     env.pop("OPTUNA_STORAGE", None)
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "studies.run", str(path), "--storage", storage], cwd=ROOT, env=env,

@@ -15,7 +15,8 @@ fit path's alone.) Then the memory the process keeps per fitted model, both ways
 one-replica all-reduce kept every traced train step alive; models.updates.direct_updates).
 
 Part 2, whole trials of `python -m studies.run configs/breast_cancer.yaml` (3 epochs, no pruner,
-one TensorFlow thread) with tracking on (embedded MLflow) and off, from each trial's own record
+one TensorFlow thread) with tracking on (embedded MLflow) and off, and off again in the same
+project folder (every structure then loaded from the trace cache), from each trial's own record
 (`setup_seconds`, `epoch_seconds`, start/complete times): time outside epochs per trial, a trial
 against three steady epochs of pure training, and each invocation's fixed cost (process wall
 minus the trials); over all trials, and over the trials whose structure an earlier trial traced
@@ -119,45 +120,51 @@ def memory_kept(data, ways: dict, fits: int = 30) -> None:
 def trials(n: int) -> None:
     import optuna
 
-    for tracking in ("on", "off"):
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as on, tempfile.TemporaryDirectory() as off:
+        # The third study runs in the second's project folder: every structure it meets, the second
+        # traced and left in the trace cache (models.trace_cache), as a user's next study finds them.
+        for tracking, tmp, name in (("on", on, "cost"), ("off", off, "cost"), ("off, the trace cache warm", off, "again")):
             env = {**os.environ, "WORKBENCH_HOME": tmp, "TF_THREADS": "1", "OMP_NUM_THREADS": "1"}
             env.pop("MLFLOW_TRACKING_URI", None)
             env.pop("OPTUNA_STORAGE", None)
+            env.pop("TRACE_CACHE", None)
             storage = f"sqlite:///{tmp}/optuna.db"
             cmd = [sys.executable, "-m", "studies.run", "configs/breast_cancer.yaml", "--storage", storage,
-                   "--study-name", "cost", "--n-trials", str(n), "--set", "training.epochs=3",
+                   "--study-name", name, "--n-trials", str(n), "--set", "training.epochs=3",
                    "--set", "training.early_stopping_patience=null", "--set", "pruner.type=none",
-                   *(["--no-tracking"] if tracking == "off" else ["--set", "registry.model_name=cost"])]
+                   *(["--no-tracking"] if tracking != "on" else ["--set", "registry.model_name=cost"])]
             start = time.perf_counter()
             subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.perf_counter() - start
-            study = optuna.load_study(study_name="cost", storage=storage)
-            done = study.get_trials(deepcopy=False)
+            study = optuna.load_study(study_name=name, storage=storage)
             if tracking == "on":
                 served_latency(study, f"sqlite:///{tmp}/mlflow.db")
-        rows, traced = [], {}
-        for t in done:
-            seconds = t.user_attrs["epoch_seconds"]
-            trial_wall = (t.datetime_complete - t.datetime_start).total_seconds()
-            steady = statistics.median(seconds[1:])
-            rows.append((trial_wall, trial_wall - sum(seconds), seconds[0] - steady, steady, t.user_attrs["setup_seconds"]))
-            traced.setdefault(t.user_attrs.get("train_step", "?"), []).append(rows[-1])
-        print(f"\nwhole trials, tracking {tracking}: {n} trials, median per trial")
-        print("  by train step: " + "; ".join(f"{step}: {len(group)} trials, median {statistics.median(r[0] for r in group):.3f}s"
-                                              for step, group in sorted(traced.items())))
-        for label, group in (("all trials", rows), ("trials of a structure traced before", traced.get("shared", []))):
-            if not group:
-                continue
-            trial_wall, outside, trace, steady, setup = (statistics.median(col) for col in zip(*group, strict=True))
-            print(f"  {label} ({len(group)}): trial {trial_wall:.3f}s = epochs {trial_wall - outside:.3f}s + outside epochs "
-                  f"{outside:.3f}s (setup {setup:.3f}s: the build, and the serving costs where a constraint names one; "
-                  "serving costs, evaluation, storage and tracking the rest)")
-            print(f"    first epoch's extra over a steady one {trace:.3f}s; steady epoch {steady:.4f}s; "
-                  f"trial / three steady epochs = {trial_wall / (3 * steady):.1f}x (goal <= 2x); "
-                  f"outside epochs {outside:.3f}s (goal <= 0.3 s)")
-        print(f"  invocation {wall:.1f}s, of which outside the trials {wall - sum(r[0] for r in rows):.1f}s "
-              "(imports, data, storage, tracking start and end)")
+            report(f"tracking {tracking}", n, study.get_trials(deepcopy=False), wall)
+
+
+def report(label: str, n: int, done: list, wall: float) -> None:
+    rows, traced = [], {}
+    for t in done:
+        seconds = t.user_attrs["epoch_seconds"]
+        trial_wall = (t.datetime_complete - t.datetime_start).total_seconds()
+        steady = statistics.median(seconds[1:])
+        rows.append((trial_wall, trial_wall - sum(seconds), seconds[0] - steady, steady, t.user_attrs["setup_seconds"]))
+        traced.setdefault(t.user_attrs.get("train_step", "?"), []).append(rows[-1])
+    print(f"\nwhole trials, {label}: {n} trials, median per trial")
+    print("  by train step: " + "; ".join(f"{step}: {len(group)} trials, median {statistics.median(r[0] for r in group):.3f}s"
+                                          for step, group in sorted(traced.items())))
+    for title, group in (("all trials", rows), ("trials of a structure traced before", traced.get("shared", []))):
+        if not group:
+            continue
+        trial_wall, outside, trace, steady, setup = (statistics.median(col) for col in zip(*group, strict=True))
+        print(f"  {title} ({len(group)}): trial {trial_wall:.3f}s = epochs {trial_wall - outside:.3f}s + outside epochs "
+              f"{outside:.3f}s (setup {setup:.3f}s: the build, and the serving costs where a constraint names one; "
+              "serving costs, evaluation, storage and tracking the rest)")
+        print(f"    first epoch's extra over a steady one {trace:.3f}s; steady epoch {steady:.4f}s; "
+              f"trial / three steady epochs = {trial_wall / (3 * steady):.1f}x (goal <= 2x); "
+              f"outside epochs {outside:.3f}s (goal <= 0.3 s)")
+    print(f"  invocation {wall:.1f}s, of which outside the trials {wall - sum(r[0] for r in rows):.1f}s "
+          f"(imports, data, storage, tracking start and end); all its trials {sum(r[0] for r in rows):.1f}s")
 
 
 def served_latency(study, tracking_uri: str) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from models import trace_cache
 from models.layers import columns
 
 LOSSES = {"binary_crossentropy": "BinaryCrossentropy", "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
@@ -287,8 +288,16 @@ def small_graph_executor() -> contextlib.AbstractContextManager[None]:
 
 
 def traces() -> int:
-    """How many structures' steps and epochs this process has traced."""
-    return _traced.cache_info().currsize + _traced_epoch.cache_info().currsize
+    """How many structures' steps and epochs this process has traced (not loaded: `loads`)."""
+    return _traced.cache_info().currsize + _EPOCHS["traced"]
+
+
+def loads() -> int:
+    """How many structures' epochs this process has loaded from the trace cache (models.trace_cache)."""
+    return _EPOCHS["loaded"]
+
+
+_EPOCHS = {"traced": 0, "loaded": 0}
 
 
 @functools.cache
@@ -329,7 +338,21 @@ def _traced(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
 def _traced_epoch(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
     """The concrete epoch of one structure: every batch of a permutation of the train split in one
     call, the weights, batch norm statistics, optimizer slots and step count in as tensors of any
-    shape and out updated. No variables inside, and no Python between batches."""
+    shape and out updated. No variables inside, and no Python between batches. Loaded from the
+    trace cache when a process on this machine traced it before (models.trace_cache), else traced
+    and written there."""
+    parts = ("epoch", key, x_spec, y_spec)
+    loaded = trace_cache.load(parts)
+    if loaded is not None:
+        _EPOCHS["loaded"] += 1
+        return loaded
+    concrete = _trace_epoch(key, x_spec, y_spec)
+    _EPOCHS["traced"] += 1
+    trace_cache.store(parts, concrete)
+    return concrete
+
+
+def _trace_epoch(key: tuple[Any, ...], x_spec: Any, y_spec: Any) -> Any:
     import tensorflow as tf
 
     ops, out, loss_name, optimizer_key, weighted, ranks, n_state, n_slots, const_ranks = key

@@ -134,7 +134,7 @@ def fit(
     call of the epoch function the structure shares with other networks (batch by batch through
     its shared step when a callback watches batches); else Keras's `fit` runs. `extras` says
     which (`train_step`: "shared", "shared, traced" when this fit traced its structure's
-    function, or "keras (why not shared)")."""
+    function, "shared, loaded" when it loaded it from the trace cache, or "keras (why not shared)")."""
     reporter = _EpochReporter(report) if report is not None else None
     guard = _Guard(monitor, mode, patience, reporter)
     clock = _Clock()
@@ -158,12 +158,13 @@ def fit(
         if plan is not None:
             if plan.key in _AGREEING_STRUCTURES:  # validation skips the numpy program's check (`_inference`)
                 _NUMPY_AGREES.setdefault(model, True)
-            traces = shared_step.traces()
+            traces, loads = shared_step.traces(), shared_step.loads()
             seed = int(np.random.randint(2 ** 31 - 1))
             train_epoch = (_batch_epochs(model, plan, seed, data, batch_size, watched) if watched
                            else _whole_epochs(plan, seed, data, batch_size))
             history = _own_loop(model, train_epoch, epochs, initial_epoch, hooks)
-            note = "traced" if shared_step.traces() > traces else ""  # the first fit of its structure
+            # The first fit of its structure in this process: traced, or loaded from the trace cache.
+            note = "traced" if shared_step.traces() > traces else "loaded" if shared_step.loads() > loads else ""
         else:
             prebuild(model, data.x_train[:1], data.y_train[:1])  # the optimizer's variables before Keras traces its step
             history = model.fit(
@@ -188,7 +189,7 @@ def fit(
         stopped_by = "early_stopping"
     return FitResult(logs, len(logs.get("loss", [])), stopped_by, guard.best_epoch,
                      extras={"epoch_seconds": [round(x, 4) for x in clock.seconds],
-                             "train_step": ("shared, traced" if note else "shared") if plan is not None else f"keras ({note})"})
+                             "train_step": (f"shared, {note}" if note else "shared") if plan is not None else f"keras ({note})"})
 
 
 _BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")

@@ -22,6 +22,9 @@ class Settings(MlflowLocation):
     curve_seconds: float = Field(default=FLUSH_SECONDS, ge=0, description="a running trial's per-epoch values and rungs "
                                  "reach the storage with its next write, or this many seconds after its last (CURVE_SECONDS); "
                                  "0: each at once")
+    trace_cache: bool = Field(default=True, description="keep the shared epoch functions traced for each network structure "
+                              "under <WORKBENCH_HOME>/cache/traces, for later studies and other workers to load "
+                              "(TRACE_CACHE; models.trace_cache)")
 
     def default_storage(self) -> str:
         """The embedded default: one SQLite file inside the project data folder."""

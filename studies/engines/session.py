@@ -64,10 +64,13 @@ def describe_data(data: Dataset) -> list[str]:
 
 def prepare_tensorflow(settings: Settings) -> None:
     """Import TensorFlow/Keras (quietly unless --verbose) and fix its thread pools before the first
-    trial; from then on the collector's full collections leave the libraries alone."""
+    trial; from then on the collector's full collections leave the libraries alone. Structures
+    traced before on this machine are loaded from the project's trace cache (models.trace_cache)."""
+    from models import trace_cache
     from models.runtime import freeze_heap, import_tensorflow
 
     import_tensorflow(settings.tf_threads, quiet=not settings.workbench_verbose)
+    trace_cache.configure((settings.workbench_home / "cache" / "traces").resolve() if settings.trace_cache else None)
     freeze_heap()
 
 

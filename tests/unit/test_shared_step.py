@@ -248,10 +248,49 @@ def test_the_shared_functions_run_on_the_single_threaded_executor(monkeypatch):
 
     assert shared_step._executor() == "SINGLE_THREADED_EXECUTOR"
     losses, weights, run = two_epochs()
-    loops = [op for op in shared_step._traced_epoch(run.plan.key, *run._specs).graph.get_operations()
+    loops = [op for op in shared_step._trace_epoch(run.plan.key, *run._specs).graph.get_operations()
              if op.type in ("While", "StatelessWhile")]
     assert loops and not any(op.node_def.attr["_lower_using_switch_merge"].b for op in loops)
     monkeypatch.setattr(shared_step, "_executor", lambda: "")  # TensorFlow's default executor, same function
     default_losses, default_weights, _ = two_epochs()
     for ours, theirs in zip([*losses, *weights], [*default_losses, *default_weights], strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_a_structure_traced_once_is_loaded_from_the_trace_cache(tmp_path, monkeypatch):
+    """With a trace cache (models.trace_cache), a structure traced by one process is loaded by the
+    next, not traced again, and trains to the same losses and weights, to the last bit. A file
+    that does not load is removed, the structure traced again and the file written anew."""
+    import json
+
+    from models import trace_cache
+
+    monkeypatch.setattr(trace_cache, "_FOLDER", [tmp_path])
+    params = {"n_layers": 2, "units": [7, 3], "batch_norm": True, "dropout": [0.2, 0.1], "activation": "softplus",
+              "optimizer": "sgd", "momentum": 0.5}
+    data = dataset("breast_cancer")
+    n = 150
+
+    def new_process_fit() -> tuple[list[np.ndarray], shared_step.Epochs]:
+        shared_step._traced_epoch.cache_clear()  # what this process traced or loaded is gone, as in a new one
+        model = ready("breast_cancer", params, optimizer=False)
+        run = shared_step.Epochs(shared_step.plan(model), 0, data.x_train[:n], data.y_train[:n], 32)
+        return [run(np.arange(n)) for _ in range(2)] + model.get_weights(), run
+
+    traced = shared_step.traces()
+    first, _ = new_process_fit()
+    (path,) = tmp_path.glob("*.json")
+    assert shared_step.traces() == traced + 1 and json.loads(path.read_text())["functions"]
+    second, run = new_process_fit()
+    assert shared_step.traces() == traced + 1
+    assert isinstance(shared_step._traced_epoch(run.plan.key, *run._specs), trace_cache.Loaded)
+    for ours, theirs in zip(first, second, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    path.write_text('{"functions": ["not a function"], "name": "x", "outputs": []}')
+    third, _ = new_process_fit()
+    assert shared_step.traces() == traced + 2 and json.loads(path.read_text())["name"] != "x"
+    for ours, theirs in zip(first, third, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    shared_step._traced_epoch.cache_clear()
+    keras.utils.set_random_seed(0)
+    assert fit(FAMILIES["mlp"].build(params, data.spec), data, epochs=1, batch_size=32).extras["train_step"] == "shared, loaded"
