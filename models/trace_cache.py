@@ -117,23 +117,24 @@ def store(parts: tuple[Any, ...], concrete: Any) -> None:
         return
     import tensorflow as tf
 
-    outputs = tf.nest.map_structure(lambda _: 0, concrete.structured_outputs, expand_composites=False)
-    outputs = json.loads(json.dumps(outputs))  # tuples as lists
-    if len(_flat(outputs)) != len(concrete.outputs):
-        return
-    key = fingerprint(parts)
-    functions = [*concrete.graph.as_graph_def().library.function, concrete.function_def]
-    renamed = _renamed(functions, f"_wb{key[:16]}")
-    entry = {"parts": repr(parts), "name": renamed[-1].signature.name, "outputs": outputs,
-             "functions": [base64.b64encode(f.SerializeToString()).decode() for f in renamed]}
+    tmp = None
     try:
+        outputs = json.loads(json.dumps(tf.nest.map_structure(lambda _: 0, concrete.structured_outputs)))  # tuples as lists
+        if len(_flat(outputs)) != len(concrete.outputs):
+            return
+        key = fingerprint(parts)
+        functions = [*concrete.graph.as_graph_def().library.function, concrete.function_def]
+        renamed = _renamed(functions, f"_wb{key[:16]}")
+        entry = {"parts": repr(parts), "name": renamed[-1].signature.name, "outputs": outputs,
+                 "functions": [base64.b64encode(f.SerializeToString()).decode() for f in renamed]}
         base.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=base, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f)
         os.replace(tmp, base / f"{key}.json")
-    except OSError:
-        return
+    except Exception:  # the trial goes on with the function it traced
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _renamed(functions: list[Any], suffix: str) -> list[Any]:
