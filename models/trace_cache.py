@@ -63,9 +63,11 @@ class Loaded:
     the same nested lists of tensors, its outputs in the same structure."""
 
     def __init__(self, name: str, outputs: Any) -> None:
+        import tensorflow as tf
+
         self.name = name.encode()
         self._structure = outputs
-        self._n = len(_flat(outputs))
+        self._n = len(tf.nest.flatten(outputs))
 
     def __call__(self, *args: Any) -> Any:
         import tensorflow as tf
@@ -73,10 +75,6 @@ class Loaded:
 
         flat = context.context().call_function(self.name, tf.nest.flatten(args), self._n)
         return tf.nest.pack_sequence_as(self._structure, list(flat))
-
-
-def _flat(structure: Any) -> list[Any]:
-    return [leaf for item in structure for leaf in _flat(item)] if isinstance(structure, list) else [structure]
 
 
 def load(parts: tuple[Any, ...]) -> Loaded | None:
@@ -120,7 +118,7 @@ def store(parts: tuple[Any, ...], concrete: Any) -> None:
     tmp = None
     try:
         outputs = json.loads(json.dumps(tf.nest.map_structure(lambda _: 0, concrete.structured_outputs)))  # tuples as lists
-        if len(_flat(outputs)) != len(concrete.outputs):
+        if len(tf.nest.flatten(outputs)) != len(concrete.outputs):
             return
         key = fingerprint(parts)
         functions = [*concrete.graph.as_graph_def().library.function, concrete.function_def]
