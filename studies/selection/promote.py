@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serving.store import Store
+from studies.config.sections import SERVING_METRICS
 from studies.selection.registry import CHALLENGER, CHAMPION, Registry, RegistryError
-from studies.selection.winner import Criterion, alias_for, criterion, pick_winner
+from studies.selection.winner import Criterion, NoWinner, alias_for, criterion, rank_winners
 from studies.tracking.names import RUN_ID_ATTR
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from serving.settings import MlflowLocation
     from serving.shadow import Evidence
     from studies.config import LoadedConfig
+    from studies.config.sections import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,13 @@ class Selection:
     metric: str
     value: float
     previous_champion: str | None
+    passed_over: tuple[str, ...] = ()  # better candidates whose serving costs, measured again, broke a limit
 
     def describe(self) -> str:
         made = "registered as" if self.created else "already registered as"
         return (f"trial {self.trial_number} {made} {self.model_name} v{self.version}: {self.metric} = {self.value:.5g}; "
-                f"alias @{self.alias}" + (f" (was v{self.previous_champion})" if self.previous_champion else ""))
+                f"alias @{self.alias}" + (f" (was v{self.previous_champion})" if self.previous_champion else "")
+                + "".join(f"; passed over {why}" for why in self.passed_over))
 
 
 def select(loaded: LoadedConfig, study: optuna.Study, data: Callable[[], Dataset], location: MlflowLocation, *,
@@ -56,27 +60,12 @@ def select(loaded: LoadedConfig, study: optuna.Study, data: Callable[[], Dataset
     cfg = loaded.config
     name = cfg.registry.model_name or study.study_name
     rule = criterion(cfg)
-    winner = pick_winner(study, cfg)
-    run_id = winner.user_attrs.get(RUN_ID_ATTR)
     registry = Registry(Store.at(location))
-    if not run_id or not registry.has_model(run_id):
-        raise RegistryError(f"trial {winner.number} has no model logged in MLflow at {registry.tracking_uri} "
-                            "(was tracking off, or tracking.log_models none?)")
-    version = registry.version_for_run(name, run_id)
-    recorded = _recorded_value(version, rule.metric) if version is not None else None
-    if version is not None and recorded is not None:
-        created, value = False, recorded
-    else:
-        value, tags = _evaluate(registry, run_id, data(), rule.metric)
-        tags.update({"workbench.study": study.study_name, "workbench.trial_number": str(winner.number),
-                     "workbench.params": json.dumps(winner.params, sort_keys=True)})
-        description = (f"Trial {winner.number} of study {study.study_name!r}: {rule.metric} = {value:.6g} on the test "
-                       f"split; params {json.dumps(winner.params, sort_keys=True)}")
-        version, created = registry.register(name, run_id, tags=tags, description=description)
+    winner, version, created, value, passed_over = _register_winner(study, cfg, registry, name, rule, data)
     champion = registry.by_alias(name, "champion")
     number = str(version.version)
     if champion is not None and str(champion.version) == number:
-        return Selection(name, number, "champion", created, winner.number, rule.metric, value, None)
+        return Selection(name, number, "champion", created, winner.number, rule.metric, value, None, passed_over)
     champion_value = float(champion.tags["workbench.compare_value"]) if champion is not None and "workbench.compare_value" in champion.tags else None
     alias = alias_for(value, champion_value, rule, force=force)
     previous = None
@@ -88,7 +77,52 @@ def select(loaded: LoadedConfig, study: optuna.Study, data: Callable[[], Dataset
         assert champion is not None  # alias_for gives challenger only against a champion's value
         registry.make_challenger(name, number,
                                  reason=f"does not beat v{champion.version} ({rule.metric} {champion_value:.6g})")
-    return Selection(name, number, alias, created, winner.number, rule.metric, value, previous)
+    return Selection(name, number, alias, created, winner.number, rule.metric, value, previous, passed_over)
+
+
+MAX_CONFIRMED = 3  # candidates measured again before the selector gives up
+CONFIRM_BURSTS = 7  # ~0.5 s once per registration (serving.probe.ServingProbe.confirm)
+
+
+def _register_winner(study: optuna.Study, cfg: StudyConfig, registry: Registry, name: str, rule: Criterion,
+                     data: Callable[[], Dataset]) -> tuple[optuna.trial.FrozenTrial, Any, bool, float, tuple[str, ...]]:
+    """The best candidate's version (registered now, or before): its trial, the version, whether
+    it was created now, its test metric. A candidate is evaluated on the test split and, where
+    `registry.limits` or `constraints` name a serving cost, that cost, measured again over
+    several bursts (serving.probe.ServingProbe.confirm), must hold too: a candidate the trial's
+    single burst put within a limit by luck is passed over for the next (at most MAX_CONFIRMED
+    are measured). The version records the costs measured here (tags workbench.latency_p50_ms,
+    workbench.latency_batch64_ms, workbench.model_bytes)."""
+    ranked = rank_winners(study, cfg)
+    refused: list[str] = []
+    for winner in ranked:
+        run_id = winner.user_attrs.get(RUN_ID_ATTR)
+        if not run_id or not registry.has_model(run_id):
+            if winner is ranked[0]:
+                raise RegistryError(f"trial {winner.number} has no model logged in MLflow at {registry.tracking_uri} "
+                                    "(was tracking off, or tracking.log_models none?)")
+            continue  # under log_models: best, only the trials that were best when they ended have one
+        version = registry.version_for_run(name, run_id)
+        recorded = _recorded_value(version, rule.metric) if version is not None else None
+        if version is not None and recorded is not None:
+            return winner, version, False, recorded, tuple(refused)
+        if len(refused) == MAX_CONFIRMED:
+            break
+        value, tags = _evaluate(registry, run_id, data(), rule.metric)
+        broken = [f"{key} {float(tags[f'workbench.{key}']):.4g} (the trial recorded {winner.user_attrs.get(key)})"
+                  for key, limit in (*cfg.constraints.items(), *cfg.registry.limits.items())
+                  if key in SERVING_METRICS and not limit.holds(float(tags[f"workbench.{key}"]))]
+        if broken:
+            refused.append(f"trial {winner.number}: " + ", ".join(broken))
+            continue
+        tags.update({"workbench.study": study.study_name, "workbench.trial_number": str(winner.number),
+                     "workbench.params": json.dumps(winner.params, sort_keys=True)})
+        description = (f"Trial {winner.number} of study {study.study_name!r}: {rule.metric} = {value:.6g} on the test "
+                       f"split; params {json.dumps(winner.params, sort_keys=True)}")
+        version, created = registry.register(name, run_id, tags=tags, description=description)
+        return winner, version, created, value, tuple(refused)
+    raise NoWinner(f"no trial of {study.study_name!r} registered: measured again at registration, the serving costs of "
+                   f"its best candidates break registry.limits or constraints: {'; '.join(refused)}")
 
 
 def _recorded_value(version: Any, metric: str) -> float | None:
@@ -100,12 +134,15 @@ def _recorded_value(version: Any, metric: str) -> float | None:
 
 
 def _evaluate(registry: Registry, run_id: str, data: Dataset, metric: str) -> tuple[float, dict[str, str]]:
-    """The run's model on the test split: (the compared metric, the version's tags)."""
+    """The run's model on the test split, and what serving it costs (latency over several
+    bursts, serving.probe): (the compared metric, the version's tags)."""
     from models.training import evaluate
+    from serving.probe import serving_costs
 
     model = registry.load_keras(run_id)
     metrics = {f"test_{k}": v for k, v in evaluate(model, data.x_test, data.y_test).items()}
     metrics["n_params"] = float(model.count_params())
+    metrics.update(serving_costs(model, data.spec, data.x_val[:64], bursts=CONFIRM_BURSTS))
     value = metrics[metric]
     tags = {"workbench.data_hash": data.fingerprint, "workbench.compare_metric": metric,
             "workbench.compare_value": repr(value), **{f"workbench.{k}": repr(v) for k, v in metrics.items()}}

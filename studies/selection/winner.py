@@ -42,6 +42,13 @@ def pick_winner(study: optuna.Study, cfg: StudyConfig) -> optuna.trial.FrozenTri
     objective (the first one unless `registry.primary` says otherwise). Either way only among
     trials within `registry.limits` (objective values, or what the model costs: n_params,
     latency_*, model_bytes) and feasible under `constraints`."""
+    return rank_winners(study, cfg)[0]
+
+
+def rank_winners(study: optuna.Study, cfg: StudyConfig) -> list[optuna.trial.FrozenTrial]:
+    """The trials that may win, best first (`pick_winner`'s is the first): the selector tries
+    the next when registering shows that the first breaks a limit after all (a serving cost
+    confirmed over several measurements, studies.selection.promote)."""
     names = [m.name for m in cfg.objective.specs()]
 
     def within(trial: optuna.trial.FrozenTrial) -> bool:
@@ -54,17 +61,17 @@ def pick_winner(study: optuna.Study, cfg: StudyConfig) -> optuna.trial.FrozenTri
     if not front:
         raise NoWinner(f"study {study.study_name!r} has no COMPLETE trial" + (" that meets constraints" if cfg.constraints else ""))
     candidates = [t for t in front if within(t)]
-    if not candidates and len(study.directions) == 1:  # the best is out of limits: the best of those within
+    if len(study.directions) == 1:  # the best, then the others within limits (all of them if the best is not)
         import optuna
 
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        candidates = [t for t in complete if within(t)]
+        candidates += [t for t in complete if within(t) and t.number not in {c.number for c in candidates}]
     if not candidates:
         what = "Pareto-optimal trial" if len(study.directions) > 1 else "COMPLETE trial"
         raise NoWinner(f"no {what} of {study.study_name!r} meets registry.limits")
     primary = names.index(cfg.registry.primary or names[0])
     sign = 1.0 if study.directions[primary].name == "MINIMIZE" else -1.0
-    return min(candidates, key=lambda t: (sign * t.values[primary], t.number))
+    return sorted(candidates, key=lambda t: (sign * t.values[primary], t.number))
 
 
 def alias_for(new: float, champion: float | None, rule: Criterion, *, force: bool = False) -> str:

@@ -210,3 +210,47 @@ def test_two_selectors_racing_on_the_history_and_version_tags_both_end_cleanly(t
     assert sorted(raced) == ["set_model_version_tag", "set_registered_model_tag"]
     assert registry.history("m") == [version]
     assert str(client.get_model_version_by_alias("m", CHAMPION).version) == version
+
+
+def test_registration_measures_serving_costs_again_and_passes_over_a_lucky_trial(home, tiny_space, write_config, capsys,
+                                                                                 monkeypatch):
+    """A trial times POST /predict in one burst; registering measures the candidate again over
+    several (serving.probe.ServingProbe.confirm) and records that on the version. A candidate
+    whose trial was lucky (within registry.limits by its burst, over them measured again) is
+    passed over for the next; none left: no version, exit code 1."""
+    from models.inference import Latency
+    from serving.probe import ServingProbe
+
+    cfg = tiny_config(tiny_space, study={"name": "lucky", "seed": 2}, budget={"n_trials": 2}, training={"epochs": 1},
+                      tracking={"log_models": "all"}, registry={"model_name": "lucky", "auto": False,
+                                                                "limits": {"latency_p50_ms": {"max": 50}}})
+    path = write_config(cfg, "lucky.yaml")
+    assert run_main([str(path)]) == 0
+    study = optuna.load_study(study_name="lucky", storage=f"sqlite:///{home / 'optuna.db'}")
+    best, other = sorted(study.trials, key=lambda t: (t.value, t.number))
+    real, calls = ServingProbe.confirm, []
+
+    def first_over(self, *args, **kwargs):  # the best candidate's cost, measured again, is over the limit
+        calls.append(1)
+        return Latency(1000.0, 2000.0) if len(calls) == 1 else real(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ServingProbe, "confirm", first_over)
+        assert select_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"trial {other.number} registered as lucky v1" in out, out
+    assert f"passed over trial {best.number}: latency_p50_ms 1000 (the trial recorded {best.user_attrs['latency_p50_ms']})" in out
+    version = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_model_version_by_alias("lucky", "champion")
+    confirmed = {k: float(version.tags[f"workbench.{k}"]) for k in ("latency_p50_ms", "latency_batch64_ms", "model_bytes")}
+    assert 0.02 < confirmed["latency_p50_ms"] < confirmed["latency_batch64_ms"] < 50
+    assert 0.2 < confirmed["latency_p50_ms"] / other.user_attrs["latency_p50_ms"] < 5
+    assert confirmed["model_bytes"] == other.user_attrs["model_bytes"]
+
+    # a fresh registry name: every candidate over the limit measured again, none registered
+    again = write_config({**cfg, "registry": {**cfg["registry"], "model_name": "lucky2"}}, "lucky2.yaml")
+    with monkeypatch.context() as m:
+        m.setattr(ServingProbe, "confirm", lambda self, *a, **k: Latency(1000.0, 2000.0))
+        assert select_main([str(again)]) == 1
+    err = capsys.readouterr().err
+    assert "no trial of 'lucky' registered: measured again at registration" in err and f"trial {other.number}: latency_p50_ms 1000" in err
+    assert not MlflowClient(f"sqlite:///{home / 'mlflow.db'}").search_model_versions("name = 'lucky2'")
