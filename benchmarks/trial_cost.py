@@ -14,6 +14,9 @@ run, Grappler's graph rewrites are off in the process, for both ways: the differ
 fit path's alone.) Then the memory the process keeps per fitted model, both ways (Keras's
 one-replica all-reduce kept every traced train step alive; models.updates.direct_updates).
 
+Then the floor under a trial: the shipped sampler and storage with no model, bare and with
+the probe's one burst a trial pays for its serving costs, against three steady epochs.
+
 Part 2, whole trials of `python -m studies.run configs/breast_cancer.yaml` (3 epochs, no pruner,
 one TensorFlow thread) with tracking on (embedded MLflow) and off, and off again in the same
 project folder (every structure then loaded from the trace cache), from each trial's own record
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -90,6 +94,59 @@ def fit_path(rounds: int) -> None:
           f"({med['before'] / med['now']:.2f}x faster), {med['now'] / med['keras']:.2f}x the time of the same fit "
           f"through Keras's step ({med['keras'] / med['now']:.2f}x faster)")
     memory_kept(data, {"now": now, "keras": keras_step, "before": before})
+    steady_now = statistics.median(row[1] for row in results["now"])
+    floor(data, 3 * steady_now, rounds)
+
+
+def floor(data, three_epochs: float, rounds: int, n: int = 24) -> None:
+    """The floor under a trial (BENCHMARKING.md): the shipped config's sampler (TPE, multivariate,
+    grouped) and the workbench's SQLite storage, an objective that draws the search space's
+    parameters, reports three epochs and returns a value the parameters decide, no model; then
+    the same with the one burst of POST /predict each trial pays for its serving costs."""
+    import hashlib
+    import json
+
+    import optuna
+
+    from models import FAMILIES
+    from search_spaces import optuna_suggest, sample
+    from serving.probe import serving_costs
+    from studies.config.loader import load_config
+    from studies.config.samplers import build_sampler
+    from studies.storage.rdb import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's `group`
+    loaded = load_config(ROOT / "configs" / "breast_cancer.yaml")
+    network = FAMILIES["mlp"].build(PARAMS, data.spec)
+
+    def study_of(name: str, tmp: str, probe: bool) -> list[float]:
+        study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp}/floor.db"), study_name=name,
+                                    sampler=build_sampler(loaded.config.sampler, 42, loaded.space, str(loaded.space_path)))
+
+        def objective(trial: optuna.Trial) -> float:
+            params = sample(loaded.space, optuna_suggest(trial))
+            digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).digest()
+            value = int.from_bytes(digest[:4], "big") / 2**32
+            for epoch in range(3):
+                trial.report(value + (2 - epoch) * 0.01, epoch)
+            if probe:
+                trial.set_user_attr("latency_p50_ms", serving_costs(network, data.spec, data.x_val[:64])["latency_p50_ms"])
+            return value
+
+        study.optimize(objective, n_trials=n)
+        return [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.get_trials(deepcopy=False)]
+
+    walls: dict[str, list[float]] = {"bare": [], "with the probe's burst": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(2):
+            for i, (label, probe) in enumerate((("bare", False), ("with the probe's burst", True))):
+                walls[label].append(statistics.median(study_of(f"floor{r}{i}", tmp, probe)))
+    print(f"floor under a trial ({n} trials of the shipped sampler on the workbench's SQLite storage, no model; "
+          f"median trial, 2 rounds):")
+    for label, values in walls.items():
+        wall = statistics.median(values)
+        print(f"  {label:24} {wall * 1000:6.1f} ms = {wall / three_epochs:.1f}x three steady epochs ({three_epochs * 1000:.1f} ms)")
 
 
 def memory_kept(data, ways: dict, fits: int = 30) -> None:
