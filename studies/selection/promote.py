@@ -81,39 +81,54 @@ def select(loaded: LoadedConfig, study: optuna.Study, data: Callable[[], Dataset
 
 
 MAX_CONFIRMED = 3  # candidates measured again before the selector gives up
+MAX_CANDIDATES = 10  # candidates looked at (each costs a request or two to the tracking server)
 CONFIRM_BURSTS = 7  # ~0.5 s once per registration (serving.probe.ServingProbe.confirm)
 
 
 def _register_winner(study: optuna.Study, cfg: StudyConfig, registry: Registry, name: str, rule: Criterion,
                      data: Callable[[], Dataset]) -> tuple[optuna.trial.FrozenTrial, Any, bool, float, tuple[str, ...]]:
     """The best candidate's version (registered now, or before): its trial, the version, whether
-    it was created now, its test metric. A candidate is evaluated on the test split and, where
-    `registry.limits` or `constraints` name a serving cost, that cost, measured again over
-    several bursts (serving.probe.ServingProbe.confirm), must hold too: a candidate the trial's
-    single burst put within a limit by luck is passed over for the next (at most MAX_CONFIRMED
-    are measured). The version records the costs measured here (tags workbench.latency_p50_ms,
-    workbench.latency_batch64_ms, workbench.model_bytes)."""
+    it was created now, its test metric, and the better candidates passed over.
+
+    A candidate is evaluated on the test split and its serving costs measured again over several
+    bursts (serving.probe.ServingProbe.confirm); the version records them (tags
+    workbench.latency_p50_ms, workbench.latency_batch64_ms, workbench.model_bytes). Where
+    `registry.limits` or `constraints` name a serving cost, it must hold measured again too: a
+    candidate the trial's single burst put within a limit by luck is passed over for the next (at
+    most MAX_CONFIRMED are measured). What was measured is kept on the candidate's run
+    (Registry.record_serving_costs), so a later selection passes over the same trial without
+    measuring it again, and a version registered before is found without evaluating anything."""
     ranked = rank_winners(study, cfg)
     refused: list[str] = []
-    for winner in ranked:
+    measured = without_model = 0
+    dataset: Dataset | None = None
+    for winner in ranked[:MAX_CANDIDATES]:
         run_id = winner.user_attrs.get(RUN_ID_ATTR)
         if not run_id or not registry.has_model(run_id):
             if winner is ranked[0]:
                 raise RegistryError(f"trial {winner.number} has no model logged in MLflow at {registry.tracking_uri} "
                                     "(was tracking off, or tracking.log_models none?)")
-            continue  # under log_models: best, only the trials that were best when they ended have one
+            without_model += 1  # under log_models: best, only the trials that were best when they ended have one
+            continue
         version = registry.version_for_run(name, run_id)
         recorded = _recorded_value(version, rule.metric) if version is not None else None
         if version is not None and recorded is not None:
             return winner, version, False, recorded, tuple(refused)
-        if len(refused) == MAX_CONFIRMED:
-            break
-        value, tags = _evaluate(registry, run_id, data(), rule.metric)
-        broken = [f"{key} {float(tags[f'workbench.{key}']):.4g} (the trial recorded {winner.user_attrs.get(key)})"
-                  for key, limit in (*cfg.constraints.items(), *cfg.registry.limits.items())
-                  if key in SERVING_METRICS and not limit.holds(float(tags[f"workbench.{key}"]))]
+        earlier = registry.serving_costs(run_id)
+        broken = _broken_limits(cfg, earlier, winner) if earlier is not None else []
         if broken:
-            refused.append(f"trial {winner.number}: " + ", ".join(broken))
+            refused.append(f"trial {winner.number}: {', '.join(broken)}, measured at an earlier selection")
+            continue
+        if measured == MAX_CONFIRMED:
+            break
+        dataset = dataset if dataset is not None else data()
+        value, tags = _evaluate(registry, run_id, dataset, rule.metric)
+        measured += 1
+        costs = {key: float(tags[f"workbench.{key}"]) for key in SERVING_METRICS}
+        registry.record_serving_costs(run_id, costs)
+        broken = _broken_limits(cfg, costs, winner)
+        if broken:
+            refused.append(f"trial {winner.number}: {', '.join(broken)}")
             continue
         tags.update({"workbench.study": study.study_name, "workbench.trial_number": str(winner.number),
                      "workbench.params": json.dumps(winner.params, sort_keys=True)})
@@ -121,8 +136,16 @@ def _register_winner(study: optuna.Study, cfg: StudyConfig, registry: Registry, 
                        f"split; params {json.dumps(winner.params, sort_keys=True)}")
         version, created = registry.register(name, run_id, tags=tags, description=description)
         return winner, version, created, value, tuple(refused)
+    unmeasured = f"; {without_model} other candidates have no logged model (tracking.log_models)" if without_model else ""
     raise NoWinner(f"no trial of {study.study_name!r} registered: measured again at registration, the serving costs of "
-                   f"its best candidates break registry.limits or constraints: {'; '.join(refused)}")
+                   f"its best candidates break registry.limits or constraints: {'; '.join(refused)}{unmeasured}")
+
+
+def _broken_limits(cfg: StudyConfig, costs: dict[str, float], trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The serving costs (measured at registration) outside `constraints` or `registry.limits`."""
+    return [f"{key} {costs[key]:.4g} (the trial recorded {trial.user_attrs.get(key)})"
+            for key, limit in (*cfg.constraints.items(), *cfg.registry.limits.items())
+            if key in costs and not limit.holds(costs[key])]
 
 
 def _recorded_value(version: Any, metric: str) -> float | None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "workbench.champion_history"  # comma-separated versions, oldest first
+SERVING_COSTS_TAG = "workbench.serving_costs_confirmed"  # a run's serving costs as selecting measured them (JSON)
 
 
 class RegistryError(WorkbenchError):
@@ -52,6 +53,18 @@ class Registry:
             return keras.saving.load_model(ModelContract.network_file(path))
         finally:
             discard(path)
+
+    def serving_costs(self, run_id: str) -> dict[str, float] | None:
+        """The serving costs an earlier selection measured for this run's model, if any."""
+        raw = self.client.get_run(run_id).data.tags.get(SERVING_COSTS_TAG)
+        try:
+            return {str(k): float(v) for k, v in json.loads(raw).items()} if raw else None
+        except (ValueError, TypeError, AttributeError):  # a tag edited by hand: measured again
+            return None
+
+    def record_serving_costs(self, run_id: str, costs: dict[str, float]) -> None:
+        """Keep what selecting measured on the run (tag workbench.serving_costs_confirmed)."""
+        self.client.set_tag(run_id, SERVING_COSTS_TAG, json.dumps(costs, sort_keys=True))
 
     def version_for_run(self, name: str, run_id: str) -> Any | None:
         found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

@@ -246,11 +246,22 @@ def test_registration_measures_serving_costs_again_and_passes_over_a_lucky_trial
     assert 0.2 < confirmed["latency_p50_ms"] / other.user_attrs["latency_p50_ms"] < 5
     assert confirmed["model_bytes"] == other.user_attrs["model_bytes"]
 
+    import studies.engines.session
+    import studies.selection.promote
+
+    with monkeypatch.context() as m:  # again: the trial passed over is remembered on its run, nothing is measured
+        m.setattr(studies.engines.session, "load_data", lambda loaded: pytest.fail("the data was loaded again"))
+        m.setattr(studies.selection.promote, "_evaluate", lambda *a: pytest.fail("a candidate was evaluated again"))
+        assert select_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"trial {other.number} already registered as lucky v1" in out and "measured at an earlier selection" in out, out
+
     # a fresh registry name: every candidate over the limit measured again, none registered
     again = write_config({**cfg, "registry": {**cfg["registry"], "model_name": "lucky2"}}, "lucky2.yaml")
     with monkeypatch.context() as m:
         m.setattr(ServingProbe, "confirm", lambda self, *a, **k: Latency(1000.0, 2000.0))
         assert select_main([str(again)]) == 1
     err = capsys.readouterr().err
-    assert "no trial of 'lucky' registered: measured again at registration" in err and f"trial {other.number}: latency_p50_ms 1000" in err
+    assert "no trial of 'lucky' registered: measured again at registration" in err, err
+    assert f"trial {best.number}: latency_p50_ms 1000" in err and f"trial {other.number}: latency_p50_ms 1000" in err
     assert not MlflowClient(f"sqlite:///{home / 'mlflow.db'}").search_model_versions("name = 'lucky2'")

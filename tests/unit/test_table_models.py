@@ -243,5 +243,5 @@ def test_a_table_models_serving_costs_are_timed_on_its_raw_records(churn_study, 
     assert set(record) == set(model.feature_names) and model.encode_records([record]).shape == (1, model.input_width)
     one, batch = predict_bodies(np.zeros((1, 1)), model.table)
     assert json.loads(one) == {"records": [record]} and len(json.loads(batch)["records"]) == 64
-    latency = probe().measure(model, one, batch)
+    latency = probe().confirm(model, one, batch, bursts=3)  # one burst under the other test worker's load inverted them once
     assert 0 < latency.p50_ms < latency.batch64_ms
