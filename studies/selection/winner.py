@@ -60,12 +60,11 @@ def rank_winners(study: optuna.Study, cfg: StudyConfig) -> list[optuna.trial.Fro
         front = []
     if not front:
         raise NoWinner(f"study {study.study_name!r} has no COMPLETE trial" + (" that meets constraints" if cfg.constraints else ""))
-    candidates = [t for t in front if within(t)]
-    if len(study.directions) == 1:  # the best, then the others within limits (all of them if the best is not)
+    if len(study.directions) == 1:  # every COMPLETE trial within limits (the best among them, if it is)
         import optuna
 
-        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        candidates += [t for t in complete if within(t) and t.number not in {c.number for c in candidates}]
+        front = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    candidates = [t for t in front if within(t)]
     if not candidates:
         what = "Pareto-optimal trial" if len(study.directions) > 1 else "COMPLETE trial"
         raise NoWinner(f"no {what} of {study.study_name!r} meets registry.limits")
