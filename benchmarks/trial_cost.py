@@ -95,10 +95,10 @@ def fit_path(rounds: int) -> None:
           f"through Keras's step ({med['keras'] / med['now']:.2f}x faster)")
     memory_kept(data, {"now": now, "keras": keras_step, "before": before})
     steady_now = statistics.median(row[1] for row in results["now"])
-    floor(data, 3 * steady_now, rounds)
+    floor(data, 3 * steady_now)
 
 
-def floor(data, three_epochs: float, rounds: int, n: int = 24) -> None:
+def floor(data, three_epochs: float, n: int = 24) -> None:
     """The floor under a trial (BENCHMARKING.md): the shipped config's sampler (TPE, multivariate,
     grouped) and the workbench's SQLite storage, an objective that draws the search space's
     parameters, reports three epochs and returns a value the parameters decide, no model; then

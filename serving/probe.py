@@ -169,5 +169,4 @@ def serving_costs(network: Any, spec: DataSpec, rows: np.ndarray, *, bursts: int
                         contract.class_labels, compiled.forward, n_outputs=compiled.n_outputs, table=contract.table)
     one, batch = predict_bodies(rows, contract.table)
     size = sum(int(np.prod(w.shape)) * np.dtype(str(w.dtype)).itemsize for w in network.weights)
-    latency = probe().measure(model, one, batch) if bursts == 1 else probe().confirm(model, one, batch, bursts=bursts)
-    return {**latency.as_metrics(), "model_bytes": float(size)}
+    return {**probe().confirm(model, one, batch, bursts=bursts).as_metrics(), "model_bytes": float(size)}

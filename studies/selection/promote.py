@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serving.store import Store
-from studies.config.sections import SERVING_METRICS
 from studies.selection.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 from studies.selection.winner import Criterion, NoWinner, alias_for, criterion, rank_winners
 from studies.tracking.names import RUN_ID_ATTR
@@ -122,9 +121,8 @@ def _register_winner(study: optuna.Study, cfg: StudyConfig, registry: Registry, 
         if measured == MAX_CONFIRMED:
             break
         dataset = dataset if dataset is not None else data()
-        value, tags = _evaluate(registry, run_id, dataset, rule.metric)
+        value, tags, costs = _evaluate(registry, run_id, dataset, rule.metric)
         measured += 1
-        costs = {key: float(tags[f"workbench.{key}"]) for key in SERVING_METRICS}
         registry.record_serving_costs(run_id, costs)
         broken = _broken_limits(cfg, costs, winner)
         if broken:
@@ -156,20 +154,21 @@ def _recorded_value(version: Any, metric: str) -> float | None:
     return float(tags["workbench.compare_value"])
 
 
-def _evaluate(registry: Registry, run_id: str, data: Dataset, metric: str) -> tuple[float, dict[str, str]]:
+def _evaluate(registry: Registry, run_id: str, data: Dataset, metric: str) -> tuple[float, dict[str, str], dict[str, float]]:
     """The run's model on the test split, and what serving it costs (latency over several
-    bursts, serving.probe): (the compared metric, the version's tags)."""
+    bursts, serving.probe): (the compared metric, the version's tags, the serving costs)."""
     from models.training import evaluate
     from serving.probe import serving_costs
 
     model = registry.load_keras(run_id)
     metrics = {f"test_{k}": v for k, v in evaluate(model, data.x_test, data.y_test).items()}
     metrics["n_params"] = float(model.count_params())
-    metrics.update(serving_costs(model, data.spec, data.x_val[:64], bursts=CONFIRM_BURSTS))
+    costs = serving_costs(model, data.spec, data.x_val[:64], bursts=CONFIRM_BURSTS)
+    metrics.update(costs)
     value = metrics[metric]
     tags = {"workbench.data_hash": data.fingerprint, "workbench.compare_metric": metric,
             "workbench.compare_value": repr(value), **{f"workbench.{k}": repr(v) for k, v in metrics.items()}}
-    return value, tags
+    return value, tags, costs
 
 
 @dataclass(frozen=True)
