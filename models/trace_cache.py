@@ -13,28 +13,38 @@ input specs, the TensorFlow and Keras versions, and the source of the modules th
 (models/shared_step.py, models/layers.py). Anything else changed makes a new name; an old file is
 never read again. A file that does not load is removed and the structure traced again. Files are
 written whole (a temporary file renamed), so workers sharing the folder never read half of one.
-Off until `configure` names a folder (studies.engines.session: `<WORKBENCH_HOME>/cache/traces`,
-TRACE_CACHE=0 turns it off).
+The folder is bounded: each load marks a file used (its mtime), and each write removes the least
+recently used files beyond `max_bytes` (and temporary files a killed writer left behind), so the
+files of older versions and code go as they age. Off until `configure` names a folder
+(studies.engines.session: `<WORKBENCH_HOME>/cache/traces`, TRACE_CACHE=0 turns it off,
+TRACE_CACHE_MB bounds it).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 _FOLDER: list[Path | None] = [None]
+DEFAULT_MAX_BYTES = 256 * 2**20  # ~1,500 structures of an MLP (120-220 KB a file)
+_MAX_BYTES = [DEFAULT_MAX_BYTES]
 _SOURCES = ("shared_step.py", "layers.py")
+STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to no writer still running
 
 
-def configure(folder: Path | None) -> None:
-    """Keep traces in `folder` (made when first written); None: no cache."""
+def configure(folder: Path | None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """Keep traces in `folder` (made when first written), at most about `max_bytes` of them;
+    None: no cache."""
     _FOLDER[0] = folder
+    _MAX_BYTES[0] = max_bytes
 
 
 def folder() -> Path | None:
@@ -89,10 +99,13 @@ def load(parts: tuple[Any, ...]) -> Loaded | None:
     except OSError:
         return None
     try:
-        return _register(json.loads(text))
+        loaded = _register(json.loads(text))
     except Exception:  # a damaged or foreign file: trace again, and write it anew
         path.unlink(missing_ok=True)
         return None
+    with contextlib.suppress(OSError):  # used now: the last to go when the folder is pruned
+        os.utime(path)
+    return loaded
 
 
 def _register(entry: dict[str, Any]) -> Loaded:
@@ -130,9 +143,40 @@ def store(parts: tuple[Any, ...], concrete: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f)
         os.replace(tmp, base / f"{key}.json")
+        tmp = None
+        prune(base, _MAX_BYTES[0], keep=f"{key}.json")
     except Exception:  # the trial goes on with the function it traced
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def prune(base: Path, max_bytes: int, *, keep: str | None = None) -> list[str]:
+    """Remove the least recently used trace files of `base` until the rest fit in `max_bytes`
+    (never `keep`, the file just written), and temporary files older than STALE_TMP_SECONDS.
+    Another process may remove the same file first, or be loading it: a load that finds it gone
+    traces the structure again. Returns the names removed."""
+    files, removed = [], []
+    now = time.time()
+    for entry in os.scandir(base):
+        try:
+            stat = entry.stat()
+        except OSError:
+            continue
+        if entry.name.endswith(".tmp"):
+            if now - stat.st_mtime > STALE_TMP_SECONDS:
+                removed.append(entry.name)
+        elif entry.name.endswith(".json"):
+            files.append((stat.st_mtime, entry.name, stat.st_size))
+    total = sum(size for _, _, size in files)
+    for _, name, size in sorted(files):  # oldest use first
+        if total <= max_bytes:
+            break
+        if name != keep:
+            removed.append(name)
+            total -= size
+    for name in removed:
+        (base / name).unlink(missing_ok=True)
+    return removed
 
 
 def _renamed(functions: list[Any], suffix: str) -> list[Any]:

@@ -25,6 +25,8 @@ class Settings(MlflowLocation):
     trace_cache: bool = Field(default=True, description="keep the shared epoch functions traced for each network structure "
                               "under <WORKBENCH_HOME>/cache/traces, for later studies and other workers to load "
                               "(TRACE_CACHE; models.trace_cache)")
+    trace_cache_mb: int = Field(default=256, ge=1, description="the trace cache's size bound: the least recently used "
+                                "traces beyond it are removed when a new one is written (TRACE_CACHE_MB)")
 
     def default_storage(self) -> str:
         """The embedded default: one SQLite file inside the project data folder."""

@@ -70,7 +70,8 @@ def prepare_tensorflow(settings: Settings) -> None:
     from models.runtime import freeze_heap, import_tensorflow
 
     import_tensorflow(settings.tf_threads, quiet=not settings.workbench_verbose)
-    trace_cache.configure((settings.workbench_home / "cache" / "traces").resolve() if settings.trace_cache else None)
+    trace_cache.configure((settings.workbench_home / "cache" / "traces").resolve() if settings.trace_cache else None,
+                          settings.trace_cache_mb * 2**20)
     freeze_heap()
 
 

@@ -4,6 +4,7 @@ that differ only in widths and rates share one trace, and anything it does not k
 from __future__ import annotations
 
 import functools
+import os
 
 import keras
 import numpy as np
@@ -281,8 +282,10 @@ def test_a_structure_traced_once_is_loaded_from_the_trace_cache(tmp_path, monkey
     first, _ = new_process_fit()
     (path,) = tmp_path.glob("*.json")
     assert shared_step.traces() == traced + 1 and json.loads(path.read_text())["functions"]
+    os.utime(path, (1, 1))
     second, run = new_process_fit()
     assert shared_step.traces() == traced + 1
+    assert path.stat().st_mtime > 1  # marked used: the last to go when the folder is pruned
     assert isinstance(shared_step._traced_epoch(run.plan.key, *run._specs), trace_cache.Loaded)
     for ours, theirs in zip(first, second, strict=True):
         np.testing.assert_array_equal(ours, theirs)
@@ -294,3 +297,21 @@ def test_a_structure_traced_once_is_loaded_from_the_trace_cache(tmp_path, monkey
     shared_step._traced_epoch.cache_clear()
     keras.utils.set_random_seed(0)
     assert fit(FAMILIES["mlp"].build(params, data.spec), data, epochs=1, batch_size=32).extras["train_step"] == "shared, loaded"
+
+
+def test_the_trace_cache_keeps_its_most_recently_used_files_within_its_bound(tmp_path):
+    """Pruning removes the least recently used traces until the rest fit (never the file just
+    written), and the temporary files a killed writer left behind, not a writer's current one."""
+    from models import trace_cache
+
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        (tmp_path / f"{name}.json").write_bytes(b"x" * 100)
+        os.utime(tmp_path / f"{name}.json", (1000 + i, 1000 + i))
+    os.utime(tmp_path / "a.json", (5000, 5000))  # a, the oldest written, was loaded last
+    (tmp_path / "old.tmp").write_bytes(b"x")
+    os.utime(tmp_path / "old.tmp", (1, 1))
+    (tmp_path / "writing.tmp").write_bytes(b"x")
+    assert sorted(trace_cache.prune(tmp_path, 250, keep="b.json")) == ["c.json", "d.json", "old.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "writing.tmp"]
+    assert trace_cache.prune(tmp_path, 250) == []
+    assert trace_cache.prune(tmp_path, 150) == ["b.json"]
