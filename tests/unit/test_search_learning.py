@@ -253,9 +253,9 @@ def test_run_measures_serving_costs_stops_registers_within_limits_and_warm_start
     served = load("models:/sa@champion", Store(f"sqlite:///{home / 'mlflow.db'}"))
     assert served.info["runtime"] == "numpy"
     rows = np.random.default_rng(0).normal(size=(64, served.input_width)).astype(np.float32)
-    latency = probe().measure(served, *predict_bodies(rows, served.table))
+    latency = probe().confirm(served, *predict_bodies(rows, served.table), bursts=3)  # one burst's order can flip under load
     assert 0.02 < trial.user_attrs["latency_p50_ms"] < 50 and 0.2 < latency.p50_ms / trial.user_attrs["latency_p50_ms"] < 5
-    assert trial.user_attrs["latency_batch64_ms"] > trial.user_attrs["latency_p50_ms"]
+    assert latency.batch64_ms > latency.p50_ms
 
     # a resumed study knows it stopped; a higher budget runs on, warm-started from itself is refused
     assert run_main([str(path)]) == 0

@@ -236,8 +236,8 @@ def test_a_table_models_serving_costs_are_timed_on_its_raw_records(churn_study, 
     config, code = churn_study
     assert code == 0
     trials = optuna.load_study(study_name="churn_tiny", storage=f"sqlite:///{config.parent / 'home' / 'optuna.db'}").trials
-    for trial in trials:
-        assert 0 < trial.user_attrs["latency_p50_ms"] < trial.user_attrs["latency_batch64_ms"] < 100
+    for trial in trials:  # one burst each: their order is checked below, over 3 bursts
+        assert 0 < trial.user_attrs["latency_p50_ms"] < 100 and 0 < trial.user_attrs["latency_batch64_ms"] < 100
     _, model, _ = served
     record = model.table.typical_record()
     assert set(record) == set(model.feature_names) and model.encode_records([record]).shape == (1, model.input_width)
