@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -93,6 +94,19 @@ BLOCK_BYTES = 512 * 1024
 MAX_BLOCK_ROWS = 8192
 
 
+@runtime_checkable
+class RowSource(Protocol):
+    """Input rows that are not one matrix yet (models.tabular.EncodedRows): written a block at a time."""
+
+    def __len__(self) -> int: ...
+
+    def fill(self, out: Array, start: int) -> None:
+        """Write rows start .. start + len(out) into `out` (zero where `clear` left it)."""
+
+    def clear(self, out: Array, start: int) -> None:
+        """Zero again what `fill` wrote of those rows beyond what the next `fill` writes over."""
+
+
 @dataclass(frozen=True)
 class NumpyNet:
     """A feed-forward graph over one float32 input [n, width]; steps in topological order."""
@@ -126,8 +140,10 @@ class NumpyNet:
         widest = max([self.width, *(s.arrays["kernel"].shape[-1] for s in self.steps if "kernel" in s.arrays)])
         object.__setattr__(self, "_block", max(256, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (4 * widest))))
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array | RowSource) -> Array:
         """The network's outputs for the rows of `x`, a block of rows at a time (every step is row-wise)."""
+        if isinstance(x, RowSource):
+            return self._filled(x)
         x = np.asarray(x, dtype=np.float32)
         block = self._block
         if len(x) <= block:
@@ -137,6 +153,24 @@ class NumpyNet:
         out[:block] = first
         for start in range(block, len(x), block):
             out[start:start + block] = self._run(x[start:start + block])
+        return out
+
+    def _filled(self, rows: RowSource) -> Array:
+        """The outputs for rows a source writes into one reused block: the rows never exist as one matrix."""
+        n, block = len(rows), self._block
+        buf = np.zeros((max(1, min(n, block)), self.width), dtype=np.float32)
+        if n == 0:
+            return self._run(buf[:0])
+        out: Array | None = None
+        for start in range(0, n, block):
+            view = buf[:min(block, n - start)]
+            rows.fill(view, start)
+            y = self._run(view)
+            if out is None:
+                out = np.empty((n, *y.shape[1:]), dtype=y.dtype)
+            out[start:start + len(view)] = y
+            rows.clear(view, start)
+        assert out is not None
         return out
 
     def _run(self, x: Array) -> Array:

@@ -70,6 +70,52 @@ class Column:
 
 
 @dataclass(frozen=True)
+class EncodedRows:
+    """Rows of a table encoded column by column, not yet one matrix: each numeric or boolean
+    output column's values, and each categorical column's one-hot slot per row (an output column).
+    `dense()` lays them out as `TableEncoder.encode_rows` does; `fill` writes a block of them into
+    a zeroed buffer, so a forward pass over many rows (models.numpy_net) reads a buffer that stays
+    in cache instead of a matrix of rows x width floats: a chunk of 100,000 rows of a table with
+    1,394 model inputs is 557 MB, whose first writes cost a fresh allocation's page faults (and,
+    where numpy asks for huge pages, compaction stalls of up to a second; benchmarks/RESULTS.md)."""
+
+    width: int
+    n: int
+    values: tuple[tuple[int, np.ndarray], ...]  # (output column, float32 per row)
+    hot: tuple[np.ndarray, ...]  # per categorical column: the output column set to 1, per row
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: np.ndarray) -> EncodedRows:
+        """The rows a boolean mask (or an index array) selects."""
+        values = tuple((j, v[rows]) for j, v in self.values)
+        hot = tuple(h[rows] for h in self.hot)
+        n = int(np.count_nonzero(rows)) if rows.dtype == bool else len(rows)
+        return EncodedRows(self.width, n, values, hot)
+
+    def fill(self, out: np.ndarray, start: int) -> None:
+        """Write rows start .. start + len(out) into `out`, which is zero but where `clear` left it."""
+        stop = start + len(out)
+        for j, v in self.values:
+            out[:, j] = v[start:stop]
+        at = np.arange(len(out))
+        for h in self.hot:
+            out[at, h[start:stop]] = 1.0
+
+    def clear(self, out: np.ndarray, start: int) -> None:
+        """Zero what `fill` wrote of rows start .. (the value columns are written over anyway)."""
+        at = np.arange(len(out))
+        for h in self.hot:
+            out[at, h[start:start + len(out)]] = 0.0
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros((self.n, self.width), dtype=np.float32)
+        self.fill(out, 0)
+        return out
+
+
+@dataclass(frozen=True)
 class TableEncoder:
     columns: tuple[Column, ...]
     ids: tuple[str, ...] = ()
@@ -181,28 +227,35 @@ class TableEncoder:
 
     def encode_rows(self, frame) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
         """The matrix, and for each row (position) that cannot be encoded the first column at
-        fault and why; those rows are left as zeros."""
+        fault and why (its value there taken as missing)."""
+        rows, bad = self.encoded(frame)
+        return rows.dense(), bad
+
+    def encoded(self, frame) -> tuple[EncodedRows, dict[int, tuple[str, str]]]:
+        """`encode_rows` without laying the rows out as one matrix: each column's values and
+        one-hot slots, for a forward pass that fills a block of rows at a time (models.numpy_net)."""
         n = len(frame)
-        out = np.zeros((n, self.width), dtype=np.float32)
+        values: list[tuple[int, np.ndarray]] = []
+        hot: list[np.ndarray] = []
         bad: dict[int, tuple[str, str]] = {}
         j = 0
         for c in self.columns:
             series = frame[c.name]
             if c.kind == "categorical":
-                out[np.arange(n), j + self._codes(c, series)] = 1.0
+                hot.append((j + self._codes(c, series)).astype(np.int32, copy=False))
             else:
                 raw_missing = series.isna().to_numpy()
-                values = (_numbers if c.kind == "numeric" else _booleans)(series)
-                wrong = ~np.isfinite(values) & ~raw_missing  # not a number, or inf (a database's -Infinity)
+                column = (_numbers if c.kind == "numeric" else _booleans)(series)
+                wrong = ~np.isfinite(column) & ~raw_missing  # not a number, or inf (a database's -Infinity)
                 for row in np.flatnonzero(wrong):
                     bad.setdefault(int(row), (c.name, f"must be {_WANT[c.kind]}, got {series.iloc[row]!r}"))
-                missing = np.isnan(values)
-                filled = np.where(missing, c.mean, values)
-                out[:, j] = (filled - c.mean) / c.std if c.kind == "numeric" else filled
+                missing = np.isnan(column)
+                filled = np.where(missing, c.mean, column)
+                values.append((j, ((filled - c.mean) / c.std if c.kind == "numeric" else filled).astype(np.float32)))
                 if c.indicator:
-                    out[:, j + 1] = missing
+                    values.append((j + 1, missing.astype(np.float32)))
             j += c.n_outputs
-        return out, bad
+        return EncodedRows(self.width, n, tuple(values), tuple(hot)), bad
 
     def _codes(self, c: Column, series) -> np.ndarray:
         """Slot of each value: 0 (missing), 1 (other: rare or unseen), 2.. the training levels."""

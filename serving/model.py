@@ -22,7 +22,7 @@ from models.inference import CompiledForward
 from serving.store import ResolvedModel, ServingError, Store, discard
 
 if TYPE_CHECKING:
-    from models.tabular import TableEncoder
+    from models.tabular import EncodedRows, TableEncoder
 
 
 class InvalidInput(ServingError):
@@ -112,8 +112,14 @@ class LoadedModel:
         return x
 
     # -- output ------------------------------------------------------------------------
-    def outputs(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(regression values, None) or (None, class probabilities): the forward pass as arrays."""
+    def outputs(self, x: np.ndarray | EncodedRows) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(regression values, None) or (None, class probabilities): the forward pass as arrays.
+        A table's rows not yet laid out as a matrix (batch scoring) go to the numpy program as they
+        are, a block at a time; any other forward pass gets their matrix."""
+        from models.numpy_net import NumpyNet
+
+        if not isinstance(x, np.ndarray) and not isinstance(self.forward, NumpyNet):
+            x = x.dense()
         out = np.asarray(self.forward(x))
         if self.task == "regression":
             return out[:, 0], None
@@ -124,7 +130,7 @@ class LoadedModel:
         np.subtract(1.0, out[:, 0], out=probs[:, 0])
         return None, probs
 
-    def predict_arrays(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict_arrays(self, x: np.ndarray | EncodedRows) -> tuple[np.ndarray, np.ndarray | None]:
         """(predictions, class probabilities or None) as arrays: no Python lists."""
         values, probs = self.outputs(x)
         if probs is None:

@@ -18,6 +18,7 @@ from serving.batch.sinks import MODEL_NAME, MODEL_VERSION, SCORED_AT
 if TYPE_CHECKING:
     import pandas as pd
 
+    from models.tabular import EncodedRows
     from serving.model import LoadedModel
 
 
@@ -38,18 +39,19 @@ class Identity:
 
 @dataclass(frozen=True)
 class Inputs:
-    """A chunk made ready for the model: its rows as float32 features, which rows are valid, and
-    why each of the others is not (in row order)."""
+    """A chunk made ready for the model: its rows as float32 features (a table model's as its
+    encoded columns, which the forward pass lays out a block of rows at a time), which rows are
+    valid, and why each of the others is not (in row order)."""
 
-    features: np.ndarray
+    features: np.ndarray | EncodedRows
     ok: np.ndarray
     reasons: list[str]
 
 
 def model_inputs(model: LoadedModel, chunk: pd.DataFrame) -> Inputs:
     """Validate and encode a chunk of raw rows (a table model's encoding, or numeric columns)."""
-    if model.table is not None:
-        features, wrong = model.table.encode_rows(chunk)
+    if model.table is not None:  # its matrix is laid out a block at a time by the forward pass
+        features, wrong = model.table.encoded(chunk)
         ok = np.ones(len(chunk), dtype=bool)
         ok[list(wrong)] = False
         return Inputs(features, ok, [f"{column!r}: {message}" for _, (column, message) in sorted(wrong.items())])
@@ -100,7 +102,7 @@ def sample_output(model: LoadedModel, chunk: pd.DataFrame, identity: Identity) -
     return _predictions(model, features, columns, pd.Timestamp.now(tz="UTC"))
 
 
-def _predictions(model: LoadedModel, features: np.ndarray, columns: dict, stamp: pd.Timestamp) -> pd.DataFrame:
+def _predictions(model: LoadedModel, features: np.ndarray | EncodedRows, columns: dict, stamp: pd.Timestamp) -> pd.DataFrame:
     import pandas as pd
 
     values, probs = model.outputs(features)

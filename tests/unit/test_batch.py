@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy
 
+import models.numpy_net
 from serving.batch.__main__ import main as batch_main
+from serving.model import load
+from serving.settings import ServingSettings
+from serving.store import Store
 from tests.conftest import CHURN
 
 MODEL = "models:/churn_tiny@champion"
@@ -45,7 +50,8 @@ def run(*args: str) -> int:
     return batch_main([*args, "--model", MODEL, "--no-tracking"])
 
 
-def test_a_folder_is_scored_incrementally_each_row_exactly_once(home, tmp_path, capsys):
+def test_a_folder_is_scored_incrementally_each_row_exactly_once(home, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(models.numpy_net, "BLOCK_BYTES", 1)  # 256-row blocks: each 500-row part takes two
     data = rows()
     split(data.head(1500), tmp_path / "in", 3)
     out = tmp_path / "out"
@@ -55,6 +61,12 @@ def test_a_folder_is_scored_incrementally_each_row_exactly_once(home, tmp_path, 
     assert set(first["model_name"].astype(str)) == {"churn_tiny"} and set(first["model_version"].astype(str)) == {"1"}
     assert str(first["scored_at"].dtype).startswith("datetime64") and "row" not in first
     assert len(list(out.glob("*.parquet"))) == 3  # one part per input part
+    # the job lays a chunk's encoded columns out a block at a time (models.tabular.EncodedRows):
+    # the same probabilities as the model on the whole chunk's matrix
+    model = load(MODEL, Store.at(ServingSettings()))
+    _, probs = model.predict_arrays(model.table.encode(data.head(1500)))
+    scored = first.set_index("customer_id").loc[data.head(1500)["customer_id"]]
+    np.testing.assert_allclose(scored["probability_yes"].to_numpy(), probs[:, 1], rtol=1e-6)
 
     assert run("--input", str(tmp_path / "in"), "--output", str(out), "--key", "customer_id") == 0
     assert "scored 0 of 0 rows, 1500 already scored" in capsys.readouterr().out

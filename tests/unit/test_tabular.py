@@ -148,3 +148,30 @@ def test_the_records_path_encodes_exactly_as_the_frame_path():
         with pytest.raises(TableError) as info:
             enc.encode_records([records[0] | bad])
         assert info.value.column == column and info.value.row == 0
+
+
+def test_a_tables_rows_reach_the_numpy_program_a_block_at_a_time_with_the_same_answers():
+    """Batch scoring hands a table's encoded columns (EncodedRows) to the numpy program, which
+    lays them out one reused block of rows at a time: the answers are the matrix's to the bit,
+    for every row, a masked subset and none, with a row at fault and unseen levels among them."""
+    from models.numpy_net import NumpyNet, Step
+
+    frame = table(50, seed=1)
+    enc = TableEncoder.fit(frame, infer_kinds(frame, "label", {"id": "id"}))
+    raw = frame.drop(columns=["label"]).astype({"size": object})
+    raw.loc[3, "size"], raw.loc[4, "colour"] = "big", "violet"
+    rows, bad = enc.encoded(raw)
+    matrix, bad_matrix = enc.encode_rows(raw)
+    assert bad == bad_matrix == {3: ("size", "must be a number, got 'big'")}
+    np.testing.assert_array_equal(rows.dense(), matrix)
+    rng = np.random.default_rng(0)
+    net = NumpyNet(enc.width, (
+        Step("hidden", "dense", ("input",), {"kernel": rng.normal(size=(enc.width, 5)).astype(np.float32),
+                                             "bias": rng.normal(size=5).astype(np.float32)}, "relu"),
+        Step("out", "dense", ("hidden",), {"kernel": rng.normal(size=(5, 1)).astype(np.float32)}, "sigmoid")), "out")
+    object.__setattr__(net, "_block", 8)  # 50 rows: six full blocks and a short one
+    np.testing.assert_array_equal(net(rows), net(matrix))
+    ok = np.ones(len(raw), dtype=bool)
+    ok[[0, 3, 17]] = False
+    np.testing.assert_array_equal(net(rows[ok]), net(matrix[ok]))
+    assert net(rows[np.zeros(len(raw), dtype=bool)]).shape == (0, 1)
