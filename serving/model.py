@@ -116,10 +116,11 @@ class LoadedModel:
         """(regression values, None) or (None, class probabilities): the forward pass as arrays.
         A table's rows not yet laid out as a matrix (batch scoring) go to the numpy program as they
         are, a block at a time; any other forward pass gets their matrix."""
-        from models.numpy_net import NumpyNet
+        if not isinstance(x, np.ndarray):
+            from models.numpy_net import NumpyNet
 
-        if not isinstance(x, np.ndarray) and not isinstance(self.forward, NumpyNet):
-            x = x.dense()
+            if not isinstance(self.forward, NumpyNet):
+                x = x.dense()
         out = np.asarray(self.forward(x))
         if self.task == "regression":
             return out[:, 0], None
