@@ -175,3 +175,17 @@ def test_a_tables_rows_reach_the_numpy_program_a_block_at_a_time_with_the_same_a
     ok[[0, 3, 17]] = False
     np.testing.assert_array_equal(net(rows[ok]), net(matrix[ok]))
     assert net(rows[np.zeros(len(raw), dtype=bool)]).shape == (0, 1)
+
+    # a served model: the numpy program takes the rows as they are, any other forward pass (a
+    # TensorFlow function) gets their matrix
+    from serving.model import LoadedModel
+    from serving.store import ResolvedModel
+
+    def served(forward) -> LoadedModel:
+        return LoadedModel(ResolvedModel("models:/t/1", "t", "1", None, None), "binary", enc.feature_names, ["cat", "dog"],
+                           forward, table=enc)
+
+    taken: list[type] = []
+    np.testing.assert_array_equal(served(lambda x: taken.append(type(x)) or net(x)).predict_arrays(rows)[1],
+                                  served(net).predict_arrays(rows)[1])
+    assert taken == [np.ndarray]
