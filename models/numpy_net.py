@@ -98,6 +98,8 @@ MAX_BLOCK_ROWS = 8192
 class RowSource(Protocol):
     """Input rows that are not one matrix yet (models.tabular.EncodedRows): written a block at a time."""
 
+    width: int  # inputs per row
+
     def __len__(self) -> int: ...
 
     def fill(self, out: Array, start: int) -> None:
@@ -157,6 +159,8 @@ class NumpyNet:
 
     def _filled(self, rows: RowSource) -> Array:
         """The outputs for rows a source writes into one reused block: the rows never exist as one matrix."""
+        if rows.width != self.width:
+            raise NetError(f"the rows have {rows.width} inputs, the network takes {self.width}")
         n, block = len(rows), self._block
         buf = np.zeros((max(1, min(n, block)), self.width), dtype=np.float32)
         if n == 0:

@@ -69,7 +69,7 @@ class Column:
         return [self.name, *([f"{self.name}__missing"] if self.indicator else [])]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EncodedRows:
     """Rows of a table encoded column by column, not yet one matrix: each numeric or boolean
     output column's values, and each categorical column's one-hot slot per row (an output column).
@@ -87,12 +87,10 @@ class EncodedRows:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, rows: np.ndarray) -> EncodedRows:
-        """The rows a boolean mask (or an index array) selects."""
-        values = tuple((j, v[rows]) for j, v in self.values)
-        hot = tuple(h[rows] for h in self.hot)
-        n = int(np.count_nonzero(rows)) if rows.dtype == bool else len(rows)
-        return EncodedRows(self.width, n, values, hot)
+    def __getitem__(self, rows: Any) -> EncodedRows:
+        """The rows a boolean mask, index array or slice selects, as a matrix's rows would be."""
+        at = np.arange(self.n)[rows]
+        return EncodedRows(self.width, len(at), tuple((j, v[at]) for j, v in self.values), tuple(h[at] for h in self.hot))
 
     def fill(self, out: np.ndarray, start: int) -> None:
         """Write rows start .. start + len(out) into `out`, which is zero but where `clear` left it."""

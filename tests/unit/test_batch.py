@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy
 
 import models.numpy_net
+from serving.batch import job
 from serving.batch.__main__ import main as batch_main
 from serving.model import load
 from serving.settings import ServingSettings
@@ -52,6 +53,7 @@ def run(*args: str) -> int:
 
 def test_a_folder_is_scored_incrementally_each_row_exactly_once(home, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models.numpy_net, "BLOCK_BYTES", 1)  # 256-row blocks: each 500-row part takes two
+    monkeypatch.setattr(job, "_MODELS", type(job._MODELS)())  # loaded anew, with them (not another test's copy)
     data = rows()
     split(data.head(1500), tmp_path / "in", 3)
     out = tmp_path / "out"
@@ -64,6 +66,7 @@ def test_a_folder_is_scored_incrementally_each_row_exactly_once(home, tmp_path, 
     # the job lays a chunk's encoded columns out a block at a time (models.tabular.EncodedRows):
     # the same probabilities as the model on the whole chunk's matrix
     model = load(MODEL, Store.at(ServingSettings()))
+    assert model.forward._block == 256
     _, probs = model.predict_arrays(model.table.encode(data.head(1500)))
     scored = first.set_index("customer_id").loc[data.head(1500)["customer_id"]]
     np.testing.assert_allclose(scored["probability_yes"].to_numpy(), probs[:, 1], rtol=1e-6)

@@ -278,9 +278,11 @@ def test_a_structure_traced_once_is_loaded_from_the_trace_cache(tmp_path, monkey
         run = shared_step.Epochs(shared_step.plan(model), 0, data.x_train[:n], data.y_train[:n], 32)
         return [run(np.arange(n)) for _ in range(2)] + model.get_weights(), run
 
+    monkeypatch.setattr(trace_cache, "_MAX_BYTES", [1])  # a bound every file exceeds: the one just written stays
+    (tmp_path / "older.json").write_text("{}")
     traced = shared_step.traces()
     first, _ = new_process_fit()
-    (path,) = tmp_path.glob("*.json")
+    (path,) = tmp_path.glob("*.json")  # older.json pruned when the trace was written
     assert shared_step.traces() == traced + 1 and json.loads(path.read_text())["functions"]
     os.utime(path, (1, 1))
     second, run = new_process_fit()

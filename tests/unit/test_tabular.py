@@ -154,7 +154,7 @@ def test_a_tables_rows_reach_the_numpy_program_a_block_at_a_time_with_the_same_a
     """Batch scoring hands a table's encoded columns (EncodedRows) to the numpy program, which
     lays them out one reused block of rows at a time: the answers are the matrix's to the bit,
     for every row, a masked subset and none, with a row at fault and unseen levels among them."""
-    from models.numpy_net import NumpyNet, Step
+    from models.numpy_net import NetError, NumpyNet, Step
 
     frame = table(50, seed=1)
     enc = TableEncoder.fit(frame, infer_kinds(frame, "label", {"id": "id"}))
@@ -175,6 +175,10 @@ def test_a_tables_rows_reach_the_numpy_program_a_block_at_a_time_with_the_same_a
     ok[[0, 3, 17]] = False
     np.testing.assert_array_equal(net(rows[ok]), net(matrix[ok]))
     assert net(rows[np.zeros(len(raw), dtype=bool)]).shape == (0, 1)
+    np.testing.assert_array_equal(net(rows[[4, 3, 40]]), net(matrix[[4, 3, 40]]))
+    np.testing.assert_array_equal(net(rows[10:30]), net(matrix[10:30]))
+    with pytest.raises(NetError, match="the rows have"):
+        NumpyNet(enc.width + 1, (Step("out", "activation", ("input",)),), "out")(rows)
 
     # a served model: the numpy program takes the rows as they are, any other forward pass (a
     # TensorFlow function) gets their matrix
